@@ -1,0 +1,335 @@
+"""Start, stop and inspect a single-node Apache Kafka 4.x broker (KRaft) from Maven Central jars.
+
+    python -m deploy.kafka.broker start|stop|status|bootstrap
+
+The jars are resolved by ``deploy/kafka/pom.xml`` into ``deploy/kafka/lib`` (``make kafka-jars``,
+or automatically on the first ``start``). The broker's data, config and log live in
+``.run/kafka`` (git-ignored). When ``KAFKA_BOOTSTRAP_SERVERS`` is set, that cluster is used
+instead and nothing is started.
+
+Settings (environment): ``SAGA_KAFKA_PORT`` (default 39092; the controller listens on the next
+port), ``SAGA_KAFKA_HEAP`` (default ``512m``), ``SAGA_RUN_DIR`` (default ``<repo>/.run``).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+_HERE = Path(__file__).resolve().parent
+_REPO = _HERE.parent.parent
+_LIB = _HERE / "lib"
+
+_LOG4J2 = """\
+status = warn
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = {log}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = FILE
+logger.kafka.name = kafka
+logger.kafka.level = INFO
+logger.state.name = state.change.logger
+logger.state.level = WARN
+logger.cleaner.name = kafka.log.LogCleaner
+logger.cleaner.level = INFO
+"""
+
+# Internal topics get one partition and replication factor 1: a single node cannot replicate,
+# and 50 partitions each for offsets and transactions take long to create on 2 cores.
+_SERVER_PROPERTIES = """\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs={data}
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+log.cleaner.dedupe.buffer.size=16777216
+log.cleaner.backoff.ms=1000
+# A transaction left open by a killed producer blocks read_committed readers until it times
+# out; keep the ceiling short for a development broker.
+transaction.max.timeout.ms=900000
+transaction.abort.timed.out.transaction.cleanup.interval.ms=1000
+"""
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be started, stopped or reached; the message says why."""
+
+
+@dataclass(frozen=True)
+class BrokerLayout:
+    port: int
+    controller_port: int
+    heap: str
+    run_dir: Path
+
+    @classmethod
+    def from_env(cls) -> BrokerLayout:
+        port = int(os.environ.get("SAGA_KAFKA_PORT", "39092"))
+        run_dir = Path(os.environ.get("SAGA_RUN_DIR", str(_REPO / ".run"))) / "kafka"
+        return cls(port, port + 1, os.environ.get("SAGA_KAFKA_HEAP", "512m"), run_dir)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run_dir / "data"
+
+    @property
+    def log_file(self) -> Path:
+        return self.run_dir / "server.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "broker.pid"
+
+    @property
+    def config_file(self) -> Path:
+        return self.run_dir / "server.properties"
+
+
+def external_bootstrap() -> str | None:
+    """The cluster named by ``KAFKA_BOOTSTRAP_SERVERS``, if any: then nothing is started."""
+    value = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    return value or None
+
+
+def ensure_jars() -> None:
+    if _LIB.is_dir() and any(_LIB.glob("kafka_2.13-*.jar")):
+        return
+    click.echo("resolving Apache Kafka jars from Maven Central (deploy/kafka/pom.xml) ...")
+    cmd = [
+        "mvn", "-q", "-B", "-f", str(_HERE / "pom.xml"),
+        "dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={_LIB}",
+    ]  # fmt: skip
+    try:
+        subprocess.run(cmd, check=True)
+    except FileNotFoundError as exc:
+        raise BrokerError("Maven ('mvn') is needed to fetch the Kafka jars; install it") from exc
+    except subprocess.CalledProcessError as exc:
+        raise BrokerError(f"Maven could not resolve the Kafka jars (exit {exc.returncode})") from exc
+
+
+def _read_pid(layout: BrokerLayout) -> int | None:
+    try:
+        pid = int(layout.pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    # A recycled pid would not have our config file on its command line.
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return pid
+    return pid if str(layout.config_file).encode() in cmdline else None
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def is_ready(bootstrap: str, timeout: float = 2.0) -> bool:
+    """True when the cluster answers a metadata request."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    try:
+        admin.list_topics(timeout=timeout)
+    except Exception:
+        return False
+    return True
+
+
+def _java_command(layout: BrokerLayout, main_class: str, *args: str) -> list[str]:
+    return [
+        "java",
+        f"-Xms{min(256, _megabytes(layout.heap))}m",
+        f"-Xmx{layout.heap}",
+        "-XX:+UseSerialGC",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={layout.run_dir / 'log4j2.properties'}",
+        "-cp",
+        f"{_LIB}/*",
+        main_class,
+        *args,
+    ]
+
+
+def _megabytes(heap: str) -> int:
+    units = {"k": 1 / 1024, "m": 1, "g": 1024}
+    suffix = heap[-1].lower()
+    return int(float(heap[:-1]) * units[suffix]) if suffix in units else int(heap) // 2**20
+
+
+def _format_storage(layout: BrokerLayout) -> None:
+    if (layout.data_dir / "meta.properties").exists():
+        return
+    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    cmd = _java_command(
+        layout, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+        "-c", str(layout.config_file), "--ignore-formatted",
+    )  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BrokerError(f"formatting the KRaft storage failed:\n{result.stdout}{result.stderr}")
+
+
+def start(layout: BrokerLayout, timeout: float = 120.0) -> str:
+    """Start the broker unless it runs already; return its bootstrap servers once it answers."""
+    external = external_bootstrap()
+    if external:
+        click.echo(f"KAFKA_BOOTSTRAP_SERVERS is set: using {external}, starting nothing")
+        return external
+    if _read_pid(layout) is not None and is_ready(layout.bootstrap):
+        click.echo(f"broker already running at {layout.bootstrap}")
+        return layout.bootstrap
+    for port in (layout.port, layout.controller_port):
+        if _port_in_use(port):
+            raise BrokerError(
+                f"port {port} on 127.0.0.1 is taken by another process; stop it or set "
+                "SAGA_KAFKA_PORT to a free port (the controller uses the port after it)"
+            )
+    ensure_jars()
+    layout.run_dir.mkdir(parents=True, exist_ok=True)
+    layout.config_file.write_text(
+        _SERVER_PROPERTIES.format(
+            port=layout.port, controller_port=layout.controller_port, data=layout.data_dir
+        )
+    )
+    (layout.run_dir / "log4j2.properties").write_text(_LOG4J2.format(log=layout.log_file))
+    began = time.monotonic()
+    _format_storage(layout)
+    with open(layout.run_dir / "stdout.log", "ab") as out:
+        proc = subprocess.Popen(
+            _java_command(layout, "kafka.Kafka", str(layout.config_file)),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # survives the shell that started it
+        )
+    layout.pid_file.write_text(str(proc.pid))
+    deadline = began + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BrokerError(
+                f"the broker exited with code {proc.returncode}; see {layout.log_file} "
+                f"and {layout.run_dir / 'stdout.log'}"
+            )
+        if is_ready(layout.bootstrap, timeout=1.0):
+            click.echo(
+                f"broker started at {layout.bootstrap} in {time.monotonic() - began:.1f}s "
+                f"(pid {proc.pid}, log {layout.log_file})"
+            )
+            return layout.bootstrap
+        time.sleep(0.3)
+    proc.kill()
+    raise BrokerError(f"the broker did not answer within {timeout:.0f}s; see {layout.log_file}")
+
+
+def stop(layout: BrokerLayout, timeout: float = 60.0) -> None:
+    if external_bootstrap():
+        click.echo("KAFKA_BOOTSTRAP_SERVERS is set: nothing to stop")
+        return
+    pid = _read_pid(layout)
+    if pid is None:
+        click.echo("broker not running")
+        layout.pid_file.unlink(missing_ok=True)
+        return
+    os.kill(pid, signal.SIGTERM)  # a clean shutdown, so the next start skips log recovery
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _read_pid(layout) is not None:
+        time.sleep(0.2)
+    if _read_pid(layout) is not None:
+        os.kill(pid, signal.SIGKILL)
+        click.echo(f"broker (pid {pid}) did not stop within {timeout:.0f}s; killed it")
+    else:
+        click.echo(f"broker (pid {pid}) stopped")
+    layout.pid_file.unlink(missing_ok=True)
+
+
+def status(layout: BrokerLayout) -> bool:
+    external = external_bootstrap()
+    target = external or layout.bootstrap
+    ready = is_ready(target)
+    pid = None if external else _read_pid(layout)
+    where = "external cluster" if external else f"pid {pid}" if pid else "not started by us"
+    click.echo(f"{target}: {'answering' if ready else 'not answering'} ({where})")
+    return ready
+
+
+@click.group()
+def cli() -> None:
+    """A single-node Kafka broker for development, tests and the demo."""
+
+
+@cli.command("start")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for it.")
+def _start_cmd(timeout: float) -> None:
+    try:
+        start(BrokerLayout.from_env(), timeout)
+    except BrokerError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@cli.command("stop")
+def _stop_cmd() -> None:
+    stop(BrokerLayout.from_env())
+
+
+@cli.command("status")
+def _status_cmd() -> None:
+    sys.exit(0 if status(BrokerLayout.from_env()) else 1)
+
+
+@cli.command("bootstrap")
+def _bootstrap_cmd() -> None:
+    """Print the bootstrap servers that clients should use."""
+    click.echo(external_bootstrap() or BrokerLayout.from_env().bootstrap)
+
+
+@cli.command("jars")
+def _jars_cmd() -> None:
+    """Resolve the broker's jars from Maven Central (once)."""
+    try:
+        ensure_jars()
+    except BrokerError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,216 @@
+"""Workflows as Python code.
+
+A workflow is a class marked with ``@workflow.defn`` whose ``@workflow.run`` method is an
+``async def`` taking a :class:`WorkflowContext` and one input. The engine, not asyncio, drives the
+coroutine: it resumes it whenever something it awaits has happened, and rebuilds it after a
+restart by replaying the workflow's history. Everything nondeterministic goes through ``ctx``::
+
+    from datetime import timedelta
+    from orchestrator import workflow, WorkflowContext, RetryPolicy
+
+    @workflow.defn(name="place-order")
+    class PlaceOrder:
+        @workflow.run
+        async def run(self, ctx: WorkflowContext, order: Order) -> Receipt:
+            async with ctx.saga() as saga:   # compensations run in reverse on failure
+                hold = await ctx.call(reserve, Reserve(sku=order.sku, qty=order.qty),
+                                      retry=RetryPolicy(max_attempts=5))
+                saga.on_failure(release, Release(hold_id=hold.hold_id))
+                paid = await ctx.call(charge, Charge(amount=order.total),
+                                      timeout=timedelta(seconds=30))
+                saga.on_failure(refund, Refund(payment_id=paid.payment_id))
+                await ctx.sleep(timedelta(days=3))          # durable
+            return Receipt(...)
+
+Rules for workflow code: await only what ``ctx`` gives you (no asyncio, no I/O), read time and
+randomness from ``ctx.now()``, ``ctx.random()`` and ``ctx.uuid()``, and keep the order of calls
+a function of the inputs and results so that replay takes the same path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import ModuleType
+from typing import Any, TypeVar, get_type_hints
+
+from pydantic import BaseModel
+
+from contracts.activity import ActivityContract
+from contracts.envelopes import RetryPolicy
+
+I = TypeVar("I", bound=BaseModel)  # noqa: E741
+O = TypeVar("O", bound=BaseModel)
+C = TypeVar("C", bound=type)
+T = TypeVar("T")
+
+_DEFN_ATTR = "__saga_workflow_defn__"
+_RUN_ATTR = "__saga_workflow_run__"
+
+#: Compensations keep trying for a long time before the workflow is parked.
+DEFAULT_COMPENSATION_RETRY = RetryPolicy(
+    max_attempts=20, initial_interval_ms=500, backoff_coefficient=2.0, max_interval_ms=60_000
+)
+
+
+@dataclass(frozen=True)
+class WorkflowDefinition:
+    name: str
+    cls: type
+    run_name: str
+    input_type: Any
+    output_type: Any
+
+
+def run(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Mark the workflow's entry point: ``async def run(self, ctx, input) -> output``."""
+    if not inspect.iscoroutinefunction(fn):
+        raise TypeError(f"@workflow.run needs an 'async def', got {fn!r}")
+    setattr(fn, _RUN_ATTR, True)
+    return fn
+
+
+def defn(*, name: str | None = None) -> Callable[[C], C]:
+    """Declare a workflow class; ``name`` is its type name on the wire (default: class name)."""
+
+    def wrap(cls: C) -> C:
+        runs = [m for m in vars(cls).values() if getattr(m, _RUN_ATTR, False)]
+        if len(runs) != 1:
+            raise TypeError(f"workflow {cls.__name__} needs exactly one @workflow.run method")
+        fn = runs[0]
+        params = list(inspect.signature(fn).parameters)
+        if len(params) != 3:
+            raise TypeError(
+                f"{cls.__name__}.{fn.__name__} must take (self, ctx, input), got {params}"
+            )
+        hints = get_type_hints(fn)
+        definition = WorkflowDefinition(
+            name=name or cls.__name__,
+            cls=cls,
+            run_name=fn.__name__,
+            input_type=hints.get(params[2], Any),
+            output_type=hints.get("return", Any),
+        )
+        setattr(cls, _DEFN_ATTR, definition)
+        return cls
+
+    return wrap
+
+
+def definition_of(cls: type) -> WorkflowDefinition:
+    found = getattr(cls, _DEFN_ATTR, None)
+    if not isinstance(found, WorkflowDefinition):
+        raise TypeError(f"{cls!r} is not a workflow: decorate it with @workflow.defn")
+    return found
+
+
+class WorkflowRegistry:
+    """The workflow types one orchestrator node can run, by name."""
+
+    def __init__(self, workflows: Iterable[type] = ()) -> None:
+        self._by_name: dict[str, WorkflowDefinition] = {}
+        for cls in workflows:
+            self.add(cls)
+
+    def add(self, cls: type) -> None:
+        definition = definition_of(cls)
+        existing = self._by_name.get(definition.name)
+        if existing is not None and existing.cls is not cls:
+            raise ValueError(f"two workflows are named {definition.name!r}")
+        self._by_name[definition.name] = definition
+
+    @classmethod
+    def from_module(cls, module: ModuleType) -> WorkflowRegistry:
+        found = [
+            obj
+            for obj in vars(module).values()
+            if isinstance(obj, type) and hasattr(obj, _DEFN_ATTR)
+        ]
+        if not found:
+            raise ValueError(f"module {module.__name__} defines no @workflow.defn class")
+        return cls(found)
+
+    def get(self, name: str) -> WorkflowDefinition | None:
+        return self._by_name.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+
+class Saga(ABC):
+    """Compensations registered while a saga block runs; on failure they run in reverse order."""
+
+    @abstractmethod
+    def on_failure(
+        self,
+        activity: ActivityContract[I, O],
+        arg: I,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: timedelta | None = None,
+    ) -> None:
+        """Register ``activity(arg)`` to run if the block fails or the workflow is cancelled."""
+
+    @abstractmethod
+    async def __aenter__(self) -> Saga: ...
+
+    @abstractmethod
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool: ...
+
+
+class WorkflowContext(ABC):
+    """What workflow code may use. Every method is deterministic under replay."""
+
+    @property
+    @abstractmethod
+    def workflow_id(self) -> str: ...
+
+    @abstractmethod
+    def call(
+        self,
+        activity: ActivityContract[I, O],
+        arg: I,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: timedelta | None = None,
+        overall_timeout: timedelta | None = None,
+    ) -> Awaitable[O]:
+        """Schedule an activity at once and return an awaitable of its result.
+
+        ``timeout`` bounds each attempt, ``overall_timeout`` all attempts together. A business
+        failure or the end of retries raises :class:`~orchestrator.errors.ActivityError`.
+        Several calls may be scheduled before awaiting them (see :meth:`gather`).
+        """
+
+    @abstractmethod
+    def sleep(self, duration: timedelta) -> Awaitable[None]:
+        """A durable timer: survives restarts; it may last days."""
+
+    @abstractmethod
+    def wait_signal(self, name: str, type_: type[T] | Any = Any) -> Awaitable[T]:
+        """The payload of the next signal ``name`` (signals that came earlier are buffered)."""
+
+    @abstractmethod
+    def gather(self, *awaitables: Awaitable[Any]) -> Awaitable[list[Any]]:
+        """Wait for all; the first failure (in argument order) is raised."""
+
+    @abstractmethod
+    def saga(self) -> Saga:
+        """``async with ctx.saga() as saga:`` compensates what ``saga.on_failure`` registered."""
+
+    @abstractmethod
+    def now(self) -> datetime:
+        """The time of the event being processed (UTC): the same value on replay."""
+
+    @abstractmethod
+    def random(self) -> random.Random:
+        """A random generator seeded from the history."""
+
+    @abstractmethod
+    def uuid(self) -> uuid.UUID:
+        """A UUID drawn from :meth:`random`."""
