@@ -1,0 +1,199 @@
+"""The engine without Kafka: a workflow's code driven by events, and replay of its history."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from contracts.envelopes import (
+    ActivityAttemptStarted,
+    ActivityReply,
+    ActivityScheduled,
+    ErrorInfo,
+    HistoryEvent,
+    LateReplyIgnored,
+    ReplyOutcome,
+    StartWorkflow,
+    WorkflowStatus,
+)
+from orchestrator._engine.instance import WorkflowRun
+from orchestrator.errors import NonDeterminismError
+from orchestrator.payloads import from_payload, to_payload
+from orchestrator.workflow import WorkflowRegistry
+
+from .sagas import Done, Step, ThreeSteps, Trip, TripResult, WaitsForSignal
+
+REGISTRY = WorkflowRegistry([ThreeSteps, WaitsForSignal])
+Behaviour = Callable[[ActivityScheduled, int], ActivityReply | None]
+
+
+def _start(wf: str, trip: object, kind: str = "three-steps", now: int = 1_000) -> tuple[WorkflowRun, list[HistoryEvent]]:
+    run = WorkflowRun(wf, REGISTRY)
+    msg = StartWorkflow(
+        workflow_id=wf, workflow_type=kind, request_id="r1", input=to_payload(trip), sent_at_ms=now
+    )
+    return run, run.start(msg, now, None)
+
+
+def _reply(act: ActivityScheduled, attempt: int, outcome: ReplyOutcome, error: str = "") -> ActivityReply:
+    return ActivityReply(
+        workflow_id="wf",
+        seq=act.seq,
+        attempt=attempt,
+        idempotency_key=act.idempotency_key,
+        outcome=outcome,
+        sent_at_ms=0,
+        result=to_payload(Done(n=act.seq, ref=f"{act.activity_name}:{attempt}"))
+        if outcome is ReplyOutcome.SUCCESS
+        else None,
+        error=ErrorInfo(type=error or "Boom", message="no") if error or outcome is not ReplyOutcome.SUCCESS else None,
+    )
+
+
+def _drive(run: WorkflowRun, events: list[HistoryEvent], behave: Behaviour, now: int = 1_000) -> list[HistoryEvent]:
+    """Answer every command like a service would until the workflow ends or nothing moves."""
+    history = list(events)
+    inbox = list(events)
+    for _ in range(200):
+        if run.finished:
+            break
+        new: list[HistoryEvent] = []
+        for ev in inbox:
+            body = ev.event
+            if isinstance(body, ActivityScheduled | ActivityAttemptStarted):
+                act = run.state.activities[body.seq]
+                scheduled = ActivityScheduled(
+                    seq=act.seq, activity_name=act.name, topic=act.topic, input=act.input,
+                    idempotency_key=act.idempotency_key, is_compensation=act.is_compensation,
+                    retry=act.retry,
+                )
+                reply = behave(scheduled, act.attempt)
+                if reply is not None:
+                    new.extend(run.on_reply(reply, now))
+        if not new:
+            now += 60_000
+            new = run.on_timers(now)
+            if not new:
+                break
+        history.extend(new)
+        inbox = new
+    return history
+
+
+def _names(history: list[HistoryEvent]) -> list[str]:
+    return [
+        f"{'undo' if e.event.is_compensation else 'do'}:{e.event.activity_name}"
+        for e in history
+        if isinstance(e.event, ActivityScheduled)
+    ]
+
+
+def ok(act: ActivityScheduled, attempt: int) -> ActivityReply:
+    return _reply(act, attempt, ReplyOutcome.SUCCESS)
+
+
+def test_three_steps_complete_with_typed_results() -> None:
+    run, events = _start("wf", Trip())
+    history = _drive(run, events, ok)
+    assert run.state.status is WorkflowStatus.COMPLETED
+    assert run.state.result is not None
+    result = from_payload(run.state.result, TripResult)
+    assert result.refs == ["a.do:1", "b.do:1", "c.do:1"]
+    assert _names(history) == ["do:a.do", "do:b.do", "do:c.do"]
+    assert [e.event_seq for e in history] == list(range(1, len(history) + 1))
+
+
+def test_failure_at_step_three_compensates_two_then_one() -> None:
+    def fail_c(act: ActivityScheduled, attempt: int) -> ActivityReply:
+        if act.activity_name == "c.do":
+            return _reply(act, attempt, ReplyOutcome.BUSINESS_FAILURE, "Declined")
+        return ok(act, attempt)
+
+    run, events = _start("wf", Trip())
+    history = _drive(run, events, fail_c)
+    assert run.state.status is WorkflowStatus.COMPENSATED
+    assert run.state.error is not None and run.state.error.type == "Declined"
+    assert _names(history) == ["do:a.do", "do:b.do", "do:c.do", "undo:b.undo", "undo:a.undo"]
+
+
+def test_retryable_failures_back_off_then_succeed() -> None:
+    def flaky_a(act: ActivityScheduled, attempt: int) -> ActivityReply:
+        if act.activity_name == "a.do" and attempt < 3:
+            return _reply(act, attempt, ReplyOutcome.RETRYABLE_FAILURE)
+        return ok(act, attempt)
+
+    run, events = _start("wf", Trip())
+    _drive(run, events, flaky_a)
+    assert run.state.status is WorkflowStatus.COMPLETED
+    assert run.state.activities[1].attempt == 3
+
+
+def test_retries_exhausted_fail_without_compensation_when_nothing_registered() -> None:
+    def broken_a(act: ActivityScheduled, attempt: int) -> ActivityReply:
+        return _reply(act, attempt, ReplyOutcome.RETRYABLE_FAILURE)
+
+    run, events = _start("wf", Trip())
+    history = _drive(run, events, broken_a)
+    assert run.state.status is WorkflowStatus.FAILED
+    assert _names(history) == ["do:a.do"]
+    assert run.state.activities[1].attempt == 3
+
+
+def test_attempt_timeout_retries_and_a_late_reply_changes_nothing() -> None:
+    silent_once: dict[int, int] = {}
+
+    def slow_b(act: ActivityScheduled, attempt: int) -> ActivityReply | None:
+        if act.activity_name == "b.do" and attempt == 1:
+            silent_once[act.seq] = attempt
+            return None  # no reply: the 5 s attempt timeout fires
+        return ok(act, attempt)
+
+    run, events = _start("wf", Trip())
+    history = _drive(run, events, slow_b)
+    assert run.state.status is WorkflowStatus.COMPLETED
+    b = run.state.activities[2]
+    assert b.attempt == 2
+    late = run.on_reply(ok(ActivityScheduled(
+        seq=2, activity_name="b.do", topic="svc-b.commands", input=b.input,
+        idempotency_key=b.idempotency_key, is_compensation=False, retry=b.retry), 1), 10**9)
+    assert [type(e.event) for e in late] == [LateReplyIgnored]
+    assert run.state.status is WorkflowStatus.COMPLETED
+
+
+def test_replay_rebuilds_the_same_state_and_detects_changed_code() -> None:
+    run, events = _start("wf", Trip(sleep_ms=1000))
+    history = _drive(run, events, ok)
+    replayed = WorkflowRun.replay("wf", history, REGISTRY)
+    assert replayed.state == run.state
+    assert replayed.state.result == run.state.result  # same ctx.now() and ctx.uuid()
+
+    tampered = [e for e in history if not (isinstance(e.event, ActivityScheduled) and e.event.seq == 2)]
+    renumbered = [e.model_copy(update={"event_seq": i}) for i, e in enumerate(tampered, 1)]
+    with pytest.raises(NonDeterminismError, match="wf"):
+        WorkflowRun.replay("wf", renumbered, REGISTRY)
+
+
+def test_cancel_compensates_what_was_done() -> None:
+    run, events = _start("wf", Trip(sleep_ms=3_600_000))
+    history = list(events)
+    # a and b succeed, then the workflow sleeps for an hour
+    history += run.on_reply(ok(events[-1].event, 1), 1_000)  # type: ignore[arg-type]
+    b = history[-1].event
+    assert isinstance(b, ActivityScheduled)
+    history += run.on_reply(ok(b, 1), 1_000)
+    assert run.state.timers
+    history += run.on_cancel("customer changed their mind", "c1", 2_000)
+    history = _drive(run, history[-2:], ok, now=2_000)
+    assert run.state.status is WorkflowStatus.CANCELLED
+    assert [n for n in _names(history) if n.startswith("undo")] == ["undo:b.undo", "undo:a.undo"]
+
+
+def test_signal_resumes_a_waiting_workflow_and_duplicates_are_ignored() -> None:
+    run, _ = _start("wf", Step(n=1), kind="waits-for-signal")
+    assert run.state.status is WorkflowStatus.RUNNING
+    first = run.on_signal("approve", to_payload(Step(n=41)), "s1", 2_000)
+    assert run.on_signal("approve", to_payload(Step(n=99)), "s1", 2_000) == []
+    assert first and run.state.status is WorkflowStatus.COMPLETED
+    assert run.state.result is not None
+    assert from_payload(run.state.result, Done).n == 42
