@@ -1,0 +1,120 @@
+"""Schema evolution: records written with an older schema version are read with the current one.
+
+``contracts/schemas/legacy/ActivityReply.v0.avsc`` is ActivityReply before ``service`` and ``trace``
+were added. A service still on v0 frames its replies with the v0 fingerprint; the orchestrator must
+read them as current ActivityReply models, with the new fields at their defaults.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from fastavro import schemaless_reader, schemaless_writer
+from fastavro.schema import parse_schema
+from hypothesis import given
+
+from contracts import codec
+from contracts.codec import MAGIC, current_schema, decode, decode_as, encode, fingerprint
+from contracts.envelopes import ActivityReply, ErrorInfo, Payload, ReplyOutcome
+from tests.unit.test_codec import ENVELOPES
+
+LEGACY_V0 = Path(codec.__file__).parent / "schemas" / "legacy" / "ActivityReply.v0.avsc"
+
+
+def _v0_schema() -> dict[str, Any]:
+    parsed = parse_schema(json.loads(LEGACY_V0.read_text()))
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def _frame_v0(record: dict[str, Any]) -> bytes:
+    """Bytes as a v0 writer produces them, built here without the codec's encoder."""
+    schema = _v0_schema()
+    body = io.BytesIO()
+    schemaless_writer(body, schema, record)
+    return MAGIC + fingerprint(schema).to_bytes(8, "little") + body.getvalue()
+
+
+def test_v0_is_an_older_activity_reply_without_service_and_trace() -> None:
+    v0 = _v0_schema()
+    current = current_schema(ActivityReply)
+    assert v0["name"] == current.full_name == "saga.v1.ActivityReply"
+    v0_fields = [f["name"] for f in v0["fields"]]
+    current_fields = [f["name"] for f in current.schema["fields"]]
+    assert v0_fields == [f for f in current_fields if f not in ("service", "trace")]
+    assert "service" in current_fields
+    assert "trace" in current_fields
+    assert fingerprint(v0) != current.fingerprint
+    (info,) = (i for i in codec.known_schemas() if i.fingerprint == fingerprint(v0))
+    assert not info.current
+
+
+def test_v0_record_decodes_as_current_activity_reply() -> None:
+    data = _frame_v0(
+        {
+            "workflow_id": "order-17",
+            "seq": 4,
+            "attempt": 2,
+            "idempotency_key": "order-17/4",
+            "outcome": "SUCCESS",
+            "sent_at_ms": 1_700_000_000_123,
+            "result": {"encoding": "json/plain", "data": b'{"payment_id":"p-1"}'},
+            "error": None,
+        }
+    )
+    assert data[:2] == b"\xc3\x01"
+
+    reply = decode(data)
+
+    assert isinstance(reply, ActivityReply)
+    assert reply.service == ""
+    assert reply.trace is None
+    assert reply == ActivityReply(
+        workflow_id="order-17",
+        seq=4,
+        attempt=2,
+        idempotency_key="order-17/4",
+        outcome=ReplyOutcome.SUCCESS,
+        sent_at_ms=1_700_000_000_123,
+        result=Payload(data=b'{"payment_id":"p-1"}'),
+    )
+    assert decode_as(data, ActivityReply) == reply
+
+
+def test_v0_failure_reply_decodes() -> None:
+    data = _frame_v0(
+        {
+            "workflow_id": "order-18",
+            "seq": 1,
+            "attempt": 1,
+            "idempotency_key": "order-18/1",
+            "outcome": "BUSINESS_FAILURE",
+            "sent_at_ms": 5,
+            "result": None,
+            "error": {"type": "OutOfStock", "message": "sku-9", "details": None},
+        }
+    )
+    reply = decode_as(data, ActivityReply)
+    assert reply.outcome is ReplyOutcome.BUSINESS_FAILURE
+    assert reply.error == ErrorInfo(type="OutOfStock", message="sku-9")
+    assert (reply.service, reply.trace) == ("", None)
+
+
+@given(ENVELOPES[ActivityReply])
+def test_any_v0_record_reads_as_the_current_model_with_defaults(reply: ActivityReply) -> None:
+    v0_record = reply.model_dump(exclude={"service", "trace"})
+    decoded = decode_as(_frame_v0(v0_record), ActivityReply)
+    assert decoded == reply.model_copy(update={"service": "", "trace": None})
+    # Re-encoding writes the current schema, never the legacy one.
+    assert encode(decoded)[2:10] == current_schema(ActivityReply).fingerprint.to_bytes(8, "little")
+
+
+@given(ENVELOPES[ActivityReply])
+def test_a_v0_reader_can_read_current_records(reply: ActivityReply) -> None:
+    """Forward compatibility: an old reader ignores the fields it does not know."""
+    body = io.BytesIO(encode(reply)[10:])
+    record = schemaless_reader(body, current_schema(ActivityReply).schema, _v0_schema())
+    assert record == reply.model_dump(mode="python", exclude={"service", "trace"})
