@@ -1,0 +1,93 @@
+"""One settings model for every process: environment variables, flags, defaults, in one table.
+
+| setting                | environment variable        | default                  |
+|------------------------|-----------------------------|--------------------------|
+| bootstrap_servers      | KAFKA_BOOTSTRAP_SERVERS     | 127.0.0.1:39092          |
+| namespace              | SAGA_NAMESPACE              | saga                     |
+| partitions             | SAGA_PARTITIONS             | 6                        |
+| state_dir              | SAGA_STATE_DIR              | .run/state               |
+| node_id                | SAGA_NODE_ID                | the host name            |
+| commit_interval_ms     | SAGA_COMMIT_INTERVAL_MS     | 20                       |
+| max_batch              | SAGA_MAX_BATCH              | 1000                     |
+| retention_ms           | SAGA_RETENTION_MS           | 7 days                   |
+| kafka (extra config)   | SAGA_KAFKA__<dotted key>    | none                     |
+
+``docs/configuration.md`` explains each one.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_NAME = re.compile(r"^[a-zA-Z0-9._-]+$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SAGA_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    bootstrap_servers: str = Field(
+        default="127.0.0.1:39092",
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "SAGA_BOOTSTRAP_SERVERS"),
+        description="Kafka bootstrap servers, host:port[,host:port]",
+    )
+    namespace: str = Field(default="saga", description="prefix of the orchestrator's topics")
+    partitions: int = Field(default=6, ge=1, le=10_000, description="partitions of inbox/history")
+    state_dir: Path = Field(default=Path(".run/state"), description="local RocksDB state")
+    node_id: str = Field(
+        default_factory=socket.gethostname,
+        description="stable per instance: names its transactional id, so a restart fences "
+        "its previous incarnation at once",
+    )
+    commit_interval_ms: int = Field(default=20, ge=1, le=60_000)
+    max_batch: int = Field(default=1000, ge=1, le=100_000)
+    retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=0)
+    sasl_password: SecretStr | None = Field(default=None, description="for SASL clusters")
+    kafka: dict[str, str] = Field(
+        default_factory=dict, description="extra librdkafka settings for every client"
+    )
+
+    @field_validator("namespace", "node_id")
+    @classmethod
+    def _topic_safe(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"{value!r} may hold only letters, digits, '.', '_' and '-'")
+        return value
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _hosts(cls, value: str) -> str:
+        for part in value.split(","):
+            host, _, port = part.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{part!r} is not host:port")
+        return value
+
+    def client_extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = dict(self.kafka)
+        if self.sasl_password is not None:
+            extra["sasl.password"] = self.sasl_password.get_secret_value()
+        return extra
+
+    @property
+    def inbox(self) -> str:
+        return f"{self.namespace}.inbox"
+
+    @property
+    def history(self) -> str:
+        return f"{self.namespace}.history"
+
+    @property
+    def results(self) -> str:
+        return f"{self.namespace}.results"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.namespace}.dlq"
