@@ -13,18 +13,18 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel
 
-I = TypeVar("I", bound=BaseModel)  # noqa: E741 - the conventional name for an input type
-O = TypeVar("O", bound=BaseModel)
+InT = TypeVar("InT", bound=BaseModel)
+OutT = TypeVar("OutT", bound=BaseModel)
 
 
 @dataclass(frozen=True)
-class ActivityContract(Generic[I, O]):
+class ActivityContract(Generic[InT, OutT]):
     """An activity named ``name`` served by ``service`` on the topic ``<service>.commands``."""
 
     name: str
     service: str
-    input: type[I]
-    output: type[O]
+    input: type[InT]
+    output: type[OutT]
 
     @property
     def topic(self) -> str:

@@ -41,7 +41,7 @@ class ErrorInfo(_Envelope):
 
 
 class RetryPolicy(_Envelope):
-    """Recorded in the history with each activity, so retries replay the same after a code change."""
+    """Recorded in the history with each activity: retries replay the same after a code change."""
 
     max_attempts: int = 3  # 0 means unlimited
     initial_interval_ms: int = 200
@@ -139,7 +139,7 @@ class WorkflowResult(_Envelope):
 
 
 class DeadLetter(_Envelope):
-    """Written to ``<ns>.dlq``: the original record, untouched, and why it could not be processed."""
+    """Written to ``<ns>.dlq``: the original record, untouched, and why it was not processed."""
 
     source_topic: str
     source_partition: int

@@ -20,8 +20,12 @@ class PayloadError(ValueError):
 
 
 @lru_cache(maxsize=1024)
-def _adapter(tp: Any) -> TypeAdapter[Any]:
+def _cached_adapter(tp: Any) -> TypeAdapter[Any]:
     return TypeAdapter(tp)
+
+
+def _adapter(tp: Any) -> TypeAdapter[Any]:
+    return _cached_adapter(tp)
 
 
 def to_payload(value: object) -> Payload:

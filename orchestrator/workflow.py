@@ -44,8 +44,8 @@ from pydantic import BaseModel
 from contracts.activity import ActivityContract
 from contracts.envelopes import RetryPolicy
 
-I = TypeVar("I", bound=BaseModel)  # noqa: E741
-O = TypeVar("O", bound=BaseModel)
+InT = TypeVar("InT", bound=BaseModel)
+OutT = TypeVar("OutT", bound=BaseModel)
 C = TypeVar("C", bound=type)
 T = TypeVar("T")
 
@@ -148,8 +148,8 @@ class Saga(ABC):
     @abstractmethod
     def on_failure(
         self,
-        activity: ActivityContract[I, O],
-        arg: I,
+        activity: ActivityContract[InT, OutT],
+        arg: InT,
         *,
         retry: RetryPolicy | None = None,
         timeout: timedelta | None = None,
@@ -173,13 +173,13 @@ class WorkflowContext(ABC):
     @abstractmethod
     def call(
         self,
-        activity: ActivityContract[I, O],
-        arg: I,
+        activity: ActivityContract[InT, OutT],
+        arg: InT,
         *,
         retry: RetryPolicy | None = None,
         timeout: timedelta | None = None,
         overall_timeout: timedelta | None = None,
-    ) -> Awaitable[O]:
+    ) -> Awaitable[OutT]:
         """Schedule an activity at once and return an awaitable of its result.
 
         ``timeout`` bounds each attempt, ``overall_timeout`` all attempts together. A business

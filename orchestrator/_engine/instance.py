@@ -64,8 +64,8 @@ from orchestrator.workflow import (
 from .state import WorkflowState, decide_reply, decide_timers
 
 T = TypeVar("T")
-I = TypeVar("I", bound=BaseModel)  # noqa: E741
-O = TypeVar("O", bound=BaseModel)
+InT = TypeVar("InT", bound=BaseModel)
+OutT = TypeVar("OutT", bound=BaseModel)
 
 _CODE_EVENTS = (ActivityScheduled, TimerStarted, WorkflowCompleted, WorkflowFailed)
 _DEFAULT_RETRY = RetryPolicy()
@@ -153,12 +153,14 @@ _ENGINE_FILES = {__file__}
 class _SagaImpl(Saga):
     def __init__(self, ctx: _Context) -> None:
         self._ctx = ctx
-        self._steps: list[tuple[ActivityContract[Any, Any], Any, RetryPolicy, timedelta | None]] = []
+        self._steps: list[
+            tuple[ActivityContract[Any, Any], Any, RetryPolicy, timedelta | None]
+        ] = []
 
     def on_failure(
         self,
-        activity: ActivityContract[I, O],
-        arg: I,
+        activity: ActivityContract[InT, OutT],
+        arg: InT,
         *,
         retry: RetryPolicy | None = None,
         timeout: timedelta | None = None,
@@ -177,7 +179,9 @@ class _SagaImpl(Saga):
         try:
             for activity, arg, retry, timeout in reversed(self._steps):
                 try:
-                    await self._ctx._schedule(activity, arg, retry, timeout, None, compensation=True)
+                    await self._ctx._schedule(
+                        activity, arg, retry, timeout, None, compensation=True
+                    )
                 except ActivityError as err:
                     failures.append(err)
         finally:
@@ -199,32 +203,32 @@ class _Context(WorkflowContext):
 
     def call(
         self,
-        activity: ActivityContract[I, O],
-        arg: I,
+        activity: ActivityContract[InT, OutT],
+        arg: InT,
         *,
         retry: RetryPolicy | None = None,
         timeout: timedelta | None = None,
         overall_timeout: timedelta | None = None,
-    ) -> Awaitable[O]:
+    ) -> Awaitable[OutT]:
         return self._schedule(activity, arg, retry or _DEFAULT_RETRY, timeout, overall_timeout)
 
     def _schedule(
         self,
-        activity: ActivityContract[I, O],
-        arg: I,
+        activity: ActivityContract[InT, OutT],
+        arg: InT,
         retry: RetryPolicy,
         timeout: timedelta | None,
         overall_timeout: timedelta | None,
         *,
         compensation: bool = False,
-    ) -> _Future[O]:
+    ) -> _Future[OutT]:
         if not isinstance(arg, activity.input):
             raise TypeError(
                 f"{activity.name} takes {activity.input.__name__}, got {type(arg).__name__}"
             )
         run = self._run
         seq = run._next_command_seq()
-        future: _Future[O] = _Future()
+        future: _Future[OutT] = _Future()
         run._activities[seq] = _ActivityCall(future, activity.output, activity.name)
         run._command(
             ActivityScheduled(
@@ -264,7 +268,9 @@ class _Context(WorkflowContext):
         parts: list[_Future[Any]] = []
         for item in awaitables:
             if not isinstance(item, _Future):
-                raise TypeError("ctx.gather takes what ctx.call, ctx.sleep and ctx.wait_signal return")
+                raise TypeError(
+                    "ctx.gather takes what ctx.call, ctx.sleep and ctx.wait_signal return"
+                )
             parts.append(item)
         return _Gather(parts)
 
@@ -339,7 +345,9 @@ class WorkflowRun:
 
     # ----------------------------------------------------------------- inputs (live)
 
-    def start(self, msg: StartWorkflow, now_ms: int, trace: TraceContext | None) -> list[HistoryEvent]:
+    def start(
+        self, msg: StartWorkflow, now_ms: int, trace: TraceContext | None
+    ) -> list[HistoryEvent]:
         if self.state.status is not None:
             raise RuntimeError(f"workflow {self.state.workflow_id} exists already")
         if self._registry.get(msg.workflow_type) is None:
@@ -360,7 +368,9 @@ class WorkflowRun:
     def on_reply(self, reply: ActivityReply, now_ms: int) -> list[HistoryEvent]:
         return self._record(decide_reply(self.state, reply, now_ms, self._rng), now_ms)
 
-    def on_signal(self, name: str, payload: Payload, request_id: str, now_ms: int) -> list[HistoryEvent]:
+    def on_signal(
+        self, name: str, payload: Payload, request_id: str, now_ms: int
+    ) -> list[HistoryEvent]:
         if request_id in self.state.signal_request_ids:
             return []  # the same signal delivered twice
         body = SignalReceived(signal_name=name, payload=payload, request_id=request_id)
@@ -419,7 +429,11 @@ class WorkflowRun:
             if call is not None:
                 call.future.fail(
                     ActivityError(
-                        call.name, body.seq, body.error.type, body.error.message, business=body.business
+                        call.name,
+                        body.seq,
+                        body.error.type,
+                        body.error.message,
+                        business=body.business,
                     )
                 )
         elif isinstance(body, TimerFired):
@@ -520,7 +534,9 @@ class WorkflowRun:
         else:
             status = WorkflowStatus.FAILED
         error_type = exc.error_type if isinstance(exc, ActivityError) else type(exc).__name__
-        self._command(WorkflowFailed(status=status, error=ErrorInfo(type=error_type, message=str(exc))))
+        self._command(
+            WorkflowFailed(status=status, error=ErrorInfo(type=error_type, message=str(exc)))
+        )
 
     def _command(self, body: EventBody) -> None:
         self._pending.append(_Pending(body, _call_site()))

@@ -9,7 +9,9 @@ input and the time, returning new event bodies.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from tenacity import wait_exponential
 
@@ -222,7 +224,7 @@ def _nothing(s: WorkflowState, e: LateReplyIgnored, at: int) -> None:
     return None
 
 
-_FOLD = {
+_FOLD: dict[type, Callable[[WorkflowState, Any, int], None]] = {
     WorkflowStarted: _started,
     ActivityScheduled: _scheduled,
     ActivityAttemptStarted: _attempt_started,
@@ -282,12 +284,17 @@ def _after_failure(
             ActivityFailed(seq=act.seq, attempt=act.attempt, error=error, business=False),
         ]
     retry_at = now_ms + retry_delay_ms(policy, act.attempt, rng)
-    if act.overall_timeout_ms is not None and retry_at >= act.scheduled_at_ms + act.overall_timeout_ms:
+    if (
+        act.overall_timeout_ms is not None
+        and retry_at >= act.scheduled_at_ms + act.overall_timeout_ms
+    ):
         return [
             ActivityAttemptFailed(seq=act.seq, attempt=act.attempt, error=error),
             ActivityFailed(seq=act.seq, attempt=act.attempt, error=error, business=False),
         ]
-    return [ActivityAttemptFailed(seq=act.seq, attempt=act.attempt, error=error, retry_at_ms=retry_at)]
+    return [
+        ActivityAttemptFailed(seq=act.seq, attempt=act.attempt, error=error, retry_at_ms=retry_at)
+    ]
 
 
 def decide_reply(
@@ -305,7 +312,9 @@ def decide_reply(
     if reply.outcome is ReplyOutcome.SUCCESS:
         return [
             ActivityCompleted(
-                seq=act.seq, attempt=act.attempt, result=reply.result or Payload(encoding="binary/null")
+                seq=act.seq,
+                attempt=act.attempt,
+                result=reply.result or Payload(encoding="binary/null"),
             )
         ]
     error = reply.error or ErrorInfo(type="UnknownError", message="the service gave no reason")
@@ -336,7 +345,9 @@ def decide_timers(state: WorkflowState, now_ms: int, rng: random.Random) -> list
             out: list[EventBody] = []
             if act.attempt_open:
                 out.append(ActivityAttemptFailed(seq=act.seq, attempt=act.attempt, error=error))
-            out.append(ActivityFailed(seq=act.seq, attempt=act.attempt, error=error, business=False))
+            out.append(
+                ActivityFailed(seq=act.seq, attempt=act.attempt, error=error, business=False)
+            )
             return out
         if (
             act.attempt_open

@@ -28,7 +28,9 @@ REGISTRY = WorkflowRegistry([ThreeSteps, WaitsForSignal])
 Behaviour = Callable[[ActivityScheduled, int], ActivityReply | None]
 
 
-def _start(wf: str, trip: object, kind: str = "three-steps", now: int = 1_000) -> tuple[WorkflowRun, list[HistoryEvent]]:
+def _start(
+    wf: str, trip: object, kind: str = "three-steps", now: int = 1_000
+) -> tuple[WorkflowRun, list[HistoryEvent]]:
     run = WorkflowRun(wf, REGISTRY)
     msg = StartWorkflow(
         workflow_id=wf, workflow_type=kind, request_id="r1", input=to_payload(trip), sent_at_ms=now
@@ -36,7 +38,9 @@ def _start(wf: str, trip: object, kind: str = "three-steps", now: int = 1_000) -
     return run, run.start(msg, now, None)
 
 
-def _reply(act: ActivityScheduled, attempt: int, outcome: ReplyOutcome, error: str = "") -> ActivityReply:
+def _reply(
+    act: ActivityScheduled, attempt: int, outcome: ReplyOutcome, error: str = ""
+) -> ActivityReply:
     return ActivityReply(
         workflow_id="wf",
         seq=act.seq,
@@ -47,11 +51,15 @@ def _reply(act: ActivityScheduled, attempt: int, outcome: ReplyOutcome, error: s
         result=to_payload(Done(n=act.seq, ref=f"{act.activity_name}:{attempt}"))
         if outcome is ReplyOutcome.SUCCESS
         else None,
-        error=ErrorInfo(type=error or "Boom", message="no") if error or outcome is not ReplyOutcome.SUCCESS else None,
+        error=ErrorInfo(type=error or "Boom", message="no")
+        if error or outcome is not ReplyOutcome.SUCCESS
+        else None,
     )
 
 
-def _drive(run: WorkflowRun, events: list[HistoryEvent], behave: Behaviour, now: int = 1_000) -> list[HistoryEvent]:
+def _drive(
+    run: WorkflowRun, events: list[HistoryEvent], behave: Behaviour, now: int = 1_000
+) -> list[HistoryEvent]:
     """Answer every command like a service would until the workflow ends or nothing moves."""
     history = list(events)
     inbox = list(events)
@@ -64,8 +72,12 @@ def _drive(run: WorkflowRun, events: list[HistoryEvent], behave: Behaviour, now:
             if isinstance(body, ActivityScheduled | ActivityAttemptStarted):
                 act = run.state.activities[body.seq]
                 scheduled = ActivityScheduled(
-                    seq=act.seq, activity_name=act.name, topic=act.topic, input=act.input,
-                    idempotency_key=act.idempotency_key, is_compensation=act.is_compensation,
+                    seq=act.seq,
+                    activity_name=act.name,
+                    topic=act.topic,
+                    input=act.input,
+                    idempotency_key=act.idempotency_key,
+                    is_compensation=act.is_compensation,
                     retry=act.retry,
                 )
                 reply = behave(scheduled, act.attempt)
@@ -150,13 +162,25 @@ def test_attempt_timeout_retries_and_a_late_reply_changes_nothing() -> None:
         return ok(act, attempt)
 
     run, events = _start("wf", Trip())
-    history = _drive(run, events, slow_b)
+    _drive(run, events, slow_b)
     assert run.state.status is WorkflowStatus.COMPLETED
     b = run.state.activities[2]
     assert b.attempt == 2
-    late = run.on_reply(ok(ActivityScheduled(
-        seq=2, activity_name="b.do", topic="svc-b.commands", input=b.input,
-        idempotency_key=b.idempotency_key, is_compensation=False, retry=b.retry), 1), 10**9)
+    late = run.on_reply(
+        ok(
+            ActivityScheduled(
+                seq=2,
+                activity_name="b.do",
+                topic="svc-b.commands",
+                input=b.input,
+                idempotency_key=b.idempotency_key,
+                is_compensation=False,
+                retry=b.retry,
+            ),
+            1,
+        ),
+        10**9,
+    )
     assert [type(e.event) for e in late] == [LateReplyIgnored]
     assert run.state.status is WorkflowStatus.COMPLETED
 
@@ -168,7 +192,9 @@ def test_replay_rebuilds_the_same_state_and_detects_changed_code() -> None:
     assert replayed.state == run.state
     assert replayed.state.result == run.state.result  # same ctx.now() and ctx.uuid()
 
-    tampered = [e for e in history if not (isinstance(e.event, ActivityScheduled) and e.event.seq == 2)]
+    tampered = [
+        e for e in history if not (isinstance(e.event, ActivityScheduled) and e.event.seq == 2)
+    ]
     renumbered = [e.model_copy(update={"event_seq": i}) for i, e in enumerate(tampered, 1)]
     with pytest.raises(NonDeterminismError, match="wf"):
         WorkflowRun.replay("wf", renumbered, REGISTRY)

@@ -1,0 +1,100 @@
+"""What one node holds for one partition: its store, its live workflows, its due timers."""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.workflow import WorkflowRegistry
+
+from .instance import WorkflowRun
+from .store import PartitionStore, StoreBatch, WorkflowSummary
+
+
+@dataclass
+class Cached:
+    run: WorkflowRun
+    stored_due_ms: int | None  # what the store's timer index holds for it
+
+
+class Partition:
+    def __init__(
+        self, number: int, path: Path, registry: WorkflowRegistry, cache_size: int = 20_000
+    ) -> None:
+        self.number = number
+        self.store = PartitionStore(path)
+        self._registry = registry
+        self._cache: OrderedDict[str, Cached] = OrderedDict()
+        self._cache_size = cache_size
+        self._timers: list[tuple[int, str]] = []
+        self.reload_timers()
+
+    def close(self) -> None:
+        self._cache.clear()
+        self.store.close()
+
+    # ----------------------------------------------------------------- workflows
+
+    def get(self, workflow_id: str) -> Cached | None:
+        """The live workflow, from the cache or rebuilt by replaying its stored history."""
+        cached = self._cache.get(workflow_id)
+        if cached is not None:
+            self._cache.move_to_end(workflow_id)
+            return cached
+        events = self.store.events(workflow_id)
+        if not events:
+            return None
+        run = WorkflowRun.replay(workflow_id, events, self._registry)
+        summary = self.store.summary(workflow_id)
+        cached = Cached(run, summary.next_due_ms if summary else None)
+        self._put(workflow_id, cached)
+        return cached
+
+    def new(self, workflow_id: str) -> Cached:
+        cached = Cached(WorkflowRun(workflow_id, self._registry), None)
+        self._put(workflow_id, cached)
+        return cached
+
+    def _put(self, workflow_id: str, cached: Cached) -> None:
+        self._cache[workflow_id] = cached
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def forget(self, workflow_id: str) -> None:
+        self._cache.pop(workflow_id, None)
+
+    def forget_all(self) -> None:
+        self._cache.clear()
+
+    def summarize(self, cached: Cached, batch: StoreBatch) -> None:
+        """Record the workflow's new summary in ``batch`` and schedule its next timer."""
+        summary = WorkflowSummary.of(cached.run.state)
+        batch.set_summary(summary, cached.stored_due_ms)
+        cached.stored_due_ms = summary.next_due_ms
+        if summary.next_due_ms is not None:
+            heapq.heappush(self._timers, (summary.next_due_ms, summary.workflow_id))
+
+    # ----------------------------------------------------------------- timers
+
+    def reload_timers(self) -> None:
+        self._timers = list(self.store.timers())
+        heapq.heapify(self._timers)
+
+    def next_due_ms(self) -> int | None:
+        return self._timers[0][0] if self._timers else None
+
+    def pop_due(self, now_ms: int) -> str | None:
+        """The next workflow with a timer due by ``now_ms`` (stale heap entries are skipped)."""
+        while self._timers and self._timers[0][0] <= now_ms:
+            due, workflow_id = heapq.heappop(self._timers)
+            cached = self._cache.get(workflow_id)
+            current = cached.stored_due_ms if cached else self._stored_due(workflow_id)
+            if current == due:
+                return workflow_id
+        return None
+
+    def _stored_due(self, workflow_id: str) -> int | None:
+        summary = self.store.summary(workflow_id)
+        return summary.next_due_ms if summary else None

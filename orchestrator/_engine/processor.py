@@ -1,0 +1,570 @@
+"""The processing loop of one orchestrator node, for the inbox partitions it is assigned.
+
+poll inbox records -> decide (new history events, commands, results, dead letters) ->
+one Kafka transaction with the consumed offsets -> one RocksDB batch per partition.
+See :meth:`Processor._commit` for the order that makes a crash anywhere lose and duplicate nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from contracts import codec
+from contracts.codec import CodecError
+from contracts.envelopes import (
+    ActivityAttemptStarted,
+    ActivityCommand,
+    ActivityReply,
+    ActivityScheduled,
+    CancelWorkflow,
+    DeadLetter,
+    ErrorInfo,
+    HistoryEvent,
+    ReplyOutcome,
+    SignalWorkflow,
+    StartWorkflow,
+    WorkflowCompleted,
+    WorkflowFailed,
+    WorkflowResult,
+    WorkflowStatus,
+)
+from orchestrator.errors import NonDeterminismError
+from orchestrator.kafka_config import consumer_config, producer_config
+from orchestrator.payloads import PayloadError, from_payload
+from orchestrator.settings import Settings
+from orchestrator.workflow import WorkflowRegistry
+
+from .partition import Cached, Partition
+from .restore import RestoreReport, restore_partition
+from .state import UnknownActivity
+from .store import StoreBatch
+
+log = logging.getLogger(__name__)
+
+MAX_RECORD_BYTES = 512 * 1024
+MAX_WORKFLOW_ID = 256
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class _Out:
+    topic: str
+    key: bytes
+    value: bytes | None
+    partition: int | None = None
+    headers: list[tuple[str, str | bytes | None]] | None = None
+
+
+@dataclass
+class Batch:
+    """Everything one transaction carries, and what to write locally once it commits."""
+
+    offsets: dict[int, int] = field(default_factory=dict)  # inbox partition -> next offset
+    outputs: list[_Out] = field(default_factory=list)
+    stores: dict[int, StoreBatch] = field(default_factory=dict)
+    touched: dict[tuple[int, str], Cached] = field(default_factory=dict)
+    removed: list[tuple[int, str]] = field(default_factory=list)
+    dead_letters: int = 0
+
+    def store(self, partition: int) -> StoreBatch:
+        return self.stores.setdefault(partition, StoreBatch())
+
+    def __bool__(self) -> bool:
+        return bool(self.offsets or self.outputs or self.stores)
+
+
+@dataclass
+class Counters:
+    """Plain counts, read by the metrics exporter and by tests."""
+
+    started: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+    dead_letters: int = 0
+    transactions: int = 0
+    aborted_transactions: int = 0
+    restores: list[RestoreReport] = field(default_factory=list)
+
+
+class Processor:
+    def __init__(self, settings: Settings, registry: WorkflowRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.counters = Counters()
+        self._group = f"{settings.namespace}.orchestrator"
+        self._txn_id = f"{settings.namespace}.orchestrator.{settings.node_id}"
+        self._state_root = Path(settings.state_dir) / settings.namespace
+        self._partitions: dict[int, Partition] = {}
+        self._to_restore: set[int] = set()
+        self._known_topics: dict[str, float] = {}
+        self._history_offsets: dict[int, int] = {}
+        self._last_retention = 0.0
+        self._consumer = Consumer(
+            consumer_config(settings.bootstrap_servers, self._group, extra=settings.client_extra())
+        )
+        self._producer = self._new_producer()
+        self.on_commit: Callable[[Batch], None] | None = None  # a hook for tests
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def _new_producer(self) -> Producer:
+        producer = Producer(
+            producer_config(
+                self.settings.bootstrap_servers,
+                transactional_id=self._txn_id,
+                extra=self.settings.client_extra(),
+            )
+        )
+        producer.init_transactions(30)  # aborts what a previous incarnation left open
+        return producer
+
+    def run(self, stop: threading.Event) -> None:
+        self._consumer.subscribe(
+            [self.settings.inbox],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+        try:
+            while not stop.is_set():
+                self.step()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError):  # closed already
+            self._consumer.close()
+        for part in self._partitions.values():
+            part.close()
+        self._partitions.clear()
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Only note them: restoring is long work for the loop, not for librdkafka's callback.
+        self._to_restore.update(tp.partition for tp in partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._to_restore.discard(tp.partition)
+            part = self._partitions.pop(tp.partition, None)
+            if part is not None:
+                part.close()
+
+    def _restore_assigned(self) -> None:
+        for number in sorted(self._to_restore):
+            path = self._state_root / f"p{number}"
+            part = Partition(number, path, self.registry)
+            report = restore_partition(
+                part,
+                self.settings.bootstrap_servers,
+                self.settings.history,
+                f"{self._group}.restore",
+            )
+            self.counters.restores.append(report)
+            self._partitions[number] = part
+        self._to_restore.clear()
+
+    # ----------------------------------------------------------------- one turn of the loop
+
+    def step(self) -> None:
+        msgs = self._consumer.consume(
+            num_messages=self.settings.max_batch, timeout=self._poll_timeout()
+        )
+        if self._to_restore:
+            self._restore_assigned()
+        batch = Batch()
+        now = now_ms()
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("inbox consumer error: %s", err)
+                continue
+            self._handle(msg, batch, now)
+        self._fire_timers(batch, now)
+        self._expire_finished(batch, now)
+        if batch:
+            self._commit(batch)
+
+    def _poll_timeout(self) -> float:
+        dues = [d for d in (p.next_due_ms() for p in self._partitions.values()) if d is not None]
+        wait_ms = self.settings.commit_interval_ms * 5
+        if dues:
+            wait_ms = min(wait_ms, max(0, min(dues) - now_ms()))
+        return wait_ms / 1000
+
+    # ----------------------------------------------------------------- inbox records
+
+    def _handle(self, msg: Message, batch: Batch, now: int) -> None:
+        number = msg.partition() or 0
+        batch.offsets[number] = (msg.offset() or 0) + 1
+        part = self._partitions.get(number)
+        if part is None:  # revoked in the middle of a poll: the new owner will process it
+            batch.offsets.pop(number, None)
+            return
+        value = msg.value()
+        if value is None:
+            return self._dead_letter(batch, msg, "the inbox record has no value", "EmptyRecord")
+        if len(value) > MAX_RECORD_BYTES:
+            return self._dead_letter(
+                batch, msg, f"record of {len(value)} bytes exceeds {MAX_RECORD_BYTES}", "Oversized"
+            )
+        try:
+            envelope = codec.decode(value)
+        except CodecError as exc:
+            return self._dead_letter(batch, msg, str(exc), type(exc).__name__)
+        wf = getattr(envelope, "workflow_id", "")
+        if not wf or len(wf) > MAX_WORKFLOW_ID or "\0" in wf:
+            return self._dead_letter(batch, msg, f"invalid workflow id {wf[:80]!r}", "InvalidId")
+        try:
+            if isinstance(envelope, StartWorkflow):
+                self._on_start(part, envelope, batch, msg, now)
+            elif isinstance(envelope, ActivityReply):
+                self._on_reply(part, envelope, batch, msg, now)
+            elif isinstance(envelope, SignalWorkflow):
+                self._on_existing(part, wf, batch, msg, now, "signal")
+            elif isinstance(envelope, CancelWorkflow):
+                self._on_existing(part, wf, batch, msg, now, "cancel")
+            else:
+                self._dead_letter(
+                    batch,
+                    msg,
+                    f"{type(envelope).__name__} does not belong on the inbox",
+                    "WrongTopic",
+                )
+        except NonDeterminismError as exc:
+            part.forget(wf)
+            self._dead_letter(batch, msg, str(exc), "NonDeterminismError")
+
+    def _on_start(
+        self, part: Partition, msg_env: StartWorkflow, batch: Batch, msg: Message, now: int
+    ) -> None:
+        wf = msg_env.workflow_id
+        existing = part.get(wf)
+        if existing is not None:
+            state = existing.run.state
+            if state.workflow_type == msg_env.workflow_type and state.input == msg_env.input:
+                return  # the same start again: the workflow that runs is the answer
+            return self._reject(
+                batch, msg, msg_env, "WorkflowIdConflict",
+                f"workflow {wf} exists as {state.workflow_type} with other input",
+            )  # fmt: skip
+        definition = self.registry.get(msg_env.workflow_type)
+        if definition is None:
+            return self._reject(
+                batch, msg, msg_env, "UnknownWorkflowType",
+                f"unknown workflow type {msg_env.workflow_type!r}; this node runs: "
+                + ", ".join(self.registry.names()),
+            )  # fmt: skip
+        try:
+            from_payload(msg_env.input, definition.input_type)
+        except PayloadError as exc:
+            return self._reject(batch, msg, msg_env, "InvalidInput", str(exc))
+        cached = part.new(wf)
+        events = cached.run.start(msg_env, now, msg_env.trace)
+        self.counters.started += 1
+        self._record(part, cached, events, batch, now)
+
+    def _reject(
+        self, batch: Batch, msg: Message, start: StartWorkflow, error_type: str, reason: str
+    ) -> None:
+        self._dead_letter(batch, msg, reason, error_type)
+        result = WorkflowResult(
+            workflow_id=start.workflow_id,
+            status=WorkflowStatus.FAILED,
+            finished_at_ms=now_ms(),
+            error=ErrorInfo(type=error_type, message=reason),
+            request_id=start.request_id,
+        )
+        batch.outputs.append(
+            _Out(self.settings.results, start.workflow_id.encode(), codec.encode(result))
+        )
+
+    def _on_reply(
+        self, part: Partition, reply: ActivityReply, batch: Batch, msg: Message, now: int
+    ) -> None:
+        cached = part.get(reply.workflow_id)
+        if cached is None:
+            return self._dead_letter(
+                batch, msg, f"reply for unknown workflow {reply.workflow_id}", "UnknownWorkflow"
+            )
+        try:
+            events = cached.run.on_reply(reply, now)
+        except UnknownActivity as exc:
+            return self._dead_letter(batch, msg, str(exc), "UnknownActivity")
+        self._record(part, cached, events, batch, now)
+
+    def _on_existing(
+        self, part: Partition, wf: str, batch: Batch, msg: Message, now: int, kind: str
+    ) -> None:
+        cached = part.get(wf)
+        if cached is None:
+            return self._dead_letter(
+                batch, msg, f"{kind} for unknown workflow {wf}", "UnknownWorkflow"
+            )
+        run = cached.run
+        envelope = codec.decode(msg.value() or b"")
+        if isinstance(envelope, SignalWorkflow):
+            if run.finished:
+                return self._dead_letter(
+                    batch, msg, f"signal {envelope.signal_name!r} for finished workflow {wf}",
+                    "WorkflowFinished",
+                )  # fmt: skip
+            events = run.on_signal(envelope.signal_name, envelope.payload, envelope.request_id, now)
+        elif isinstance(envelope, CancelWorkflow):
+            events = run.on_cancel(envelope.reason, envelope.request_id, now)
+        else:
+            return
+        self._record(part, cached, events, batch, now)
+
+    # ----------------------------------------------------------------- timers and retention
+
+    def _fire_timers(self, batch: Batch, now: int) -> None:
+        budget = self.settings.max_batch
+        for part in list(self._partitions.values()):
+            while budget > 0 and (wf := part.pop_due(now)) is not None:
+                budget -= 1
+                try:
+                    cached = part.get(wf)
+                    if cached is None:
+                        continue
+                    events = cached.run.on_timers(now)
+                except NonDeterminismError as exc:
+                    log.error("timer of %s not fired: %s", wf, exc)
+                    part.forget(wf)
+                    continue
+                self._record(part, cached, events, batch, now)
+
+    def _expire_finished(self, batch: Batch, now: int) -> None:
+        """Tombstone the history of workflows that finished longer ago than the retention."""
+        if time.monotonic() - self._last_retention < 5.0:
+            return
+        self._last_retention = time.monotonic()
+        cutoff = now - self.settings.retention_ms
+        for part in self._partitions.values():
+            for summary in part.store.summaries():
+                if summary.finished_at_ms is None or summary.finished_at_ms > cutoff:
+                    continue
+                wf = summary.workflow_id
+                for seq in range(1, summary.last_seq + 1):
+                    batch.outputs.append(
+                        _Out(self.settings.history, f"{wf}/{seq}".encode(), None, part.number)
+                    )
+                batch.store(part.number).remove_workflow(wf, summary.last_seq, summary.next_due_ms)
+                batch.removed.append((part.number, wf))
+                if len(batch.outputs) > self.settings.max_batch:
+                    return
+
+    # ----------------------------------------------------------------- effects of events
+
+    def _record(
+        self, part: Partition, cached: Cached, events: list[HistoryEvent], batch: Batch, now: int
+    ) -> None:
+        if not events:
+            return
+        store = batch.store(part.number)
+        run = cached.run
+        for event in events:
+            encoded = codec.encode(event)
+            key = f"{event.workflow_id}/{event.event_seq}".encode()
+            batch.outputs.append(_Out(self.settings.history, key, encoded, part.number))
+            store.add_event(event, encoded)
+            body = event.event
+            if isinstance(body, ActivityScheduled | ActivityAttemptStarted):
+                self._send_command(part, cached, body.seq, batch, now)
+            elif isinstance(body, WorkflowCompleted | WorkflowFailed):
+                self._send_result(cached, batch)
+        batch.touched[(part.number, run.state.workflow_id)] = cached
+
+    def _send_command(
+        self, part: Partition, cached: Cached, seq: int, batch: Batch, now: int
+    ) -> None:
+        run = cached.run
+        act = run.state.activities[seq]
+        if not self._topic_exists(act.topic):
+            # Producing to a missing topic would fail the transaction again and again: the
+            # attempt fails instead, and the retry policy decides what happens next.
+            reply = ActivityReply(
+                workflow_id=run.state.workflow_id,
+                seq=seq,
+                attempt=act.attempt,
+                idempotency_key=act.idempotency_key,
+                outcome=ReplyOutcome.RETRYABLE_FAILURE,
+                sent_at_ms=now,
+                error=ErrorInfo(type="UnknownTopic", message=f"topic {act.topic} does not exist"),
+            )
+            self._record(part, cached, run.on_reply(reply, now), batch, now)
+            return
+        deadline = (
+            act.attempt_started_ms + act.attempt_timeout_ms if act.attempt_timeout_ms else None
+        )
+        command = ActivityCommand(
+            workflow_id=run.state.workflow_id,
+            activity_name=act.name,
+            seq=seq,
+            attempt=act.attempt,
+            idempotency_key=act.idempotency_key,
+            is_compensation=act.is_compensation,
+            input=act.input,
+            reply_topic=self.settings.inbox,
+            sent_at_ms=now,
+            deadline_ms=deadline,
+            trace=run.state.trace,
+        )
+        headers: list[tuple[str, str | bytes | None]] | None = None
+        if run.state.trace is not None:
+            headers = [("traceparent", run.state.trace.traceparent.encode())]
+        batch.outputs.append(
+            _Out(act.topic, run.state.workflow_id.encode(), codec.encode(command), None, headers)
+        )
+
+    def _send_result(self, cached: Cached, batch: Batch) -> None:
+        state = cached.run.state
+        status = state.status or WorkflowStatus.FAILED
+        self.counters.finished[status.value] = self.counters.finished.get(status.value, 0) + 1
+        result = WorkflowResult(
+            workflow_id=state.workflow_id,
+            status=status,
+            finished_at_ms=state.finished_at_ms or now_ms(),
+            result=state.result,
+            error=state.error,
+            request_id=state.request_id,
+        )
+        batch.outputs.append(
+            _Out(self.settings.results, state.workflow_id.encode(), codec.encode(result))
+        )
+
+    def _dead_letter(self, batch: Batch, msg: Message, reason: str, error_type: str) -> None:
+        self.counters.dead_letters += 1
+        batch.dead_letters += 1
+        log.warning(
+            "dead letter from %s[%s]@%s: %s", msg.topic(), msg.partition(), msg.offset(), reason
+        )
+        record = DeadLetter(
+            source_topic=msg.topic() or "",
+            source_partition=msg.partition() or 0,
+            source_offset=msg.offset() or 0,
+            reason=reason,
+            error_type=error_type,
+            failed_at_ms=now_ms(),
+            key=msg.key(),
+            value=msg.value(),
+        )
+        batch.outputs.append(_Out(self.settings.dlq, msg.key() or b"", codec.encode(record)))
+
+    def _topic_exists(self, topic: str) -> bool:
+        checked = self._known_topics.get(topic)
+        if checked is not None and (checked > 0 or time.monotonic() + checked < 5.0):
+            return checked > 0
+        meta = self._consumer.list_topics(topic, timeout=10)
+        found = meta.topics.get(topic)
+        exists = found is not None and found.error is None and bool(found.partitions)
+        self._known_topics[topic] = 1.0 if exists else -time.monotonic()
+        return exists
+
+    # ----------------------------------------------------------------- the transaction
+
+    def _commit(self, batch: Batch) -> None:
+        """Make one batch durable. The order is what makes a crash anywhere harmless:
+
+        1. Summarise every touched workflow (its timer index entry) into the store batches.
+        2. Begin a Kafka transaction.
+        3. Produce the history events (to the workflow's own partition), activity commands,
+           results, dead letters and retention tombstones.
+        4. Send the consumed inbox offsets to the transaction (KIP-447: with the consumer's
+           group metadata, so a zombie from an older generation is fenced).
+        5. Commit. A crash before this point aborts everything; the inbox is re-read.
+        6. Only now write the events, summaries, timer index and the applied history offset to
+           RocksDB, one batch per partition. A crash before this point loses only local state
+           that the restore reads back from the history topic.
+        """
+        for (number, _wf), cached in batch.touched.items():
+            part = self._partitions.get(number)
+            if part is not None:
+                part.summarize(cached, batch.store(number))
+        self._history_offsets.clear()
+        try:
+            self._producer.begin_transaction()
+            for out in batch.outputs:
+                self._produce(out)
+            if batch.offsets:
+                offsets = [
+                    TopicPartition(self.settings.inbox, p, o) for p, o in batch.offsets.items()
+                ]
+                self._producer.send_offsets_to_transaction(
+                    offsets, self._consumer.consumer_group_metadata(), 30
+                )
+            self._producer.commit_transaction(30)
+        except KafkaException as exc:
+            self._abort(exc)
+            return
+        self.counters.transactions += 1
+        self._producer.poll(0)  # serve delivery reports: they carry the history offsets
+        for number, store_batch in batch.stores.items():
+            part = self._partitions.get(number)
+            if part is None:
+                continue
+            if number in self._history_offsets:
+                store_batch.checkpoint = self._history_offsets[number] + 1
+            part.store.write(store_batch)
+        for number, wf in batch.removed:
+            part = self._partitions.get(number)
+            if part is not None:
+                part.forget(wf)
+        if self.on_commit is not None:
+            self.on_commit(batch)
+
+    def _produce(self, out: _Out) -> None:
+        on_delivery = self._on_history_delivery if out.topic == self.settings.history else None
+        while True:
+            try:
+                self._producer.produce(
+                    out.topic,
+                    value=out.value,
+                    key=out.key,
+                    partition=-1 if out.partition is None else out.partition,
+                    on_delivery=on_delivery,
+                    headers=out.headers,
+                )
+                return
+            except BufferError:
+                self._producer.poll(0.05)  # the local queue is full: let it drain
+
+    def _on_history_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            number, offset = msg.partition() or 0, msg.offset() or 0
+            if offset > self._history_offsets.get(number, -1):
+                self._history_offsets[number] = offset
+
+    def _abort(self, exc: KafkaException) -> None:
+        """Undo a failed batch: abort, forget what it changed in memory, rewind the inbox."""
+        error: KafkaError = exc.args[0]
+        self.counters.aborted_transactions += 1
+        log.warning("transaction failed (%s); aborting and re-reading the inbox", error)
+        if error.fatal():
+            self._producer = self._new_producer()
+        else:
+            try:
+                self._producer.abort_transaction(30)
+            except KafkaException as abort_exc:
+                log.error("abort failed (%s); starting a new producer", abort_exc)
+                self._producer = self._new_producer()
+        for part in self._partitions.values():
+            part.forget_all()
+            part.reload_timers()
+        assigned = [TopicPartition(self.settings.inbox, p) for p in self._partitions]
+        if assigned:
+            for tp in self._consumer.committed(assigned, timeout=30):
+                if tp.offset >= 0:
+                    self._consumer.seek(tp)
+                else:
+                    self._consumer.seek(TopicPartition(tp.topic, tp.partition, 0))
