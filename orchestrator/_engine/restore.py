@@ -113,7 +113,7 @@ def restore_partition(
                 raise TimeoutError(
                     f"restoring {history_topic}[{part.number}] took over {timeout_s:.0f}s"
                 )
-            msgs = reader.consume(num_messages=2_000, timeout=1.0)
+            msgs = reader.consume(num_messages=2_000, timeout=0.2)
             reached_end = False
             for msg in msgs:
                 err = msg.error()
