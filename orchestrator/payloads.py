@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -41,18 +41,22 @@ def to_payload(value: object) -> Payload:
     return Payload(encoding=JSON, data=data)
 
 
-def from_payload(payload: Payload, tp: type[T] | Any) -> T:
+@overload
+def from_payload(payload: Payload, tp: type[T]) -> T: ...
+@overload
+def from_payload(payload: Payload, tp: Any) -> Any: ...
+def from_payload(payload: Payload, tp: Any) -> Any:
     if payload.encoding == NULL:
         if tp is None or tp is type(None):
-            return None  # type: ignore[return-value]
+            return None
         try:
-            return _adapter(tp).validate_python(None)  # type: ignore[no-any-return]
+            return _adapter(tp).validate_python(None)
         except ValidationError as exc:
             raise PayloadError(f"expected {_name(tp)}, got no value") from exc
     if payload.encoding != JSON:
         raise PayloadError(f"unknown payload encoding {payload.encoding!r} (expected {JSON!r})")
     try:
-        return _adapter(tp).validate_json(payload.data)  # type: ignore[no-any-return]
+        return _adapter(tp).validate_json(payload.data)
     except ValidationError as exc:
         raise PayloadError(f"payload does not fit {_name(tp)}: {exc}") from exc
 

@@ -192,7 +192,7 @@ class WorkflowContext(ABC):
         """A durable timer: survives restarts; it may last days."""
 
     @abstractmethod
-    def wait_signal(self, name: str, type_: type[T] | Any = Any) -> Awaitable[T]:
+    def wait_signal(self, name: str, type_: type[T]) -> Awaitable[T]:
         """The payload of the next signal ``name`` (signals that came earlier are buffered)."""
 
     @abstractmethod

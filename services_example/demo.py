@@ -54,8 +54,9 @@ def main(namespace: str, partitions: int) -> None:
         else:
             producer.flush(30)
             producer.abort_transaction(30)
+        done = "committed" if outcome == "commit" else "aborted"
         click.echo(
-            f"{'committed' if outcome == 'commit' else 'aborted'} a transaction with StartWorkflow {workflow_id} "
+            f"{done} a transaction with StartWorkflow {workflow_id} "
             f"(partition {partition_for(workflow_id, partitions)} by murmur2)"
         )
 

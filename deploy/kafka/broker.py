@@ -135,7 +135,9 @@ def ensure_jars() -> None:
     except FileNotFoundError as exc:
         raise BrokerError("Maven ('mvn') is needed to fetch the Kafka jars; install it") from exc
     except subprocess.CalledProcessError as exc:
-        raise BrokerError(f"Maven could not resolve the Kafka jars (exit {exc.returncode})") from exc
+        raise BrokerError(
+            f"Maven could not resolve the Kafka jars (exit {exc.returncode})"
+        ) from exc
 
 
 def _read_pid(layout: BrokerLayout) -> int | None:

@@ -254,7 +254,7 @@ class _Context(WorkflowContext):
         run._command(TimerStarted(seq=seq, fire_at_ms=fire_at))
         return future
 
-    def wait_signal(self, name: str, type_: type[T] | Any = Any) -> Awaitable[T]:
+    def wait_signal(self, name: str, type_: type[T]) -> Awaitable[T]:
         future: _Future[T] = _Future()
         run = self._run
         buffered = run._signals.get(name)

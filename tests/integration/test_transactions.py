@@ -51,7 +51,7 @@ def test_consume_transform_produce_commits_offsets_in_the_transaction(
     for msg in inputs:
         txn.produce(sink, key=msg.key(), value=b"out-" + (msg.value() or b""))
     last = inputs[-1]
-    offsets = [TopicPartition(source, last.partition(), (last.offset() or 0) + 1)]
+    offsets = [TopicPartition(source, last.partition() or 0, (last.offset() or 0) + 1)]
     txn.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 10)
     txn.commit_transaction(10)
     consumer.close()

@@ -217,9 +217,11 @@ def test_cancel_compensates_what_was_done() -> None:
 
 def test_signal_resumes_a_waiting_workflow_and_duplicates_are_ignored() -> None:
     run, _ = _start("wf", Step(n=1), kind="waits-for-signal")
-    assert run.state.status is WorkflowStatus.RUNNING
+    statuses = [run.state.status]
     first = run.on_signal("approve", to_payload(Step(n=41)), "s1", 2_000)
     assert run.on_signal("approve", to_payload(Step(n=99)), "s1", 2_000) == []
-    assert first and run.state.status is WorkflowStatus.COMPLETED
+    statuses.append(run.state.status)
+    assert first
+    assert statuses == [WorkflowStatus.RUNNING, WorkflowStatus.COMPLETED]
     assert run.state.result is not None
     assert from_payload(run.state.result, Done).n == 42
