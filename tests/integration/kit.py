@@ -1,0 +1,163 @@
+"""A three-step saga and its services, parameterised by a prefix so tests never share topics.
+
+The services keep each effect in a dict keyed by the idempotency key, as a real service would:
+``effects`` tells how often each logical operation was applied (must be once).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from contracts.activity import ActivityContract
+from contracts.envelopes import RetryPolicy
+from orchestrator import workflow
+from orchestrator.errors import BusinessError, RetryableError
+from orchestrator.service import CommandInfo, Service
+from orchestrator.settings import Settings
+from orchestrator.topics import ensure_service_topic, ensure_topics
+from orchestrator.workflow import WorkflowContext, WorkflowRegistry
+
+
+class Step(BaseModel):
+    n: int
+    fail: bool = False  # a business failure
+    flaky: int = 0  # retryable failures before the first success
+    silent: int = 0  # attempts that get no reply (attempt timeouts)
+
+
+class Done(BaseModel):
+    n: int
+    ref: str
+
+
+class Trip(BaseModel):
+    fail_at: int = 0
+    flaky_at: int = 0
+    flaky: int = 0
+    silent_at: int = 0
+    silent: int = 0
+    sleep_ms: int = 0
+    wait_signal: bool = False
+
+
+class TripResult(BaseModel):
+    refs: list[str]
+    approved_by: str = ""
+
+
+class Approval(BaseModel):
+    by: str
+
+
+@dataclass
+class Kit:
+    prefix: str
+    services: tuple[str, ...]
+    registry: WorkflowRegistry
+    effects: Counter[str] = field(default_factory=Counter)  # "<activity>|<idempotency key>"
+    attempts: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def steps_of(self, workflow_id: str) -> list[str]:
+        """The activities applied for a workflow, in the order the keys' seq says."""
+        mine = [k for k in self.effects if k.split("|")[1].startswith(workflow_id + "/")]
+        mine.sort(key=lambda k: int(k.rsplit("/", 1)[1]))
+        return [k.split("|")[0].split(".", 1)[1] for k in mine]
+
+
+def build(prefix: str) -> Kit:
+    svc = (f"{prefix}-a", f"{prefix}-b", f"{prefix}-c")
+    do = [ActivityContract(f"{s}.do", s, Step, Done) for s in svc]
+    undo = [ActivityContract(f"{s}.undo", s, Step, Done) for s in svc]
+
+    def step(trip: Trip, n: int) -> Step:
+        return Step(
+            n=n,
+            fail=trip.fail_at == n,
+            flaky=trip.flaky if trip.flaky_at == n else 0,
+            silent=trip.silent if trip.silent_at == n else 0,
+        )
+
+    @workflow.defn(name="trip")
+    class TripSaga:
+        @workflow.run
+        async def run(self, ctx: WorkflowContext, trip: Trip) -> TripResult:
+            refs: list[str] = []
+            approved_by = ""
+            retry = RetryPolicy(max_attempts=4, initial_interval_ms=50, max_interval_ms=200)
+            async with ctx.saga() as saga:
+                for n in (1, 2, 3):
+                    if n == 3 and trip.sleep_ms:
+                        await ctx.sleep(timedelta(milliseconds=trip.sleep_ms))
+                    if n == 3 and trip.wait_signal:
+                        approved_by = (await ctx.wait_signal("approve", Approval)).by
+                    done = await ctx.call(
+                        do[n - 1], step(trip, n), retry=retry, timeout=timedelta(seconds=1)
+                    )
+                    refs.append(done.ref)
+                    saga.on_failure(
+                        undo[n - 1],
+                        Step(n=n),
+                        retry=RetryPolicy(max_attempts=10, initial_interval_ms=50),
+                    )
+            return TripResult(refs=refs, approved_by=approved_by)
+
+    return Kit(prefix, svc, WorkflowRegistry([TripSaga]))
+
+
+def settings_for(
+    bootstrap: str, namespace: str, state_dir: Path, node_id: str = "n1", **extra: Any
+) -> Settings:
+    return Settings(
+        bootstrap_servers=bootstrap,
+        namespace=namespace,
+        partitions=3,
+        state_dir=state_dir,
+        node_id=node_id,
+        **extra,
+    )
+
+
+def create_topics(kit: Kit, settings: Settings) -> None:
+    ensure_topics(settings.bootstrap_servers, settings.namespace, settings.partitions)
+    for name in kit.services:
+        ensure_service_topic(settings.bootstrap_servers, f"{name}.commands", 3)
+
+
+def make_service(kit: Kit, name: str, settings: Settings) -> Service:
+    service = Service(name, settings, state_dir=Path(settings.state_dir) / "svc")
+    for contract in (
+        ActivityContract(f"{name}.do", name, Step, Done),
+        ActivityContract(f"{name}.undo", name, Step, Done),
+    ):
+        service.handler(contract)(_handler(kit, contract.name))
+    return service
+
+
+def _handler(kit: Kit, activity: str) -> Any:
+    def handle(arg: Step, info: CommandInfo) -> Done:
+        key = f"{activity}|{info.idempotency_key}"
+        with kit.lock:
+            kit.attempts[key] += 1
+            attempt = kit.attempts[key]
+        if attempt <= arg.silent:
+            # Answer after the 1 s attempt timeout: the orchestrator has moved on already.
+            time.sleep(1.3)
+            raise RetryableError(f"{activity} answered too late (attempt {attempt})")
+        if attempt <= arg.silent + arg.flaky:
+            raise RetryableError(f"{activity} is flaky (attempt {attempt})")
+        if arg.fail:
+            raise BusinessError(f"{activity} refused", error_type="Refused")
+        with kit.lock:
+            kit.effects[key] += 1  # the service's own dedupe makes this once per key
+        return Done(n=arg.n, ref=f"{activity}#{arg.n}")
+
+    return handle

@@ -1,0 +1,259 @@
+"""The engine against the real broker: orchestrator node and services in threads of this process."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from confluent_kafka import Consumer, Producer
+from pydantic import BaseModel
+
+from contracts import codec
+from contracts.envelopes import (
+    ActivityReply,
+    DeadLetter,
+    HistoryEvent,
+    ReplyOutcome,
+    WorkflowStatus,
+)
+from orchestrator.client import Client
+from orchestrator.errors import WorkflowFailedError
+from orchestrator.kafka_config import consumer_config, producer_config
+from orchestrator.node import OrchestratorNode
+from orchestrator.settings import Settings
+
+from .kit import Approval, Kit, Trip, TripResult, build, create_topics, make_service, settings_for
+
+pytestmark = pytest.mark.broker
+E = TypeVar("E", bound=BaseModel)
+
+
+class Stack:
+    def __init__(self, kit: Kit, settings: Settings) -> None:
+        self.kit = kit
+        self.settings = settings
+        self.client = Client(settings)
+        self._node: tuple[threading.Thread, threading.Event, OrchestratorNode] | None = None
+        self._services: list[tuple[threading.Thread, threading.Event]] = []
+
+    def start_node(self) -> OrchestratorNode:
+        stop = threading.Event()
+        node = OrchestratorNode(self.settings, self.kit.registry)
+        thread = threading.Thread(target=node.run, args=(stop,), daemon=True)
+        thread.start()
+        self._node = (thread, stop, node)
+        return node
+
+    def stop_node(self) -> None:
+        assert self._node is not None
+        thread, stop, _ = self._node
+        stop.set()
+        thread.join(30)
+        assert not thread.is_alive()
+        self._node = None
+
+    def start_services(self) -> None:
+        for name in self.kit.services:
+            stop = threading.Event()
+            service = make_service(self.kit, name, self.settings)
+            thread = threading.Thread(target=service.run, args=(stop,), daemon=True)
+            thread.start()
+            self._services.append((thread, stop))
+
+    def close(self) -> None:
+        if self._node is not None:
+            self.stop_node()
+        for thread, stop in self._services:
+            stop.set()
+            thread.join(30)
+        self.client.close()
+
+    def run(self, trip: Trip, workflow_id: str, timeout: float = 30.0) -> TripResult:
+        handle = self.client.start("trip", trip, workflow_id=workflow_id)
+        return handle.result(TripResult, timeout=timeout)
+
+    def history(self, workflow_id: str) -> list[HistoryEvent]:
+        return self._read(self.settings.history, HistoryEvent, workflow_id + "/")
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return self._read(self.settings.dlq, DeadLetter, "")
+
+    def _read(self, topic: str, kind: type[E], key_prefix: str) -> list[E]:
+        reader = Consumer(
+            consumer_config(
+                self.settings.bootstrap_servers,
+                f"{topic}.reader.{time.monotonic_ns()}",
+                extra={"enable.partition.eof": True},
+            )
+        )
+        reader.subscribe([topic])
+        out: list[E] = []
+        eofs: set[int] = set()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(eofs) < self.settings.partitions:
+            for msg in reader.consume(500, 0.2):
+                if msg.error() is not None:
+                    eofs.add(msg.partition() or 0)
+                elif msg.value() and (msg.key() or b"").decode().startswith(key_prefix):
+                    out.append(codec.decode_as(msg.value() or b"", kind))
+            if topic == self.settings.dlq and out:
+                break
+        reader.close()
+        return out
+
+
+@pytest.fixture
+def stack(kafka_bootstrap: str, namespace: str, tmp_path: Path) -> Iterator[Stack]:
+    kit = build(namespace)
+    settings = settings_for(kafka_bootstrap, namespace, tmp_path / "state")
+    create_topics(kit, settings)
+    s = Stack(kit, settings)
+    s.start_services()
+    s.start_node()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_three_step_saga_completes(stack: Stack) -> None:
+    result = stack.run(Trip(), "ok-1")
+    assert result.refs == [
+        f"{stack.kit.prefix}-{x}.do#{n}" for n, x in ((1, "a"), (2, "b"), (3, "c"))
+    ]
+    assert stack.kit.steps_of("ok-1") == ["do", "do", "do"]
+
+
+def test_failure_at_step_three_compensates_two_then_one_exactly_once(stack: Stack) -> None:
+    with pytest.raises(WorkflowFailedError) as info:
+        stack.run(Trip(fail_at=3), "fail-3")
+    assert info.value.status == WorkflowStatus.COMPENSATED.value
+    assert info.value.error_type == "Refused"
+    assert stack.kit.steps_of("fail-3") == ["do", "do", "undo", "undo"]
+    undone = [k for k in stack.kit.effects if "undo" in k and "fail-3/" in k]
+    assert [k.split("|")[0] for k in sorted(undone, key=lambda k: int(k.rsplit("/", 1)[1]))] == [
+        f"{stack.kit.prefix}-b.undo",
+        f"{stack.kit.prefix}-a.undo",
+    ]
+    assert all(stack.kit.effects[k] == 1 for k in stack.kit.effects)
+
+
+def test_retries_with_backoff_then_success(stack: Stack) -> None:
+    stack.run(Trip(flaky_at=2, flaky=2), "flaky-2")
+    key = f"{stack.kit.prefix}-b.do|flaky-2/2"
+    assert stack.kit.attempts[key] == 3
+    failed = [e for e in stack.history("flaky-2") if e.event.kind == "ActivityAttemptFailed"]
+    assert len(failed) == 2
+    retry_at = [getattr(e.event, "retry_at_ms", None) for e in failed]
+    assert all(
+        r is not None and r > e.recorded_at_ms for r, e in zip(retry_at, failed, strict=True)
+    )
+
+
+def test_activity_timeout_retries_then_compensates(stack: Stack) -> None:
+    with pytest.raises(WorkflowFailedError) as info:
+        stack.run(Trip(silent_at=2, silent=4), "slow-2", timeout=40)
+    assert info.value.status == WorkflowStatus.COMPENSATED.value
+    assert info.value.error_type == "ActivityTimeout"
+    kinds = [e.event.kind for e in stack.history("slow-2")]
+    assert kinds.count("ActivityAttemptStarted") == 3  # attempts 2, 3, 4 after the first
+    assert stack.kit.steps_of("slow-2") == ["do", "undo"]
+
+
+def test_cancel_compensates_and_a_signal_resumes(stack: Stack) -> None:
+    cancelled = stack.client.start("trip", Trip(wait_signal=True), workflow_id="cancel-me")
+    waiting = stack.client.start("trip", Trip(wait_signal=True), workflow_id="sign-me")
+    _wait_for(lambda: len(stack.kit.steps_of("cancel-me")) == 2)
+    _wait_for(lambda: len(stack.kit.steps_of("sign-me")) == 2)
+    stack.client.cancel("cancel-me", reason="customer changed their mind")
+    stack.client.signal("sign-me", "approve", Approval(by="ops"))
+    with pytest.raises(WorkflowFailedError) as info:
+        cancelled.result(TripResult, timeout=20)
+    assert info.value.status == WorkflowStatus.CANCELLED.value
+    assert stack.kit.steps_of("cancel-me") == ["do", "do", "undo", "undo"]
+    assert waiting.result(TripResult, timeout=20).approved_by == "ops"
+
+
+def test_durable_sleep_survives_a_restart(stack: Stack) -> None:
+    handle = stack.client.start("trip", Trip(sleep_ms=3000), workflow_id="sleepy")
+    _wait_for(lambda: len(stack.kit.steps_of("sleepy")) == 2)
+    stack.stop_node()
+    time.sleep(1)
+    stack.start_node()
+    assert len(handle.result(TripResult, timeout=30).refs) == 3
+    fired = [e for e in stack.history("sleepy") if e.event.kind == "TimerFired"]
+    assert len(fired) == 1
+
+
+def test_deleting_the_state_rebuilds_the_same_state(stack: Stack) -> None:
+    for i in range(3):
+        stack.run(Trip(), f"rebuild-{i}")
+    with pytest.raises(WorkflowFailedError):
+        stack.run(Trip(fail_at=3), "rebuild-x")
+    sleeping = stack.client.start("trip", Trip(sleep_ms=60_000), workflow_id="rebuild-sleeps")
+    _wait_for(lambda: len(stack.kit.steps_of(sleeping.workflow_id)) == 2)
+    time.sleep(0.5)  # its TimerStarted is committed and stored
+    state_dir = Path(stack.settings.state_dir) / stack.settings.namespace
+    stack.stop_node()
+    before = _store_dump(stack, state_dir)
+    assert sum(len(v) - 1 for v in before.values()) == 5  # each list ends with the timers
+    shutil.rmtree(state_dir)
+    node = stack.start_node()
+    _wait_for(lambda: len(node.counters.restores) == stack.settings.partitions)
+    stack.stop_node()
+    assert _store_dump(stack, state_dir) == before
+    stack.start_node()
+
+
+def test_bad_records_go_to_the_dlq_and_the_saga_beside_them_completes(stack: Stack) -> None:
+    producer = Producer(producer_config(stack.settings.bootstrap_servers))
+    producer.produce(stack.settings.inbox, key=b"junk", value=b"\x00not avro at all")
+    stranger = ActivityReply(
+        workflow_id="nobody",
+        seq=1,
+        attempt=1,
+        idempotency_key="nobody/1",
+        outcome=ReplyOutcome.SUCCESS,
+        sent_at_ms=0,
+    )
+    producer.produce(stack.settings.inbox, key=b"nobody", value=codec.encode(stranger))
+    producer.flush(10)
+    assert len(stack.run(Trip(), "beside").refs) == 3
+    letters: list[DeadLetter] = []
+    deadline = time.monotonic() + 15
+    while len(letters) < 2 and time.monotonic() < deadline:
+        letters = stack.dead_letters()
+    reasons = sorted(letter.error_type for letter in letters)
+    assert reasons == ["BadMagic", "UnknownWorkflow"], [letter.reason for letter in letters]
+
+
+def _store_dump(stack: Stack, state_dir: Path) -> dict[int, list[object]]:
+    """Everything a partition store holds: summaries, every event, the timer index."""
+    from orchestrator._engine.store import PartitionStore
+
+    out: dict[int, list[object]] = {}
+    for p in range(stack.settings.partitions):
+        store = PartitionStore(state_dir / f"p{p}")
+        summaries = sorted(store.summaries(), key=lambda s: s.workflow_id)
+        out[p] = [
+            (summary, [e.model_dump() for e in store.events(summary.workflow_id)])
+            for summary in summaries
+        ]
+        out[p].append(list(store.timers()))
+        store.close()
+    return out
+
+
+def _wait_for(condition: object, timeout: float = 20.0) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
