@@ -1,0 +1,348 @@
+"""The Services SDK against a real broker: replies, failures, dedupe, dead letters."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from pydantic import BaseModel
+
+from contracts import codec
+from contracts.activity import ActivityContract
+from contracts.envelopes import (
+    ActivityCommand,
+    ActivityReply,
+    DeadLetter,
+    ReplyOutcome,
+    TraceContext,
+)
+from orchestrator import service as service_module
+from orchestrator.errors import BusinessError
+from orchestrator.kafka_config import consumer_config, producer_config
+from orchestrator.partitioner import partition_for
+from orchestrator.payloads import from_payload, to_payload
+from orchestrator.service import CommandInfo, Service, ServiceError, serving
+from orchestrator.settings import Settings
+from orchestrator.topics import ensure_service_topic, ensure_topics
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
+
+PARTITIONS = 2
+TRACE = TraceContext(
+    traceparent="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", tracestate="vendor=x"
+)
+
+
+class Reserve(BaseModel):
+    sku: str
+    qty: int
+
+
+class Reservation(BaseModel):
+    hold_id: str
+    qty: int
+
+
+class Other(BaseModel):
+    note: str
+
+
+@dataclass
+class Env:
+    """One namespace, one service name, and the means to talk to them like the orchestrator."""
+
+    settings: Settings
+    reserve: ActivityContract[Reserve, Reservation]
+    state_dir: Path
+    calls: list[tuple[Reserve, CommandInfo]] = field(default_factory=list)
+    _producer: Producer | None = None
+    _readers: dict[str, Consumer] = field(default_factory=dict)
+
+    def service(self, *, transactional: bool = True) -> Service:
+        service = Service(
+            self.reserve.service,
+            self.settings,
+            state_dir=self.state_dir,
+            transactional=transactional,
+        )
+
+        @service.handler(self.reserve)
+        def reserve(arg: Reserve, info: CommandInfo) -> Reservation:
+            self.calls.append((arg, info))
+            if arg.sku == "out-of-stock":
+                raise BusinessError("none left", error_type="OutOfStock")
+            if arg.sku == "flaky":
+                raise ConnectionError("warehouse unreachable")
+            return Reservation(hold_id=f"hold-{info.idempotency_key}", qty=arg.qty)
+
+        return service
+
+    def command(
+        self,
+        workflow_id: str,
+        arg: BaseModel,
+        *,
+        attempt: int = 1,
+        activity: str | None = None,
+    ) -> ActivityCommand:
+        return ActivityCommand(
+            workflow_id=workflow_id,
+            activity_name=activity or self.reserve.name,
+            seq=1,
+            attempt=attempt,
+            idempotency_key=f"{workflow_id}/1",
+            is_compensation=False,
+            input=to_payload(arg),
+            reply_topic=self.settings.inbox,
+            sent_at_ms=int(time.time() * 1000),
+            trace=TRACE,
+        )
+
+    def send(self, *commands: ActivityCommand | bytes) -> None:
+        if self._producer is None:
+            self._producer = Producer(producer_config(self.settings.bootstrap_servers))
+        for cmd in commands:
+            if isinstance(cmd, bytes):
+                self._producer.produce(self.reserve.topic, key=b"garbage", value=cmd)
+                continue
+            headers: list[tuple[str, str | bytes | None]] = [
+                ("traceparent", TRACE.traceparent),
+                ("tracestate", TRACE.tracestate),
+            ]
+            self._producer.produce(
+                self.reserve.topic,
+                key=cmd.workflow_id.encode(),
+                value=codec.encode(cmd),
+                headers=headers,
+            )
+        assert self._producer.flush(10) == 0
+
+    def read(self, topic: str, want: int, timeout: float = 15.0) -> list[Message]:
+        """The next ``want`` records of ``topic`` (read_committed), in the order they came."""
+        reader = self._readers.get(topic)
+        if reader is None:
+            reader = Consumer(consumer_config(self.settings.bootstrap_servers, f"{topic}.test"))
+            reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+            self._readers[topic] = reader
+        got: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < want and time.monotonic() < deadline:
+            for msg in reader.consume(num_messages=want - len(got), timeout=0.1):
+                assert msg.error() is None, msg.error()
+                got.append(msg)
+        return got
+
+    def replies(self, want: int, timeout: float = 15.0) -> dict[str, ActivityReply]:
+        msgs = self.read(self.settings.inbox, want, timeout)
+        assert len(msgs) == want, f"expected {want} replies, got {len(msgs)}"
+        replies = [codec.decode_as(m.value() or b"", ActivityReply) for m in msgs]
+        return {r.workflow_id: r for r in replies}
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+
+
+@pytest.fixture
+def env(kafka_bootstrap: str, namespace: str, tmp_path: Path) -> Iterator[Env]:
+    settings = Settings(
+        bootstrap_servers=kafka_bootstrap,
+        namespace=namespace,
+        partitions=PARTITIONS,
+        state_dir=tmp_path,
+        node_id="node-1",
+    )
+    reserve = ActivityContract("inventory.reserve", f"{namespace}-svc", Reserve, Reservation)
+    ensure_topics(kafka_bootstrap, namespace, PARTITIONS)
+    ensure_service_topic(kafka_bootstrap, reserve.topic, PARTITIONS)
+    env = Env(settings=settings, reserve=reserve, state_dir=tmp_path / "services")
+    yield env
+    env.close()
+
+
+def _headers(msg: Message) -> dict[str, bytes]:
+    headers = msg.headers() or []
+    assert isinstance(headers, list)
+    return {k: v for k, v in headers if isinstance(v, bytes)}
+
+
+@pytest.mark.parametrize("transactional", [True, False], ids=["transactional", "plain"])
+def test_success_reply_carries_the_typed_result_and_the_trace(
+    env: Env, transactional: bool
+) -> None:
+    env.send(env.command("wf-ok", Reserve(sku="abc", qty=2)))
+    with serving(env.service(transactional=transactional)):
+        (msg,) = env.read(env.settings.inbox, 1)
+
+    reply = codec.decode_as(msg.value() or b"", ActivityReply)
+    assert reply.outcome is ReplyOutcome.SUCCESS
+    assert reply.result is not None
+    assert from_payload(reply.result, Reservation) == Reservation(hold_id="hold-wf-ok/1", qty=2)
+    assert (reply.workflow_id, reply.seq, reply.attempt) == ("wf-ok", 1, 1)
+    assert reply.idempotency_key == "wf-ok/1"
+    assert reply.service == env.reserve.service
+    assert reply.error is None
+    assert reply.trace == TRACE
+    assert msg.key() == b"wf-ok"
+    assert msg.partition() == partition_for("wf-ok", PARTITIONS), "murmur2, like the inbox"
+    headers = _headers(msg)
+    assert headers["traceparent"] == TRACE.traceparent.encode()
+    assert headers["tracestate"] == b"vendor=x"
+
+    (arg, info) = env.calls[0]
+    assert arg == Reserve(sku="abc", qty=2)
+    assert info == CommandInfo(
+        workflow_id="wf-ok",
+        activity_name="inventory.reserve",
+        seq=1,
+        attempt=1,
+        idempotency_key="wf-ok/1",
+        is_compensation=False,
+        trace=TRACE,
+    )
+    # The consumed offset was committed (with the transaction, or after the flush).
+    committed = Consumer(
+        consumer_config(env.settings.bootstrap_servers, env.reserve.service)
+    ).committed([TopicPartition(env.reserve.topic, p) for p in range(PARTITIONS)], timeout=10)
+    assert sorted(tp.offset for tp in committed) == [-1001, 1]
+
+
+def test_failures_become_business_or_retryable_replies(env: Env) -> None:
+    env.send(
+        env.command("wf-business", Reserve(sku="out-of-stock", qty=1)),
+        env.command("wf-flaky", Reserve(sku="flaky", qty=1)),
+        env.command("wf-invalid", Other(note="not a Reserve")),
+    )
+    with serving(env.service()):
+        replies = env.replies(3)
+
+    business = replies["wf-business"]
+    assert business.outcome is ReplyOutcome.BUSINESS_FAILURE
+    assert business.error is not None and business.result is None
+    assert (business.error.type, business.error.message) == ("OutOfStock", "none left")
+
+    flaky = replies["wf-flaky"]
+    assert flaky.outcome is ReplyOutcome.RETRYABLE_FAILURE
+    assert flaky.error is not None
+    assert (flaky.error.type, flaky.error.message) == ("ConnectionError", "warehouse unreachable")
+    assert "ConnectionError" in (flaky.error.details or "")
+
+    invalid = replies["wf-invalid"]
+    assert invalid.outcome is ReplyOutcome.BUSINESS_FAILURE
+    assert invalid.error is not None and invalid.error.type == "InvalidInput"
+    skus = sorted(arg.sku for arg, _ in env.calls)
+    assert skus == ["flaky", "out-of-stock"], "the handler never sees input that does not validate"
+
+
+def test_a_duplicate_command_is_answered_from_the_dedupe_store(env: Env) -> None:
+    ok, flaky = Reserve(sku="abc", qty=5), Reserve(sku="flaky", qty=1)
+    with serving(env.service()):
+        env.send(env.command("wf-dup", ok), env.command("wf-retry", flaky))
+        first = env.replies(2)
+        env.send(env.command("wf-dup", ok, attempt=2), env.command("wf-retry", flaky, attempt=2))
+        second = env.replies(2)
+
+    assert [arg.sku for arg, _ in env.calls].count("abc") == 1, "the handler ran once"
+    again = second["wf-dup"]
+    assert again.outcome is ReplyOutcome.SUCCESS and again.attempt == 2
+    assert again.result == first["wf-dup"].result
+    assert again.trace == TRACE
+    # A retryable failure is not remembered: the next attempt runs the handler again.
+    assert [arg.sku for arg, _ in env.calls].count("flaky") == 2
+    assert second["wf-retry"].attempt == 2
+
+    # The store outlives the process: a new incarnation still answers without the handler.
+    with serving(env.service()):
+        env.send(env.command("wf-dup", ok, attempt=3))
+        third = env.replies(1)["wf-dup"]
+    assert third.attempt == 3 and third.result == first["wf-dup"].result
+    assert [arg.sku for arg, _ in env.calls].count("abc") == 1
+
+
+def test_undecodable_and_unhandled_commands_go_to_the_dlq(env: Env) -> None:
+    env.send(
+        b"\x00not an avro record",
+        env.command("wf-unknown", Reserve(sku="abc", qty=1), activity="inventory.nothing"),
+        env.command("wf-lost", Reserve(sku="abc", qty=1)).model_copy(
+            update={"reply_topic": f"{env.settings.namespace}.nowhere"}
+        ),
+        env.command("wf-after", Reserve(sku="abc", qty=1)),
+    )
+    with serving(env.service()):
+        after = env.replies(1)["wf-after"]
+        letters = env.read(env.settings.dlq, 3)
+
+    assert after.outcome is ReplyOutcome.SUCCESS, "the service went on after the bad records"
+    by_type: dict[str, tuple[Message, DeadLetter]] = {}
+    for msg in letters:
+        letter = codec.decode_as(msg.value() or b"", DeadLetter)
+        by_type[letter.error_type] = (msg, letter)
+    assert set(by_type) == {"BadMagic", "UnknownActivity", "UnknownReplyTopic"}
+
+    msg, garbage = by_type["BadMagic"]
+    assert msg.key() == b"garbage"
+    assert garbage.value == b"\x00not an avro record" and garbage.key == b"garbage"
+    assert garbage.source_topic == env.reserve.topic and garbage.source_offset == 0
+    assert "single-object marker" in garbage.reason
+
+    msg, unknown = by_type["UnknownActivity"]
+    assert "inventory.nothing" in unknown.reason
+    assert isinstance(codec.decode(unknown.value or b""), ActivityCommand)
+    _, lost = by_type["UnknownReplyTopic"]
+    assert f"{env.settings.namespace}.nowhere" in lost.reason
+    assert env.read(env.settings.inbox, 1, timeout=1.0) == [], "no reply for a dead letter"
+    assert [arg.sku for arg, _ in env.calls] == ["abc"], "only the good command ran"
+
+
+def test_handlers_are_registered_once_per_activity(env: Env) -> None:
+    service = env.service()
+    with pytest.raises(ValueError, match="already has a handler"):
+        service.handler(env.reserve)(lambda arg, info: Reservation(hold_id="x", qty=1))
+    service.close()
+
+
+def _fail_commits(monkeypatch: pytest.MonkeyPatch, *failures: KafkaError) -> None:
+    """Make the service's producer fail its next commits with ``failures`` (then commit)."""
+    pending = list(failures)
+
+    class FailingCommits(Producer):
+        def commit_transaction(self, timeout: float = -1) -> None:
+            if pending:
+                raise KafkaException(pending.pop(0))
+            super().commit_transaction(timeout)
+
+    monkeypatch.setattr(service_module, "Producer", FailingCommits)
+
+
+def test_an_aborted_transaction_is_redone(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fail_commits(monkeypatch, KafkaError(KafkaError._STATE, "injected", txn_requires_abort=True))
+    env.send(env.command("wf-redo", Reserve(sku="abc", qty=1)))
+    with serving(env.service()):
+        replies = env.replies(1)
+        assert env.read(env.settings.inbox, 1, timeout=0.5) == [], "the aborted reply is unseen"
+
+    assert replies["wf-redo"].outcome is ReplyOutcome.SUCCESS
+    assert len(env.calls) == 2, "the batch was read again and redone (at-least-once)"
+
+
+def test_a_fatal_commit_error_stops_the_service(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fail_commits(monkeypatch, KafkaError(KafkaError._FENCED, "injected", fatal=True))
+    env.send(env.command("wf-fenced", Reserve(sku="abc", qty=1)))
+    with pytest.raises(ServiceError, match="commit_transaction failed"), serving(env.service()):
+        deadline = time.monotonic() + 15
+        while not env.calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(env.calls) == 1
+    assert env.read(env.settings.inbox, 1, timeout=0.5) == [], "nothing was committed"
