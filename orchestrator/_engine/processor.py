@@ -109,8 +109,12 @@ class Processor:
         self._known_topics: dict[str, float] = {}
         self._history_offsets: dict[int, int] = {}
         self._last_retention = 0.0
+        # Static membership: a node that restarts with the same node id takes its partitions
+        # back at once instead of waiting for a rebalance.
+        consumer_extra = {"group.instance.id": f"{self._group}.{settings.node_id}"}
+        consumer_extra.update(settings.client_extra())
         self._consumer = Consumer(
-            consumer_config(settings.bootstrap_servers, self._group, extra=settings.client_extra())
+            consumer_config(settings.bootstrap_servers, self._group, extra=consumer_extra)
         )
         self._producer = self._new_producer()
         self.on_commit: Callable[[Batch], None] | None = None  # a hook for tests

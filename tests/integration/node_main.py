@@ -1,0 +1,26 @@
+"""Run an orchestrator node for the kit's saga in its own process (for tests that kill it).
+
+python -m tests.integration.node_main PREFIX NAMESPACE STATE_DIR NODE_ID BOOTSTRAP
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from orchestrator.node import OrchestratorNode
+
+from .kit import build, settings_for
+
+
+def main() -> None:
+    prefix, namespace, state_dir, node_id, bootstrap = sys.argv[1:6]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    kit = build(prefix)
+    settings = settings_for(bootstrap, namespace, Path(state_dir), node_id)
+    OrchestratorNode(settings, kit.registry).run()
+
+
+if __name__ == "__main__":
+    main()
