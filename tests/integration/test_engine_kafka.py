@@ -80,6 +80,28 @@ class Stack:
     def history(self, workflow_id: str) -> list[HistoryEvent]:
         return self._read(self.settings.history, HistoryEvent, workflow_id + "/")
 
+    def tombstones(self, workflow_id: str) -> list[str]:
+        reader = Consumer(
+            consumer_config(
+                self.settings.bootstrap_servers,
+                f"tombstones.{time.monotonic_ns()}",
+                extra={"enable.partition.eof": True},
+            )
+        )
+        reader.subscribe([self.settings.history])
+        keys: list[str] = []
+        eofs: set[int] = set()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(eofs) < self.settings.partitions:
+            for msg in reader.consume(500, 0.2):
+                key = (msg.key() or b"").decode()
+                if msg.error() is not None:
+                    eofs.add(msg.partition() or 0)
+                elif msg.value() is None and key.startswith(workflow_id + "/"):
+                    keys.append(key)
+        reader.close()
+        return keys
+
     def dead_letters(self) -> list[DeadLetter]:
         return self._read(self.settings.dlq, DeadLetter, "")
 
@@ -108,9 +130,17 @@ class Stack:
 
 
 @pytest.fixture
-def stack(kafka_bootstrap: str, namespace: str, tmp_path: Path) -> Iterator[Stack]:
+def stack_settings(
+    kafka_bootstrap: str, namespace: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Settings:
+    extra = getattr(request, "param", {})
+    return settings_for(kafka_bootstrap, namespace, tmp_path / "state", **extra)
+
+
+@pytest.fixture
+def stack(stack_settings: Settings, namespace: str) -> Iterator[Stack]:
     kit = build(namespace)
-    settings = settings_for(kafka_bootstrap, namespace, tmp_path / "state")
+    settings = stack_settings
     create_topics(kit, settings)
     s = Stack(kit, settings)
     s.start_services()
@@ -257,3 +287,21 @@ def _wait_for(condition: object, timeout: float = 20.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError("timed out waiting")
+
+
+@pytest.mark.parametrize(
+    "stack_settings",
+    [pytest.param({"retention_ms": 500}, id="retention-500ms")],
+    indirect=True,
+)
+def test_finished_workflows_are_tombstoned_after_their_retention(stack: Stack) -> None:
+    stack.run(Trip(), "short-lived")
+    events = len(stack.history("short-lived"))
+    assert events >= 7
+    tombstones: list[str] = []
+    deadline = time.monotonic() + 30
+    while len(tombstones) < events and time.monotonic() < deadline:
+        tombstones = stack.tombstones("short-lived")
+    assert sorted(tombstones) == sorted(f"short-lived/{n}" for n in range(1, events + 1))
+    with pytest.raises(Exception, match="short-lived"):
+        stack.client.describe("short-lived", timeout=5)
