@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from contracts.envelopes import (
     ActivityAttemptStarted,
@@ -18,6 +20,7 @@ from contracts.envelopes import (
     WorkflowStatus,
 )
 from orchestrator._engine.instance import WorkflowRun
+from orchestrator._engine.state import fold
 from orchestrator.errors import NonDeterminismError
 from orchestrator.payloads import from_payload, to_payload
 from orchestrator.workflow import WorkflowRegistry
@@ -84,10 +87,11 @@ def _drive(
                 if reply is not None:
                     new.extend(run.on_reply(reply, now))
         if not new:
-            now += 60_000
-            new = run.on_timers(now)
-            if not new:
+            due = run.state.next_due_ms()
+            if due is None:
                 break
+            now = max(now, due)
+            new = run.on_timers(now)
         history.extend(new)
         inbox = new
     return history
@@ -225,3 +229,65 @@ def test_signal_resumes_a_waiting_workflow_and_duplicates_are_ignored() -> None:
     assert statuses == [WorkflowStatus.RUNNING, WorkflowStatus.COMPLETED]
     assert run.state.result is not None
     assert from_payload(run.state.result, Done).n == 42
+
+
+def test_a_compensation_that_gives_up_parks_the_workflow() -> None:
+    def refuse_c_and_undo_a(act: ActivityScheduled, attempt: int) -> ActivityReply:
+        if act.activity_name == "c.do":
+            return _reply(act, attempt, ReplyOutcome.BUSINESS_FAILURE, "Declined")
+        if act.activity_name == "a.undo":
+            return _reply(act, attempt, ReplyOutcome.RETRYABLE_FAILURE, "Down")
+        return ok(act, attempt)
+
+    run, events = _start("wf", Trip())
+    history = _drive(run, events, refuse_c_and_undo_a)
+    assert run.state.status is WorkflowStatus.PARKED
+    assert run.state.error is not None and "compensation gave up" in run.state.error.message
+    # b was undone, a was tried until its policy gave up (20 attempts by default)
+    assert _names(history)[-2:] == ["undo:b.undo", "undo:a.undo"]
+    assert run.state.activities[5].attempt == 20
+
+
+def test_non_determinism_names_the_workflow_the_event_and_the_code_line() -> None:
+    run, events = _start("wf", Trip())
+    history = _drive(run, events, ok)
+    renamed = [
+        e.model_copy(update={"event": e.event.model_copy(update={"activity_name": "x.do"})})
+        if isinstance(e.event, ActivityScheduled) and e.event.seq == 2
+        else e
+        for e in history
+    ]
+    with pytest.raises(NonDeterminismError) as info:
+        WorkflowRun.replay("wf", renamed, REGISTRY)
+    message = str(info.value)
+    assert "workflow wf (three-steps)" in message
+    assert "activity x.do #2" in message and "activity b.do #2" in message
+    assert "sagas.py:" in message  # the line of workflow code that asked
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    outcomes=st.lists(
+        st.sampled_from(["ok", "retry", "business", "silent"]), min_size=1, max_size=30
+    ),
+    sleep_ms=st.integers(min_value=0, max_value=5_000),
+)
+def test_replaying_any_history_rebuilds_the_live_state(outcomes: list[str], sleep_ms: int) -> None:
+    script = iter(outcomes)
+
+    def scripted(act: ActivityScheduled, attempt: int) -> ActivityReply | None:
+        choice = next(script, "ok")
+        if choice == "silent":
+            return None
+        if choice == "retry":
+            return _reply(act, attempt, ReplyOutcome.RETRYABLE_FAILURE)
+        if choice == "business":
+            return _reply(act, attempt, ReplyOutcome.BUSINESS_FAILURE, "No")
+        return ok(act, attempt)
+
+    run, events = _start("wf", Trip(sleep_ms=sleep_ms))
+    history = _drive(run, events, scripted)
+    assert [e.event_seq for e in history] == list(range(1, len(history) + 1))
+    replayed = WorkflowRun.replay("wf", history, REGISTRY)
+    assert replayed.state == run.state
+    assert fold("wf", history) == run.state
