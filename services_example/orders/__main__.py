@@ -1,0 +1,57 @@
+"""``python -m services_example.orders``: the orders HTTP API (see ``api.py``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from orchestrator.client import Client
+from services_example.orders.api import OrdersApi, serve
+from services_example.runtime import ServiceStore, load_settings, read_snapshot, service_dir
+
+
+@click.command()
+@click.option(
+    "--host", envvar="ORDERS_HTTP_HOST", default="127.0.0.1", show_default=True,
+    help="interface of the HTTP API [env: ORDERS_HTTP_HOST]",
+)  # fmt: skip
+@click.option(
+    "--port", envvar="ORDERS_HTTP_PORT", type=click.IntRange(0, 65535), default=8080,
+    show_default=True, help="port of the HTTP API [env: ORDERS_HTTP_PORT]",
+)  # fmt: skip
+@click.option("--dump", is_flag=True, help="print the orders placed so far as JSON and exit")
+def main(host: str, port: int, dump: bool) -> None:
+    """The orders service: an HTTP API to place orders and follow their sagas."""
+    settings = load_settings()
+    if dump:
+        snap = read_snapshot(Path(settings.state_dir), "orders")
+        if snap is None:
+            raise click.ClickException("no snapshot yet (has the orders service run?)")
+        click.echo(json.dumps(snap, indent=2, sort_keys=True))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s orders %(levelname)s %(message)s")
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    store = ServiceStore(service_dir(settings, "orders"), "orders", {"orders": {}})
+    with Client(settings) as client:
+        try:
+            serve(OrdersApi(client, store), host, port, stop)
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
+        finally:
+            store.close()
+
+
+if __name__ == "__main__":
+    main()
