@@ -11,6 +11,8 @@
 | max_batch              | SAGA_MAX_BATCH              | 1000                     |
 | retention_ms           | SAGA_RETENTION_MS           | 7 days                   |
 | kafka (extra config)   | SAGA_KAFKA__<dotted key>    | none                     |
+| metrics_port           | SAGA_METRICS_PORT           | 0 (no metrics endpoint)  |
+| traces_file            | SAGA_TRACES_FILE            | none (JSON-lines spans)  |
 
 ``docs/configuration.md`` explains each one.
 """
@@ -49,6 +51,12 @@ class Settings(BaseSettings):
     commit_interval_ms: int = Field(default=20, ge=1, le=60_000)
     max_batch: int = Field(default=1000, ge=1, le=100_000)
     retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=0)
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Prometheus /metrics port; 0 = no endpoint"
+    )
+    traces_file: Path | None = Field(
+        default=None, description="also write spans to this JSON-lines file (see tracing.setup)"
+    )
     sasl_password: SecretStr | None = Field(default=None, description="for SASL clusters")
     kafka: dict[str, str] = Field(
         default_factory=dict, description="extra librdkafka settings for every client"
