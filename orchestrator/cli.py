@@ -1,0 +1,470 @@
+"""The ``orchestrator`` command: topics, running a node, and talking to workflows.
+
+    orchestrator [--bootstrap HOST:PORT] [--namespace NS] [--partitions N] COMMAND ...
+
+Settings come from the environment (see ``orchestrator.settings``); the global flags override it.
+Exit codes: 0 success, 1 failure (a workflow that did not complete, a missing workflow, topics
+that do not match, Kafka errors), 2 wrong usage or settings, 3 timeout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from pydantic import ValidationError
+
+from orchestrator.client import Client, ClientError, WorkflowDescription
+from orchestrator.errors import UnknownWorkflow, WorkflowFailedError, WorkflowIdConflict
+from orchestrator.payloads import PayloadError
+from orchestrator.settings import Settings
+from orchestrator.topics import (
+    TopicError,
+    TopicMismatch,
+    TopicReport,
+    ensure_topics,
+    verify_topics,
+)
+from orchestrator.workflow import WorkflowRegistry
+
+__all__ = ["EXIT_FAILURE", "EXIT_TIMEOUT", "EXIT_USAGE", "main"]
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+
+# Settings field -> how a user sets it (the flag, then the environment variable).
+_SOURCES = {
+    "bootstrap_servers": "--bootstrap or KAFKA_BOOTSTRAP_SERVERS",
+    "KAFKA_BOOTSTRAP_SERVERS": "--bootstrap or KAFKA_BOOTSTRAP_SERVERS",
+    "SAGA_BOOTSTRAP_SERVERS": "--bootstrap or SAGA_BOOTSTRAP_SERVERS",
+    "namespace": "--namespace or SAGA_NAMESPACE",
+    "partitions": "--partitions or SAGA_PARTITIONS",
+    "state_dir": "--state-dir or SAGA_STATE_DIR",
+    "node_id": "--node-id or SAGA_NODE_ID",
+}
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _settings(ctx: click.Context) -> Settings:
+    """The settings of this invocation: environment, overridden by the global flags."""
+    obj: dict[str, Any] = ctx.ensure_object(dict)
+    cached = obj.get("settings")
+    if isinstance(cached, Settings):
+        return cached
+    overrides = {k: v for k, v in obj.get("overrides", {}).items() if v is not None}
+    if "bootstrap_servers" in overrides:
+        # The field is read through its environment aliases, so it is passed by alias.
+        overrides["KAFKA_BOOTSTRAP_SERVERS"] = overrides.pop("bootstrap_servers")
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise click.UsageError(_explain(exc), ctx=ctx) from None
+    obj["settings"] = settings
+    return settings
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "settings"
+        source = _SOURCES.get(field, f"SAGA_{field.upper()}")
+        message = str(error["msg"]).removeprefix("Value error, ")
+        name = "bootstrap_servers" if "BOOTSTRAP" in field else field
+        lines.append(f"invalid setting {name} ({source}): {message}")
+    return "\n".join(lines)
+
+
+@contextmanager
+def _client(ctx: click.Context) -> Iterator[Client]:
+    """A client for the command, with the client's errors turned into exit codes."""
+    settings = _settings(ctx)
+    try:
+        with Client(settings) as client:
+            yield client
+    except TimeoutError as exc:
+        click.echo(f"timeout: {exc}", err=True)
+        ctx.exit(EXIT_TIMEOUT)
+    except WorkflowFailedError as exc:
+        click.echo(str(exc), err=True)
+        ctx.exit(EXIT_FAILURE)
+    except WorkflowIdConflict as exc:
+        click.echo(f"rejected: {exc}", err=True)
+        ctx.exit(EXIT_FAILURE)
+    except UnknownWorkflow as exc:
+        raise click.ClickException(str(exc)) from None
+    except (ClientError, PayloadError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+# --------------------------------------------------------------------------- JSON arguments
+
+
+def _json_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """Parse a JSON value given inline, or ``@path`` to read it from a file (``@-``: stdin)."""
+    if value is None:
+        return None
+    text = value
+    if value.startswith("@"):
+        source = value[1:]
+        try:
+            text = sys.stdin.read() if source == "-" else Path(source).read_text("utf-8")
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {source}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise click.BadParameter(f"{shown!r} is not valid JSON: {exc}") from None
+
+
+# --------------------------------------------------------------------------- the group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bootstrap", help="Kafka bootstrap servers [env: KAFKA_BOOTSTRAP_SERVERS]")
+@click.option("--namespace", help="topic prefix of the orchestrator [env: SAGA_NAMESPACE]")
+@click.option("--partitions", type=int, help="partitions of inbox/history [env: SAGA_PARTITIONS]")
+@click.option(
+    "--state-dir", type=click.Path(path_type=Path), help="local state [env: SAGA_STATE_DIR]"
+)
+@click.option("--node-id", help="stable id of this node [env: SAGA_NODE_ID]")
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="logging level (default: INFO for run, WARNING otherwise)",
+)
+@click.pass_context
+def main(
+    ctx: click.Context,
+    bootstrap: str | None,
+    namespace: str | None,
+    partitions: int | None,
+    state_dir: Path | None,
+    node_id: str | None,
+    log_level: str | None,
+) -> None:
+    """Durable sagas on Kafka: manage topics, run a node, start and inspect workflows."""
+    obj: dict[str, Any] = ctx.ensure_object(dict)
+    obj["overrides"] = {
+        "bootstrap_servers": bootstrap,
+        "namespace": namespace,
+        "partitions": partitions,
+        "state_dir": state_dir,
+        "node_id": node_id,
+    }
+    obj["log_level"] = log_level.upper() if log_level else None
+    if ctx.invoked_subcommand != "run":
+        _logging(obj["log_level"] or "WARNING")
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command("config")
+@click.pass_context
+def config_cmd(ctx: click.Context) -> None:
+    """Print the effective settings (secrets masked) as JSON."""
+    settings = _settings(ctx)
+    click.echo(json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=True))
+
+
+# --------------------------------------------------------------------------- topics
+
+
+@main.group()
+def topics() -> None:
+    """Create or check the topics of the namespace."""
+
+
+def _print_report(report: TopicReport) -> None:
+    for name in report.verified:
+        click.echo(f"{'created' if name in report.created else 'ok':8} {name}")
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+def _topic_failure(ctx: click.Context, exc: TopicError) -> NoReturn:
+    if isinstance(exc, TopicMismatch):
+        click.echo(f"{len(exc.problems)} problem(s) with the topics:", err=True)
+        for problem in exc.problems:
+            click.echo(f"  - {problem}", err=True)
+        ctx.exit(EXIT_FAILURE)
+    raise click.ClickException(str(exc))
+
+
+_replication = click.option(
+    "--replication-factor", type=click.IntRange(min=1), default=1, show_default=True
+)
+_topic_timeout = click.option("--timeout", type=float, default=30.0, show_default=True)
+
+
+@topics.command("create")
+@_replication
+@_topic_timeout
+@click.pass_context
+def topics_create(ctx: click.Context, replication_factor: int, timeout: float) -> None:
+    """Create the missing topics of the namespace and check the existing ones."""
+    s = _settings(ctx)
+    try:
+        report = ensure_topics(
+            s.bootstrap_servers,
+            s.namespace,
+            s.partitions,
+            replication_factor,
+            client_config=s.client_extra(),
+            timeout_s=timeout,
+        )
+    except TopicError as exc:
+        _topic_failure(ctx, exc)
+    _print_report(report)
+    click.echo(f"topics of namespace {s.namespace} are ready ({s.partitions} partitions)")
+
+
+@topics.command("verify")
+@_replication
+@_topic_timeout
+@click.pass_context
+def topics_verify(ctx: click.Context, replication_factor: int, timeout: float) -> None:
+    """Check the topics of the namespace; exit 1 listing every mismatch."""
+    s = _settings(ctx)
+    try:
+        report = verify_topics(
+            s.bootstrap_servers,
+            s.namespace,
+            s.partitions,
+            replication_factor,
+            client_config=s.client_extra(),
+            timeout_s=timeout,
+        )
+    except TopicError as exc:
+        _topic_failure(ctx, exc)
+    _print_report(report)
+    click.echo(f"topics of namespace {s.namespace} are as required ({s.partitions} partitions)")
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _import_workflows(names: tuple[str, ...]) -> WorkflowRegistry:
+    # Like `python -m`, find modules in the current directory too.
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    registry = WorkflowRegistry()
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+                raise click.BadParameter(
+                    f"no module named {name!r} (give an importable module, e.g. "
+                    "myapp.workflows, run from the directory that holds it)",
+                    param_hint="'--workflows'",
+                ) from None
+            raise click.ClickException(f"importing {name} failed: {exc}") from None
+        except Exception as exc:
+            raise click.ClickException(
+                f"importing {name} failed: {type(exc).__name__}: {exc}"
+            ) from None
+        try:
+            found = WorkflowRegistry.from_module(module)
+            for workflow_type in found.names():
+                definition = found.get(workflow_type)
+                if definition is not None:
+                    registry.add(definition.cls)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--workflows'") from None
+    return registry
+
+
+@main.command()
+@click.option(
+    "--workflows",
+    "modules",
+    multiple=True,
+    required=True,
+    metavar="MODULE",
+    help="module defining @workflow.defn classes (repeatable)",
+)
+@click.pass_context
+def run(ctx: click.Context, modules: tuple[str, ...]) -> None:
+    """Run an orchestrator node until SIGTERM / SIGINT."""
+    settings = _settings(ctx)
+    registry = _import_workflows(modules)
+    _logging(ctx.ensure_object(dict).get("log_level") or "INFO")
+    try:
+        from orchestrator.node import OrchestratorNode
+    except ImportError as exc:
+        raise click.ClickException(f"the orchestrator node is not available: {exc}") from None
+    click.echo(
+        f"node {settings.node_id}: running {', '.join(registry.names())} on "
+        f"{settings.bootstrap_servers} (namespace {settings.namespace})",
+        err=True,
+    )
+    OrchestratorNode(settings, registry).run()
+
+
+# --------------------------------------------------------------------------- workflows
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
+
+
+@main.command()
+@click.argument("workflow_type", metavar="TYPE")
+@click.option(
+    "--input",
+    "input_",
+    metavar="JSON",
+    callback=_json_option,
+    help="the input, as JSON (or @file); default: no input (null)",
+)
+@click.option("--id", "workflow_id", help="the workflow id (default: a new UUID)")
+@click.option("--wait", is_flag=True, help="wait for the result and print it")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="with --wait")
+@click.pass_context
+def start(
+    ctx: click.Context,
+    workflow_type: str,
+    input_: Any,
+    workflow_id: str | None,
+    wait: bool,
+    timeout: float,
+) -> None:
+    """Start a workflow of type TYPE; print its id (or, with --wait, its result)."""
+    if workflow_id == "":
+        raise click.BadParameter("must not be empty", param_hint="'--id'")
+    with _client(ctx) as client:
+        handle = client.start(workflow_type, input_, workflow_id=workflow_id)
+        if not wait:
+            click.echo(handle.workflow_id)
+            return
+        click.echo(
+            f"started {workflow_type} as {handle.workflow_id} (request {handle.request_id})",
+            err=True,
+        )
+        click.echo(_dump(handle.result(timeout=timeout)))
+
+
+@main.command()
+@click.argument("workflow_id", metavar="ID")
+@click.argument("name")
+@click.option(
+    "--payload",
+    metavar="JSON",
+    callback=_json_option,
+    help="the signal's payload, as JSON (or @file); default: null",
+)
+@click.pass_context
+def signal(ctx: click.Context, workflow_id: str, name: str, payload: Any) -> None:
+    """Send signal NAME to workflow ID."""
+    with _client(ctx) as client:
+        request_id = client.signal(workflow_id, name, payload)
+    click.echo(f"sent signal {name} to {workflow_id} (request {request_id})")
+
+
+@main.command()
+@click.argument("workflow_id", metavar="ID")
+@click.option("--reason", default="", help="recorded in the workflow's history")
+@click.pass_context
+def cancel(ctx: click.Context, workflow_id: str, reason: str) -> None:
+    """Ask the orchestrator to cancel workflow ID (its compensations run)."""
+    with _client(ctx) as client:
+        request_id = client.cancel(workflow_id, reason)
+    click.echo(f"asked to cancel {workflow_id} (request {request_id})")
+
+
+@main.command()
+@click.argument("workflow_id", metavar="ID")
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+@click.pass_context
+def result(ctx: click.Context, workflow_id: str, timeout: float) -> None:
+    """Wait for the result of workflow ID and print it as JSON."""
+    with _client(ctx) as client:
+        value = client.result(workflow_id, timeout=timeout)
+    click.echo(_dump(value))
+
+
+@main.command()
+@click.argument("workflow_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.pass_context
+def describe(ctx: click.Context, workflow_id: str, as_json: bool, timeout: float) -> None:
+    """Show the status, current step and timeline of workflow ID (reads its history)."""
+    with _client(ctx) as client:
+        description = client.describe(workflow_id, timeout=timeout)
+    if as_json:
+        click.echo(_dump(description.to_dict()))
+    else:
+        click.echo(render_description(description))
+
+
+def _relative(seconds: float) -> str:
+    sign = "-" if seconds < 0 else "+"
+    seconds = abs(seconds)
+    if seconds < 60:
+        return f"{sign}{seconds:.3f}s"
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{sign}{days}d{hours:02d}h{minutes:02d}m{secs:02.0f}s"
+    if hours:
+        return f"{sign}{hours}h{minutes:02d}m{secs:06.3f}s"
+    return f"{sign}{minutes}m{secs:06.3f}s"
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.isoformat(timespec="milliseconds") if moment else "-"
+
+
+def render_description(d: WorkflowDescription) -> str:
+    """The human-readable form of ``orchestrator describe``."""
+    data = d.to_dict()
+    rows = [
+        ("workflow", d.workflow_id),
+        ("type", d.workflow_type or "?"),
+        ("status", d.status.value if d.status else "unknown (start event missing)"),
+        ("step", d.current_step),
+        ("started", _when(d.started_at)),
+        ("finished", _when(d.finished_at)),
+        ("input", json.dumps(data["input"], ensure_ascii=False)),
+    ]
+    if d.result is not None:
+        rows.append(("result", json.dumps(data["result"], ensure_ascii=False)))
+    if d.error is not None:
+        rows.append(("error", f"{d.error.type}: {d.error.message}"))
+    if d.cancel_requested:
+        rows.append(("cancel", "requested"))
+    if not d.complete:
+        rows.append(("warning", "the history has gaps; the state is folded up to the first gap"))
+    lines = [f"{label:9} {value}" for label, value in rows]
+    lines.append("")
+    lines.append(f"events ({len(d.events)}):")
+    origin = d.started_at or (d.events[0].time if d.events else None)
+    kind_width = max((len(e.kind) for e in d.events), default=0)
+    for event in d.events:
+        offset = (event.time - origin).total_seconds() if origin else 0.0
+        lines.append(
+            f"  {_relative(offset):>10}  #{event.seq:<4} {event.kind:{kind_width}}  {event.summary}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

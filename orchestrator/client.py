@@ -1,0 +1,816 @@
+"""Start, signal and cancel workflows, wait for their results, and describe them.
+
+    from orchestrator.client import Client
+    from orchestrator.settings import Settings
+
+    with Client(Settings(namespace="shop")) as client:
+        handle = client.start("place-order", Order(sku="A-1", qty=2), workflow_id="order-42")
+        receipt = handle.result(Receipt, timeout=60)
+
+What goes over the wire (see ``docs/client.md``):
+
+* ``start``/``signal``/``cancel`` produce a ``StartWorkflow``/``SignalWorkflow``/``CancelWorkflow``
+  to ``<ns>.inbox``, keyed by the workflow id (murmur2, so the record lands on the workflow's
+  partition), with an idempotent producer, and return once the broker has acknowledged it.
+* ``result`` reads the workflow's partition of ``<ns>.results`` from the beginning
+  (``read_committed``, assigned, never committing offsets) until the workflow's result shows up.
+* ``describe`` reads the workflow's partition of ``<ns>.history`` up to its end and folds the
+  workflow's events. It scans a whole partition: fine for operators and tests, not a hot path.
+
+confluent-kafka stays private to this module; callers deal in envelopes, payloads and our errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar, overload
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from pydantic import BaseModel
+
+from contracts.codec import CodecError, decode_as, encode
+from contracts.envelopes import (
+    ActivityAttemptFailed,
+    ActivityAttemptStarted,
+    ActivityCompleted,
+    ActivityFailed,
+    ActivityScheduled,
+    CancelRequested,
+    CancelWorkflow,
+    ErrorInfo,
+    HistoryEvent,
+    LateReplyIgnored,
+    Payload,
+    SignalReceived,
+    SignalWorkflow,
+    StartWorkflow,
+    TimerFired,
+    TimerStarted,
+    TraceContext,
+    WorkflowCompleted,
+    WorkflowFailed,
+    WorkflowResult,
+    WorkflowStarted,
+    WorkflowStatus,
+)
+from orchestrator._engine.state import fold
+from orchestrator.errors import UnknownWorkflow, WorkflowFailedError, WorkflowIdConflict
+from orchestrator.kafka_config import consumer_config, producer_config
+from orchestrator.partitioner import partition_for
+from orchestrator.payloads import JSON, NULL, from_payload, to_payload
+from orchestrator.settings import Settings
+
+__all__ = [
+    "Client",
+    "ClientError",
+    "DeliveryFailed",
+    "EventSummary",
+    "WorkflowDescription",
+    "WorkflowHandle",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CONFLICT = "WorkflowIdConflict"
+"""``ErrorInfo.type`` of the result the orchestrator writes when it rejects a start."""
+
+_SUMMARY_MAX = 160
+# Errors of a partition whose leadership is still settling (e.g. a topic created a moment ago).
+_TRANSIENT = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+    }
+)
+_PREVIEW_MAX = 60
+
+
+class ClientError(Exception):
+    """Kafka could not be reached, a topic is missing, or a request could not be made."""
+
+
+class DeliveryFailed(ClientError):
+    """The broker did not acknowledge a start, signal or cancel.
+
+    The record may still have been written (a lost acknowledgement): sending the same start again,
+    with the same workflow id and input, is safe, since the orchestrator ignores a duplicate start.
+    """
+
+
+# --------------------------------------------------------------------------- handle
+
+
+@dataclass(frozen=True)
+class WorkflowHandle:
+    """A workflow started (or looked up) through a :class:`Client`.
+
+    ``request_id`` is the id of the start that made this handle (``None`` for
+    :meth:`Client.get_handle`); ``result`` uses it to tell this start's rejection
+    (``WorkflowIdConflict``) from another client's.
+    """
+
+    client: Client = field(repr=False)
+    workflow_id: str
+    request_id: str | None = None
+    workflow_type: str | None = None
+
+    @overload
+    def result(self, output_type: type[T], timeout: float = 30.0) -> T: ...
+    @overload
+    def result(self, output_type: Any = ..., timeout: float = 30.0) -> Any: ...
+    def result(self, output_type: Any = Any, timeout: float = 30.0) -> Any:
+        """Wait for the workflow's result; see :meth:`Client.result`."""
+        return self.client.result(
+            self.workflow_id, output_type, timeout=timeout, request_id=self.request_id
+        )
+
+    def signal(self, name: str, payload: object = None) -> str:
+        return self.client.signal(self.workflow_id, name, payload)
+
+    def cancel(self, reason: str = "") -> str:
+        return self.client.cancel(self.workflow_id, reason)
+
+    def describe(self, *, timeout: float = 10.0) -> WorkflowDescription:
+        return self.client.describe(self.workflow_id, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- describe
+
+
+class EventSummary(tuple[int, datetime, str, str]):
+    """One history event in a few words: ``(seq, time, kind, summary)``."""
+
+    __slots__ = ()
+
+    def __new__(cls, seq: int, time: datetime, kind: str, summary: str) -> EventSummary:
+        return super().__new__(cls, (seq, time, kind, summary))
+
+    @property
+    def seq(self) -> int:
+        return self[0]
+
+    @property
+    def time(self) -> datetime:
+        return self[1]
+
+    @property
+    def kind(self) -> str:
+        return self[2]
+
+    @property
+    def summary(self) -> str:
+        return self[3]
+
+
+@dataclass(frozen=True)
+class WorkflowDescription:
+    """What the history of one workflow says, as :meth:`Client.describe` found it.
+
+    ``status`` is ``None`` only if the events found do not include the start (which a complete
+    history always does). ``events`` lists every event found, in sequence order; ``complete`` is
+    false when their sequence numbers have a gap (the state is then folded up to the gap).
+    """
+
+    workflow_id: str
+    workflow_type: str
+    status: WorkflowStatus | None
+    current_step: str
+    started_at: datetime | None
+    finished_at: datetime | None
+    input: Payload | None
+    result: Payload | None
+    error: ErrorInfo | None
+    request_id: str
+    cancel_requested: bool
+    events: tuple[EventSummary, ...]
+    complete: bool = True
+
+    @property
+    def finished(self) -> bool:
+        return self.status is not None and self.status is not WorkflowStatus.RUNNING
+
+    @overload
+    def output(self, output_type: type[T]) -> T: ...
+    @overload
+    def output(self, output_type: Any = ...) -> Any: ...
+    def output(self, output_type: Any = Any) -> Any:
+        """The workflow's result decoded as ``output_type`` (``None`` while it has none)."""
+        if self.result is None:
+            return None
+        return from_payload(self.result, output_type)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (payloads decoded when they are JSON)."""
+        return {
+            "workflow_id": self.workflow_id,
+            "workflow_type": self.workflow_type,
+            "status": self.status.value if self.status else None,
+            "current_step": self.current_step,
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "request_id": self.request_id,
+            "cancel_requested": self.cancel_requested,
+            "input": _payload_json(self.input),
+            "result": _payload_json(self.result),
+            "error": self.error.model_dump() if self.error else None,
+            "complete": self.complete,
+            "events": [
+                {"seq": e.seq, "time": _iso(e.time), "kind": e.kind, "summary": e.summary}
+                for e in self.events
+            ],
+        }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat(timespec="milliseconds") if moment else None
+
+
+def _payload_json(payload: Payload | None) -> Any:
+    if payload is None or payload.encoding == NULL:
+        return None
+    if payload.encoding == JSON:
+        try:
+            return json.loads(payload.data)
+        except ValueError:
+            pass
+    return {"encoding": payload.encoding, "size": len(payload.data)}
+
+
+def _time(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def _preview(payload: Payload) -> str:
+    if payload.encoding == NULL:
+        return "null"
+    if payload.encoding != JSON:
+        return f"<{payload.encoding}, {len(payload.data)} bytes>"
+    text = payload.data.decode("utf-8", errors="replace")
+    return text if len(text) <= _PREVIEW_MAX else text[: _PREVIEW_MAX - 3] + "..."
+
+
+def _err(error: ErrorInfo) -> str:
+    return f"{error.type}: {error.message}"
+
+
+def _summaries(events: list[HistoryEvent]) -> tuple[EventSummary, ...]:
+    names: dict[int, str] = {}
+    out: list[EventSummary] = []
+    for event in events:
+        body = event.event
+        match body:
+            case WorkflowStarted():
+                text = f"{body.workflow_type} started with {_preview(body.input)}"
+            case ActivityScheduled():
+                names[body.seq] = body.activity_name
+                text = f"{body.activity_name} #{body.seq} -> {body.topic}" + (
+                    " (compensation)" if body.is_compensation else ""
+                )
+            case ActivityAttemptStarted():
+                text = f"{names.get(body.seq, '?')} #{body.seq} attempt {body.attempt} sent"
+            case ActivityAttemptFailed():
+                text = (
+                    f"{names.get(body.seq, '?')} #{body.seq} attempt {body.attempt} failed: "
+                    f"{_err(body.error)}"
+                )
+                if body.retry_at_ms is not None:
+                    delay = (body.retry_at_ms - event.recorded_at_ms) / 1000
+                    text += f" (retry in {delay:.3g}s)"
+            case ActivityCompleted():
+                text = (
+                    f"{names.get(body.seq, '?')} #{body.seq} completed "
+                    f"(attempt {body.attempt}): {_preview(body.result)}"
+                )
+            case ActivityFailed():
+                kind = "business failure" if body.business else "failed"
+                text = f"{names.get(body.seq, '?')} #{body.seq} {kind}: {_err(body.error)}"
+            case LateReplyIgnored():
+                text = (
+                    f"late {body.outcome.value} reply to {names.get(body.seq, '?')} #{body.seq} "
+                    f"attempt {body.attempt} ignored"
+                )
+            case TimerStarted():
+                fire = _time(body.fire_at_ms).isoformat(timespec="seconds")
+                text = f"timer #{body.seq} until {fire}"
+            case TimerFired():
+                text = f"timer #{body.seq} fired"
+            case SignalReceived():
+                text = f"signal {body.signal_name}: {_preview(body.payload)}"
+            case CancelRequested():
+                text = f"cancel requested: {body.reason or '(no reason)'}"
+            case WorkflowCompleted():
+                text = f"completed: {_preview(body.result)}"
+            case WorkflowFailed():
+                text = f"{body.status.value}: {_err(body.error)}"
+        if len(text) > _SUMMARY_MAX:
+            text = text[: _SUMMARY_MAX - 3] + "..."
+        out.append(EventSummary(event.event_seq, _time(event.recorded_at_ms), body.kind, text))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- client
+
+
+class Client:
+    """A connection to the orchestrator's topics; thread-safe, reuse it (one producer inside).
+
+    ``send_timeout`` bounds how long ``start``/``signal``/``cancel`` wait for the broker's
+    acknowledgement before raising :class:`DeliveryFailed`.
+    """
+
+    def __init__(self, settings: Settings, *, send_timeout: float = 15.0) -> None:
+        self.settings = settings
+        self._send_timeout = send_timeout
+        self._lock = threading.Lock()
+        self._producer: Producer | None = None
+        self._partitions: dict[str, int] = {}
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush what is still queued and release the producer. Idempotent."""
+        with self._lock:
+            producer, self._producer = self._producer, None
+            self._closed = True
+        if producer is not None:
+            producer.flush(self._send_timeout)
+
+    # -- sending -------------------------------------------------------------------------
+
+    def start(
+        self,
+        workflow_type: str,
+        input: BaseModel | Any,
+        *,
+        workflow_id: str | None = None,
+        trace: TraceContext | None = None,
+    ) -> WorkflowHandle:
+        """Ask the orchestrator to start a workflow; return once the request is on the inbox.
+
+        ``workflow_id`` defaults to a fresh UUID. Starting an id that exists with the same type
+        and input is a no-op (the handle refers to the running workflow); with another type or
+        input the orchestrator rejects it, and the handle's ``result()`` raises
+        :class:`~orchestrator.errors.WorkflowIdConflict`.
+        """
+        if not workflow_type:
+            raise ValueError("workflow_type must not be empty")
+        workflow_id = str(uuid.uuid4()) if workflow_id is None else workflow_id
+        _check_id(workflow_id)
+        request_id = uuid.uuid4().hex
+        payload = input if isinstance(input, Payload) else to_payload(input)
+        envelope = StartWorkflow(
+            workflow_id=workflow_id,
+            workflow_type=workflow_type,
+            request_id=request_id,
+            input=payload,
+            sent_at_ms=_now_ms(),
+            trace=trace,
+        )
+        self._send(workflow_id, encode(envelope), trace, f"start of {workflow_id}")
+        return WorkflowHandle(self, workflow_id, request_id, workflow_type)
+
+    def signal(
+        self,
+        workflow_id: str,
+        name: str,
+        payload: object = None,
+        *,
+        trace: TraceContext | None = None,
+    ) -> str:
+        """Send signal ``name`` with ``payload`` to a workflow; returns the request id."""
+        _check_id(workflow_id)
+        if not name:
+            raise ValueError("signal name must not be empty")
+        request_id = uuid.uuid4().hex
+        envelope = SignalWorkflow(
+            workflow_id=workflow_id,
+            signal_name=name,
+            request_id=request_id,
+            payload=payload if isinstance(payload, Payload) else to_payload(payload),
+            sent_at_ms=_now_ms(),
+            trace=trace,
+        )
+        self._send(workflow_id, encode(envelope), trace, f"signal {name} to {workflow_id}")
+        return request_id
+
+    def cancel(
+        self, workflow_id: str, reason: str = "", *, trace: TraceContext | None = None
+    ) -> str:
+        """Ask the orchestrator to cancel a workflow (compensations run); returns the request id."""
+        _check_id(workflow_id)
+        request_id = uuid.uuid4().hex
+        envelope = CancelWorkflow(
+            workflow_id=workflow_id,
+            request_id=request_id,
+            reason=reason,
+            sent_at_ms=_now_ms(),
+            trace=trace,
+        )
+        self._send(workflow_id, encode(envelope), trace, f"cancel of {workflow_id}")
+        return request_id
+
+    def get_handle(self, workflow_id: str) -> WorkflowHandle:
+        """A handle to an existing workflow (its ``result()`` ignores every rejected start)."""
+        _check_id(workflow_id)
+        return WorkflowHandle(self, workflow_id)
+
+    # -- reading -------------------------------------------------------------------------
+
+    @overload
+    def result(
+        self,
+        workflow_id: str,
+        output_type: type[T],
+        *,
+        timeout: float = 30.0,
+        request_id: str | None = None,
+    ) -> T: ...
+    @overload
+    def result(
+        self,
+        workflow_id: str,
+        output_type: Any = ...,
+        *,
+        timeout: float = 30.0,
+        request_id: str | None = None,
+    ) -> Any: ...
+    def result(
+        self,
+        workflow_id: str,
+        output_type: Any = Any,
+        *,
+        timeout: float = 30.0,
+        request_id: str | None = None,
+    ) -> Any:
+        """Wait up to ``timeout`` seconds for the workflow's result and return its output.
+
+        The output is decoded as ``output_type`` (a pydantic model, ``int``, ``dict``, ...; with
+        the default ``Any`` the JSON value). Raises
+        :class:`~orchestrator.errors.WorkflowFailedError` if the workflow ended FAILED,
+        COMPENSATED, CANCELLED or PARKED; :class:`~orchestrator.errors.WorkflowIdConflict` if the
+        start with ``request_id`` was rejected; ``TimeoutError`` if no result came in time.
+
+        A rejected start of *another* request is not this workflow's result and is skipped. When
+        several results exist for the id (an id reused after the old workflow's history expired),
+        the one of ``request_id`` wins, else the latest.
+        """
+        _check_id(workflow_id)
+        found = self._wait_result(workflow_id, request_id, timeout)
+        if found.status is WorkflowStatus.COMPLETED:
+            return from_payload(found.result or Payload(encoding=NULL), output_type)
+        error = found.error or ErrorInfo(type="UnknownError", message="no error recorded")
+        if error.type == CONFLICT and request_id is not None and found.request_id == request_id:
+            raise WorkflowIdConflict(
+                f"workflow {workflow_id} exists with another type or input: {error.message}"
+            )
+        raise WorkflowFailedError(workflow_id, found.status.value, error.type, error.message)
+
+    def describe(self, workflow_id: str, *, timeout: float = 10.0) -> WorkflowDescription:
+        """The workflow's state and timeline, folded from its events on ``<ns>.history``.
+
+        Reads the workflow's whole history partition (every workflow of that partition) from the
+        beginning to the end it had when the call began: meant for operators and tests, not for
+        a hot path. Raises :class:`~orchestrator.errors.UnknownWorkflow` if the partition holds
+        no event of ``workflow_id`` (never started, or its history expired), ``TimeoutError`` if
+        the partition could not be read within ``timeout`` seconds.
+        """
+        _check_id(workflow_id)
+        topic = self.settings.history
+        prefix = f"{workflow_id}/"
+        deadline = time.monotonic() + timeout
+        events: dict[int, HistoryEvent] = {}
+        with self._assigned(topic, workflow_id, deadline) as (consumer, tp):
+            low, high = self._watermarks(consumer, tp, deadline)
+            if high > low:
+                for msg in _read_to_end(consumer, tp, high, deadline):
+                    key = msg.key()
+                    if not isinstance(key, bytes) or not key.startswith(prefix.encode()):
+                        continue
+                    rest = key[len(prefix) :]
+                    if not rest.isdigit():  # another workflow whose id starts with ours + "/"
+                        continue
+                    seq = int(rest)
+                    value = msg.value()
+                    if value is None:  # a tombstone: retention removed this event
+                        events.pop(seq, None)
+                        continue
+                    try:
+                        event = decode_as(value, HistoryEvent)
+                    except CodecError as exc:
+                        log.warning("%s: skipping undecodable %s: %s", topic, key, exc)
+                        continue
+                    if event.workflow_id == workflow_id:
+                        events[seq] = event
+        if not events:
+            raise UnknownWorkflow(
+                f"no workflow {workflow_id!r} in namespace {self.settings.namespace!r} "
+                f"(no events on {topic}; never started, or its history has expired)"
+            )
+        ordered = [events[seq] for seq in sorted(events)]
+        prefix_run = []
+        for expected, event in enumerate(ordered, start=1):
+            if event.event_seq != expected:
+                break
+            prefix_run.append(event)
+        state = fold(workflow_id, prefix_run)
+        return WorkflowDescription(
+            workflow_id=workflow_id,
+            workflow_type=state.workflow_type,
+            status=state.status,
+            current_step=state.current_step,
+            started_at=_time(state.started_at_ms) if state.status is not None else None,
+            finished_at=_time(state.finished_at_ms) if state.finished_at_ms is not None else None,
+            input=state.input,
+            result=state.result,
+            error=state.error,
+            request_id=state.request_id,
+            cancel_requested=state.cancel_requested,
+            events=_summaries(ordered),
+            complete=len(prefix_run) == len(ordered),
+        )
+
+    # -- private: producing --------------------------------------------------------------
+
+    def _get_producer(self) -> Producer:
+        with self._lock:
+            if self._closed:
+                raise ClientError("the client is closed")
+            if self._producer is None:
+                conf = producer_config(
+                    self.settings.bootstrap_servers,
+                    extra={
+                        **self.settings.client_extra(),
+                        # Never create a topic by producing to it: a missing inbox is an error.
+                        "allow.auto.create.topics": False,
+                        "message.timeout.ms": max(int(self._send_timeout * 1000), 1000),
+                    },
+                )
+                self._producer = Producer(conf)
+            return self._producer
+
+    def _send(self, workflow_id: str, value: bytes, trace: TraceContext | None, what: str) -> None:
+        producer = self._get_producer()
+        topic = self.settings.inbox
+        self._partition_count(topic, time.monotonic() + self._send_timeout)  # clear error if absent
+        headers: list[tuple[str, str | bytes | None]] = []
+        if trace is not None:
+            headers.append(("traceparent", trace.traceparent.encode()))
+            if trace.tracestate:
+                headers.append(("tracestate", trace.tracestate.encode()))
+        outcome: list[KafkaError | None] = []
+        done = threading.Event()
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            outcome.append(err)
+            done.set()
+
+        try:
+            # No partition: librdkafka's murmur2 partitioner picks the workflow's partition.
+            producer.produce(
+                topic,
+                key=workflow_id.encode(),
+                value=value,
+                headers=headers or None,
+                on_delivery=on_delivery,
+            )
+        except (KafkaException, BufferError) as exc:
+            raise DeliveryFailed(f"could not send the {what} to {topic}: {exc}") from exc
+        deadline = time.monotonic() + self._send_timeout + 5.0
+        while not done.is_set() and time.monotonic() < deadline:
+            producer.poll(0.05)  # serves the delivery callbacks (of every thread's records)
+        if not outcome:
+            raise DeliveryFailed(
+                f"the {what} was not acknowledged by {self.settings.bootstrap_servers} within "
+                f"{self._send_timeout:g}s; it may still arrive (sending it again is safe)"
+            )
+        err = outcome[0]
+        if err is not None:
+            raise DeliveryFailed(f"could not send the {what} to {topic}: {_kafka_error(err)}")
+
+    # -- private: consuming --------------------------------------------------------------
+
+    def _consumer(self) -> Consumer:
+        conf = consumer_config(
+            self.settings.bootstrap_servers,
+            # Required by librdkafka; never joined (assign) and never committed to.
+            f"{self.settings.namespace}.client-{uuid.uuid4().hex}",
+            fetch_wait_max_ms=100,
+            extra={**self.settings.client_extra(), "enable.partition.eof": True},
+        )
+        return Consumer(conf)
+
+    def _partition_count(
+        self, topic: str, deadline: float, consumer: Consumer | None = None
+    ) -> int:
+        """Partitions of ``topic`` from the cluster metadata; ClientError if it is missing.
+
+        With a ``consumer``, always asks (which also warms that consumer's metadata, saving its
+        first fetch half a second); for the producer the answer is cached.
+        """
+        cached = self._partitions.get(topic)
+        if cached is not None and consumer is None:
+            return cached
+        client: Consumer | Producer = consumer if consumer is not None else self._get_producer()
+        try:
+            metadata = client.list_topics(topic, timeout=max(deadline - time.monotonic(), 1.0))
+        except KafkaException as exc:
+            raise ClientError(
+                f"cannot read metadata of {topic} from {self.settings.bootstrap_servers}: "
+                f"{_kafka_exception(exc)}"
+            ) from exc
+        info = metadata.topics.get(topic)
+        if info is None or info.error is not None or not info.partitions:
+            why = _kafka_error(info.error) if info is not None and info.error else "not found"
+            raise ClientError(
+                f"topic {topic} is not usable ({why}); create the topics of namespace "
+                f"{self.settings.namespace!r} with `orchestrator topics create`"
+            )
+        count = len(info.partitions)
+        if consumer is None:
+            self._partitions[topic] = count
+        return count
+
+    @contextmanager
+    def _assigned(
+        self, topic: str, workflow_id: str, deadline: float
+    ) -> Iterator[tuple[Consumer, TopicPartition]]:
+        """A fresh consumer assigned to the workflow's partition of ``topic``, from the start."""
+        consumer = self._consumer()
+        try:
+            # The writers hash the workflow id with murmur2 over the topic's partition count.
+            count = self._partition_count(topic, deadline, consumer)
+            tp = TopicPartition(topic, partition_for(workflow_id, count), OFFSET_BEGINNING)
+            consumer.assign([tp])
+            yield consumer, tp
+        finally:
+            consumer.close()
+
+    def _watermarks(
+        self, consumer: Consumer, tp: TopicPartition, deadline: float
+    ) -> tuple[int, int]:
+        """The partition's (low, high) offsets, retrying while its leader is not known yet."""
+        while True:
+            try:
+                low, high = consumer.get_watermark_offsets(
+                    tp, timeout=max(deadline - time.monotonic(), 0.5), cached=False
+                )
+                return int(low), int(high)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                transient = isinstance(err, KafkaError) and (
+                    err.retriable() or err.code() in _TRANSIENT
+                )
+                if not transient or time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"could not read the offsets of {tp.topic} [{tp.partition}] from "
+                        f"{self.settings.bootstrap_servers}: {_kafka_exception(exc)}"
+                    ) from exc
+            time.sleep(0.1)
+
+    def _wait_result(
+        self, workflow_id: str, request_id: str | None, timeout: float
+    ) -> WorkflowResult:
+        topic = self.settings.results
+        deadline = time.monotonic() + timeout
+        key = workflow_id.encode()
+        with self._assigned(topic, workflow_id, deadline) as (consumer, tp):
+            partition = tp.partition
+            caught_up = False
+            latest: WorkflowResult | None = None
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                for msg in _batch(consumer, min(remaining, 0.5)):
+                    if msg.error() is not None:
+                        caught_up = caught_up or _is_eof(msg)
+                        continue
+                    if msg.key() != key:
+                        continue
+                    value = msg.value()
+                    if value is None:
+                        continue
+                    try:
+                        found = decode_as(value, WorkflowResult)
+                    except CodecError as exc:
+                        log.warning("%s: skipping undecodable result of %s: %s", topic, key, exc)
+                        continue
+                    if found.workflow_id != workflow_id:
+                        continue
+                    conflict = found.error is not None and found.error.type == CONFLICT
+                    mine = request_id is not None and found.request_id == request_id
+                    if mine:
+                        return found
+                    if conflict:
+                        continue  # another client's rejected start, not the workflow's result
+                    latest = found
+                if caught_up and latest is not None:
+                    return latest
+        raise TimeoutError(
+            f"no result for workflow {workflow_id!r} on {topic} [{partition}] within "
+            f"{timeout:g}s: it is still running, or no orchestrator serves namespace "
+            f"{self.settings.namespace!r}"
+        )
+
+
+def _read_to_end(
+    consumer: Consumer, tp: TopicPartition, high: int, deadline: float
+) -> Iterator[Message]:
+    """The records of the assigned partition up to offset ``high`` (or its end, if sooner)."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(
+                f"could not read {tp.topic} [{tp.partition}] to offset {high} in time"
+            )
+        batch = _batch(consumer, min(remaining, 0.5))
+        for msg in batch:
+            if msg.error() is not None:
+                if _is_eof(msg):
+                    return
+                continue
+            offset = msg.offset()
+            if offset is not None and offset >= high:
+                return
+            yield msg
+            if offset is not None and offset >= high - 1:
+                return
+        if not batch:
+            # Past transaction markers and aborted records the position can reach the end
+            # without a record or an EOF event in this poll.
+            (position,) = consumer.position([tp])
+            if position.offset >= high:
+                return
+
+
+def _batch(consumer: Consumer, wait: float) -> list[Message]:
+    """What the consumer has fetched, waiting up to ``wait`` seconds only if it has nothing.
+
+    (``Consumer.consume`` would wait for a full batch or the whole timeout.)
+    """
+    batch = consumer.consume(num_messages=1000, timeout=0)
+    if batch:
+        return batch
+    msg = consumer.poll(wait)
+    return [msg] if msg is not None else []
+
+
+def _is_eof(msg: Message) -> bool:
+    err = msg.error()
+    if err is None:
+        return False
+    if err.code() == KafkaError._PARTITION_EOF:
+        return True
+    if err.fatal() or err.code() in (
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    ):
+        raise ClientError(f"reading {msg.topic()} failed: {_kafka_error(err)}")
+    log.warning("consumer error on %s: %s", msg.topic(), _kafka_error(err))
+    return False
+
+
+def _check_id(workflow_id: str) -> None:
+    if not workflow_id:
+        raise ValueError("workflow_id must not be empty")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _kafka_error(err: KafkaError) -> str:
+    return f"{err.str()} ({err.name()})"
+
+
+def _kafka_exception(exc: KafkaException) -> str:
+    err = exc.args[0] if exc.args else None
+    return _kafka_error(err) if isinstance(err, KafkaError) else str(exc)

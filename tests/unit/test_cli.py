@@ -1,0 +1,206 @@
+"""The ``orchestrator`` command's argument and settings handling (no broker needed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import types
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from contracts.envelopes import ErrorInfo, Payload, WorkflowStatus
+from orchestrator.cli import main, render_description
+from orchestrator.client import EventSummary, WorkflowDescription
+from orchestrator.settings import Settings
+from orchestrator.workflow import WorkflowRegistry
+
+# Nothing listens here: a command that got as far as talking to Kafka would hang or fail late.
+NOWHERE = "127.0.0.1:9"
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_help_works_even_with_bad_settings_in_the_environment(runner: CliRunner) -> None:
+    out = runner.invoke(main, ["start", "--help"], env={"SAGA_NAMESPACE": "bad ns"})
+    assert out.exit_code == 0, out.output
+    assert "--input" in out.output
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--namespace", "bad ns"], "invalid setting namespace (--namespace or SAGA_NAMESPACE)"),
+        (["--namespace", "a/b"], "may hold only letters, digits"),
+        (["--bootstrap", "nohost"], "invalid setting bootstrap_servers (--bootstrap or"),
+        (["--bootstrap", "host:port"], "'host:port' is not host:port"),
+        (["--partitions", "0"], "invalid setting partitions (--partitions or SAGA_PARTITIONS)"),
+        (["--node-id", "x y"], "invalid setting node_id"),
+    ],
+)
+def test_a_bad_setting_is_a_usage_error_naming_the_field(
+    runner: CliRunner, args: list[str], expected: str
+) -> None:
+    out = runner.invoke(main, [*args, "topics", "verify"])
+    assert out.exit_code == 2, out.output
+    assert expected in out.output
+    assert "Traceback" not in out.output
+
+
+def test_a_bad_setting_from_the_environment_is_reported_too(runner: CliRunner) -> None:
+    out = runner.invoke(main, ["describe", "wf-1"], env={"SAGA_NAMESPACE": "bad ns"})
+    assert out.exit_code == 2, out.output
+    assert "'bad ns' may hold only" in out.output
+    out = runner.invoke(main, ["describe", "wf-1"], env={"KAFKA_BOOTSTRAP_SERVERS": "nohost"})
+    assert out.exit_code == 2, out.output
+    assert "'nohost' is not host:port" in out.output
+
+
+def test_flags_override_the_environment(runner: CliRunner) -> None:
+    env = {"SAGA_NAMESPACE": "bad ns", "KAFKA_BOOTSTRAP_SERVERS": "env-host:1"}
+    out = runner.invoke(main, ["--namespace", "shop", "--partitions", "12", "config"], env=env)
+    assert out.exit_code == 0, out.output
+    shown = json.loads(out.output)
+    assert shown["namespace"] == "shop"
+    assert shown["partitions"] == 12
+    assert shown["bootstrap_servers"] == "env-host:1"
+    out = runner.invoke(
+        main, ["--bootstrap", "flag-host:2", "config"], env=env | {"SAGA_NAMESPACE": "ok"}
+    )
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["bootstrap_servers"] == "flag-host:2"
+
+
+@pytest.mark.parametrize("text", ["{bad", "{'single': 'quotes'}", "", "[1,"])
+def test_start_rejects_input_that_is_not_json(runner: CliRunner, text: str) -> None:
+    out = runner.invoke(main, ["--bootstrap", NOWHERE, "start", "place-order", "--input", text])
+    assert out.exit_code == 2, out.output
+    assert "Invalid value for '--input'" in out.output
+    assert "is not valid JSON" in out.output
+
+
+def test_signal_rejects_a_payload_that_is_not_json(runner: CliRunner) -> None:
+    out = runner.invoke(main, ["--bootstrap", NOWHERE, "signal", "wf-1", "go", "--payload", "nope"])
+    assert out.exit_code == 2, out.output
+    assert "'nope' is not valid JSON" in out.output
+
+
+def test_input_from_a_missing_file_is_a_usage_error(runner: CliRunner, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.json"
+    out = runner.invoke(main, ["--bootstrap", NOWHERE, "start", "t", "--input", f"@{missing}"])
+    assert out.exit_code == 2, out.output
+    assert "cannot read" in out.output
+
+
+def test_start_rejects_an_empty_id(runner: CliRunner) -> None:
+    out = runner.invoke(main, ["--bootstrap", NOWHERE, "start", "t", "--id", ""])
+    assert out.exit_code == 2, out.output
+    assert "--id" in out.output
+
+
+def test_run_with_an_unknown_module_is_a_usage_error(runner: CliRunner) -> None:
+    out = runner.invoke(main, ["--bootstrap", NOWHERE, "run", "--workflows", "no_such_mod_xyz.wf"])
+    assert out.exit_code == 2, out.output
+    assert "no module named 'no_such_mod_xyz.wf'" in out.output
+
+
+def test_run_with_a_module_without_workflows_is_a_usage_error(runner: CliRunner) -> None:
+    out = runner.invoke(main, ["--bootstrap", NOWHERE, "run", "--workflows", "json"])
+    assert out.exit_code == 2, out.output
+    assert "defines no @workflow.defn class" in out.output
+
+
+def test_run_with_a_module_that_fails_to_import_says_why(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "broken_wf_mod.py").write_text("import no_such_dependency_xyz\n")
+    (tmp_path / "raising_wf_mod.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = runner.invoke(main, ["--bootstrap", NOWHERE, "run", "--workflows", "broken_wf_mod"])
+    assert out.exit_code == 1, out.output
+    assert "importing broken_wf_mod failed" in out.output
+    assert "no_such_dependency_xyz" in out.output
+    out = runner.invoke(main, ["--bootstrap", NOWHERE, "run", "--workflows", "raising_wf_mod"])
+    assert out.exit_code == 1, out.output
+    assert "RuntimeError: boom at import" in out.output
+    for name in ("broken_wf_mod", "raising_wf_mod"):
+        sys.modules.pop(name, None)
+
+
+def test_run_builds_a_node_from_the_settings_and_the_modules_workflows(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[tuple[Settings, WorkflowRegistry]] = []
+
+    class FakeNode:
+        def __init__(self, settings: Settings, registry: WorkflowRegistry) -> None:
+            built.append((settings, registry))
+
+        def run(self, stop: threading.Event | None = None) -> None:
+            return None
+
+    fake = types.ModuleType("orchestrator.node")
+    fake.OrchestratorNode = FakeNode  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "orchestrator.node", fake)
+    out = runner.invoke(
+        main,
+        ["--bootstrap", NOWHERE, "--namespace", "shop", "--node-id", "n-1", "run",
+         "--workflows", "tests.unit.sagas"],
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    ((settings, registry),) = built
+    assert (settings.namespace, settings.node_id, settings.bootstrap_servers) == (
+        "shop",
+        "n-1",
+        NOWHERE,
+    )
+    assert "three-steps" in registry.names()
+
+
+def _description(**changes: object) -> WorkflowDescription:
+    t0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+    base = WorkflowDescription(
+        workflow_id="order-1",
+        workflow_type="place-order",
+        status=WorkflowStatus.COMPENSATED,
+        current_step="compensated",
+        started_at=t0,
+        finished_at=t0 + timedelta(minutes=3, seconds=5),
+        input=Payload(data=b'{"sku":"A"}'),
+        result=None,
+        error=ErrorInfo(type="ActivityError", message="card declined"),
+        request_id="r",
+        cancel_requested=False,
+        events=(
+            EventSummary(1, t0, "WorkflowStarted", "place-order started with {}"),
+            EventSummary(2, t0 + timedelta(milliseconds=12), "ActivityScheduled", "reserve #1"),
+            EventSummary(3, t0 + timedelta(minutes=3, seconds=5), "WorkflowFailed", "COMPENSATED"),
+        ),
+    )
+    return WorkflowDescription(**{**base.__dict__, **changes})
+
+
+def test_describe_output_shows_status_step_and_a_relative_timeline() -> None:
+    text = render_description(_description())
+    lines = text.splitlines()
+    assert lines[0].split() == ["workflow", "order-1"]
+    assert "status    COMPENSATED" in text
+    assert "step      compensated" in text
+    assert "error     ActivityError: card declined" in text
+    assert 'input     {"sku": "A"}' in text
+    timeline = [line.split()[:3] for line in lines[lines.index("events (3):") + 1 :]]
+    assert timeline == [
+        ["+0.000s", "#1", "WorkflowStarted"],
+        ["+0.012s", "#2", "ActivityScheduled"],
+        ["+3m05.000s", "#3", "WorkflowFailed"],
+    ]
+
+
+def test_describe_output_warns_about_gaps() -> None:
+    assert "the history has gaps" in render_description(_description(complete=False))
