@@ -32,7 +32,11 @@ _NAME = re.compile(r"^[a-zA-Z0-9._-]+$")
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="SAGA_", env_nested_delimiter="__", extra="ignore", frozen=True
+        env_prefix="SAGA_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
     )
 
     bootstrap_servers: str = Field(

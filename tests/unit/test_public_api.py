@@ -1,0 +1,46 @@
+"""The public names are a promise: adding one is a decision, removing one breaks users."""
+
+from __future__ import annotations
+
+import orchestrator
+
+
+def test_the_exported_names_are_pinned() -> None:
+    assert sorted(orchestrator.__all__) == [
+        "ActivityContract",
+        "ActivityError",
+        "BusinessError",
+        "Client",
+        "CommandInfo",
+        "CompensationFailed",
+        "NonDeterminismError",
+        "OrchestratorNode",
+        "RetryPolicy",
+        "RetryableError",
+        "Saga",
+        "Service",
+        "Settings",
+        "UnknownWorkflow",
+        "WorkflowCancelled",
+        "WorkflowContext",
+        "WorkflowDescription",
+        "WorkflowFailedError",
+        "WorkflowHandle",
+        "WorkflowIdConflict",
+        "WorkflowRegistry",
+        "WorkflowStatus",
+        "workflow",
+    ]
+    for name in orchestrator.__all__:
+        assert getattr(orchestrator, name) is not None
+
+
+def test_the_package_docstring_example_names_exist() -> None:
+    assert callable(orchestrator.workflow.defn)
+    assert callable(orchestrator.workflow.run)
+
+
+def test_settings_take_field_names_and_environment_names(monkeypatch: object) -> None:
+    from orchestrator.settings import Settings
+
+    assert Settings(bootstrap_servers="h:1").bootstrap_servers == "h:1"
