@@ -38,9 +38,3 @@ def test_the_exported_names_are_pinned() -> None:
 def test_the_package_docstring_example_names_exist() -> None:
     assert callable(orchestrator.workflow.defn)
     assert callable(orchestrator.workflow.run)
-
-
-def test_settings_take_field_names_and_environment_names(monkeypatch: object) -> None:
-    from orchestrator.settings import Settings
-
-    assert Settings(bootstrap_servers="h:1").bootstrap_servers == "h:1"
