@@ -15,17 +15,32 @@ import signal
 import threading
 from types import FrameType
 
+from opentelemetry.trace import TracerProvider
+
 from orchestrator._engine.processor import Counters, Processor
+from orchestrator.metrics import NodeMetrics, serving
 from orchestrator.settings import Settings
+from orchestrator.tracing import WorkflowTracer
 from orchestrator.workflow import WorkflowRegistry
 
 log = logging.getLogger(__name__)
 
 
 class OrchestratorNode:
-    def __init__(self, settings: Settings, registry: WorkflowRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: WorkflowRegistry,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
+        """``tracer_provider``: spans of this node (none without one; ``tracing.setup`` makes
+        one from the ``OTEL_*`` variables). ``metrics``: served on ``settings.metrics_port``."""
         self.settings = settings
         self.registry = registry
+        self.tracer_provider = tracer_provider
+        self.metrics = metrics if metrics is not None else NodeMetrics()
         self._processor: Processor | None = None
 
     @property
@@ -42,10 +57,16 @@ class OrchestratorNode:
 
             signal.signal(signal.SIGTERM, _stop)
             signal.signal(signal.SIGINT, _stop)
-        self._processor = Processor(self.settings, self.registry)
+        tracer = None
+        if self.tracer_provider is not None:
+            tracer = WorkflowTracer(self.tracer_provider, inbox=self.settings.inbox)
+        self._processor = Processor(
+            self.settings, self.registry, tracer=tracer, metrics=self.metrics
+        )
         log.info(
             "node %s runs %s on %s (namespace %s)",
             self.settings.node_id, ", ".join(self.registry.names()),
             self.settings.bootstrap_servers, self.settings.namespace,
         )  # fmt: skip
-        self._processor.run(stop)
+        with serving(self.metrics.registry, self.settings.metrics_port):
+            self._processor.run(stop)

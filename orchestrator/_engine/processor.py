@@ -20,8 +20,11 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from contracts import codec
 from contracts.codec import CodecError
 from contracts.envelopes import (
+    ActivityAttemptFailed,
     ActivityAttemptStarted,
     ActivityCommand,
+    ActivityCompleted,
+    ActivityFailed,
     ActivityReply,
     ActivityScheduled,
     CancelWorkflow,
@@ -38,8 +41,10 @@ from contracts.envelopes import (
 )
 from orchestrator.errors import NonDeterminismError
 from orchestrator.kafka_config import consumer_config, producer_config
+from orchestrator.metrics import NodeMetrics
 from orchestrator.payloads import PayloadError, from_payload
 from orchestrator.settings import Settings
+from orchestrator.tracing import WorkflowTracer, headers_of
 from orchestrator.workflow import WorkflowRegistry
 
 from .partition import Cached, Partition
@@ -97,10 +102,20 @@ class Counters:
 
 
 class Processor:
-    def __init__(self, settings: Settings, registry: WorkflowRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: WorkflowRegistry,
+        *,
+        tracer: WorkflowTracer | None = None,
+        metrics: NodeMetrics | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.counters = Counters()
+        self.tracer = tracer  # spans for new events only: replay never reaches _record
+        self.metrics = metrics
+        self._last_lag = 0.0
         self._group = f"{settings.namespace}.orchestrator"
         self._txn_id = f"{settings.namespace}.orchestrator.{settings.node_id}"
         self._state_root = Path(settings.state_dir) / settings.namespace
@@ -162,6 +177,8 @@ class Processor:
             part = self._partitions.pop(tp.partition, None)
             if part is not None:
                 part.close()
+            if self.metrics is not None:
+                self.metrics.forget_partition(tp.partition)
 
     def _restore_assigned(self) -> None:
         for number in sorted(self._to_restore):
@@ -174,6 +191,8 @@ class Processor:
                 f"{self._group}.restore",
             )
             self.counters.restores.append(report)
+            if self.metrics is not None:
+                self.metrics.restored(report.events, report.seconds)
             self._partitions[number] = part
         self._to_restore.clear()
 
@@ -198,6 +217,23 @@ class Processor:
         self._expire_finished(batch, now)
         if batch:
             self._commit(batch)
+        if self.metrics is not None and time.monotonic() - self._last_lag >= 1.0:
+            self._report_lag(self.metrics)
+
+    def _report_lag(self, metrics: NodeMetrics) -> None:
+        """Inbox lag per partition: the high watermark seen by the fetcher minus our position."""
+        self._last_lag = time.monotonic()
+        assigned = [TopicPartition(self.settings.inbox, p) for p in self._partitions]
+        if not assigned:
+            return
+        try:
+            positions = self._consumer.position(assigned)
+            for tp in positions:
+                _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                if tp.offset >= 0 and high >= 0:
+                    metrics.lag(tp.partition, high - tp.offset)
+        except KafkaException as exc:
+            log.debug("inbox lag not known: %s", exc)
 
     def _poll_timeout(self) -> float:
         dues = [d for d in (p.next_due_ms() for p in self._partitions.values()) if d is not None]
@@ -274,8 +310,13 @@ class Processor:
         except PayloadError as exc:
             return self._reject(batch, msg, msg_env, "InvalidInput", str(exc))
         cached = part.new(wf)
-        events = cached.run.start(msg_env, now, msg_env.trace)
+        trace = msg_env.trace
+        if self.tracer is not None:
+            trace = self.tracer.root(msg_env.workflow_type, wf, trace, now)
+        events = cached.run.start(msg_env, now, trace)
         self.counters.started += 1
+        if self.metrics is not None:
+            self.metrics.workflows_started.inc()
         self._record(part, cached, events, batch, now)
 
     def _reject(
@@ -377,6 +418,11 @@ class Processor:
             return
         store = batch.store(part.number)
         run = cached.run
+        if self.tracer is not None:
+            state = run.state
+            self.tracer.step(
+                state.workflow_type, state.workflow_id, state.trace, events, time.time_ns()
+            )
         for event in events:
             encoded = codec.encode(event)
             key = f"{event.workflow_id}/{event.event_seq}".encode()
@@ -387,6 +433,13 @@ class Processor:
                 self._send_command(part, cached, body.seq, batch, now)
             elif isinstance(body, WorkflowCompleted | WorkflowFailed):
                 self._send_result(cached, batch)
+            elif self.metrics is not None and isinstance(
+                body, ActivityCompleted | ActivityFailed | ActivityAttemptFailed
+            ):
+                act = run.state.activities.get(body.seq)
+                if act is not None and act.attempt == body.attempt:
+                    seconds = (event.recorded_at_ms - act.attempt_started_ms) / 1000
+                    self.metrics.step(act.name, body.kind, seconds)
         batch.touched[(part.number, run.state.workflow_id)] = cached
 
     def _send_command(
@@ -424,9 +477,11 @@ class Processor:
             deadline_ms=deadline,
             trace=run.state.trace,
         )
-        headers: list[tuple[str, str | bytes | None]] | None = None
-        if run.state.trace is not None:
-            headers = [("traceparent", run.state.trace.traceparent.encode())]
+        if self.tracer is not None:  # the command's own span: the service's span is its child
+            command = command.model_copy(update={"trace": self.tracer.command(command, act.topic)})
+        if self.metrics is not None:
+            self.metrics.attempt(act.name, act.is_compensation)
+        headers = headers_of(command.trace)
         batch.outputs.append(
             _Out(act.topic, run.state.workflow_id.encode(), codec.encode(command), None, headers)
         )
@@ -435,6 +490,8 @@ class Processor:
         state = cached.run.state
         status = state.status or WorkflowStatus.FAILED
         self.counters.finished[status.value] = self.counters.finished.get(status.value, 0) + 1
+        if self.metrics is not None:
+            self.metrics.finished(status.value)
         result = WorkflowResult(
             workflow_id=state.workflow_id,
             status=status,
@@ -450,6 +507,8 @@ class Processor:
     def _dead_letter(self, batch: Batch, msg: Message, reason: str, error_type: str) -> None:
         self.counters.dead_letters += 1
         batch.dead_letters += 1
+        if self.metrics is not None:
+            self.metrics.dead_letters.inc()
         log.warning(
             "dead letter from %s[%s]@%s: %s", msg.topic(), msg.partition(), msg.offset(), reason
         )
@@ -512,6 +571,8 @@ class Processor:
             self._abort(exc)
             return
         self.counters.transactions += 1
+        if self.metrics is not None:
+            self.metrics.transactions.labels(result="committed").inc()
         self._producer.poll(0)  # serve delivery reports: they carry the history offsets
         for number, store_batch in batch.stores.items():
             part = self._partitions.get(number)
@@ -553,6 +614,8 @@ class Processor:
         """Undo a failed batch: abort, forget what it changed in memory, rewind the inbox."""
         error: KafkaError = exc.args[0]
         self.counters.aborted_transactions += 1
+        if self.metrics is not None:
+            self.metrics.transactions.labels(result="aborted").inc()
         log.warning("transaction failed (%s); aborting and re-reading the inbox", error)
         if error.fatal():
             self._producer = self._new_producer()
