@@ -31,5 +31,5 @@ def test_a_wrong_setting_names_the_field_and_the_reason(
     field: str, value: object, message: str
 ) -> None:
     with pytest.raises(ValidationError) as info:
-        Settings(**{field: value})
+        Settings.model_validate({field: value})
     assert field in str(info.value) and message in str(info.value)
