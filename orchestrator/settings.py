@@ -27,6 +27,8 @@ from typing import Any
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from orchestrator.topics import NamespaceTopics
+
 _NAME = re.compile(r"^[a-zA-Z0-9._-]+$")
 
 
@@ -89,17 +91,21 @@ class Settings(BaseSettings):
         return extra
 
     @property
+    def topics(self) -> NamespaceTopics:
+        return NamespaceTopics(self.namespace)
+
+    @property
     def inbox(self) -> str:
-        return f"{self.namespace}.inbox"
+        return self.topics.inbox
 
     @property
     def history(self) -> str:
-        return f"{self.namespace}.history"
+        return self.topics.history
 
     @property
     def results(self) -> str:
-        return f"{self.namespace}.results"
+        return self.topics.results
 
     @property
     def dlq(self) -> str:
-        return f"{self.namespace}.dlq"
+        return self.topics.dlq
