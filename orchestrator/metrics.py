@@ -1,7 +1,7 @@
 """Prometheus metrics of an orchestrator node or a service, each with its own registry.
 
 No process-wide registry: a :class:`NodeMetrics` or :class:`ServiceMetrics` owns a
-``CollectorRegistry`` (or is given one), and :func:`serving` exposes it over HTTP on the
+``CollectorRegistry`` (or is given one), and :func:`serve_metrics` exposes it over HTTP on the
 ``metrics_port`` setting (0 = off). Two nodes in one process (tests) never share a counter.
 
 The processor feeds the node metrics from the same places as its ``Counters``.
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["NodeMetrics", "ServiceMetrics", "serving"]
+__all__ = ["NodeMetrics", "ServiceMetrics", "serve_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ class ServiceMetrics:
         r = self.registry
         self.commands = Counter(
             "saga_service_commands",
-            "Commands answered, by activity and outcome (deduplicated: answered from the store)",
-            ["activity", "outcome", "deduplicated"],
+            "Commands answered, by activity and outcome",
+            ["activity", "outcome"],
             registry=r,
         )
         self.handler_seconds = Histogram(
@@ -119,15 +119,13 @@ class ServiceMetrics:
             "saga_dead_letters", "Records written to the dead-letter topic", registry=r
         )
 
-    def answered(self, activity: str, outcome: str, deduplicated: bool, seconds: float) -> None:
-        self.commands.labels(
-            activity=activity, outcome=outcome, deduplicated=str(deduplicated).lower()
-        ).inc()
+    def answered(self, activity: str, outcome: str, seconds: float) -> None:
+        self.commands.labels(activity=activity, outcome=outcome).inc()
         self.handler_seconds.labels(activity=activity).observe(seconds)
 
 
 @contextlib.contextmanager
-def serving(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0") -> Iterator[int]:
+def serve_metrics(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0") -> Iterator[int]:
     """Serve ``registry`` at ``http://addr:port/metrics`` while the block runs (0: do not)."""
     if port == 0:
         yield 0

@@ -18,7 +18,7 @@ from types import FrameType
 from opentelemetry.trace import TracerProvider
 
 from orchestrator._engine.processor import Counters, Processor
-from orchestrator.metrics import NodeMetrics, serving
+from orchestrator.metrics import NodeMetrics, serve_metrics
 from orchestrator.settings import Settings
 from orchestrator.tracing import WorkflowTracer
 from orchestrator.workflow import WorkflowRegistry
@@ -68,5 +68,5 @@ class OrchestratorNode:
             self.settings.node_id, ", ".join(self.registry.names()),
             self.settings.bootstrap_servers, self.settings.namespace,
         )  # fmt: skip
-        with serving(self.metrics.registry, self.settings.metrics_port):
+        with serve_metrics(self.metrics.registry, self.settings.metrics_port):
             self._processor.run(stop)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from opentelemetry.trace import NoOpTracer, Tracer, TracerProvider
 from pydantic import BaseModel
 
 from contracts import codec
@@ -50,8 +51,10 @@ from contracts.envelopes import (
 from orchestrator._dedupe import FINAL_OUTCOMES, DedupeStore, ReplyStore
 from orchestrator.errors import BusinessError, RetryableError
 from orchestrator.kafka_config import consumer_config, producer_config
+from orchestrator.metrics import ServiceMetrics, serve_metrics
 from orchestrator.payloads import PayloadError, from_payload, to_payload
 from orchestrator.settings import Settings
+from orchestrator.tracing import INSTRUMENTATION, handler_span, record_reply
 
 __all__ = [
     "TRACE_HEADERS",
@@ -382,12 +385,20 @@ class Service:
         *,
         state_dir: Path | None = None,
         transactional: bool = True,
+        tracer_provider: TracerProvider | None = None,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
+        """``tracer_provider``: a span per handled command, a child of the command's span;
+        ``metrics``: served on ``settings.metrics_port`` (0 = not served)."""
         if not _NAME.match(name) or name in (".", ".."):
             raise ValueError(f"service name {name!r} may hold only letters, digits, '.', '_', '-'")
         self.name = name
         self.settings = settings
         self.transactional = transactional
+        self._tracer: Tracer = (
+            tracer_provider.get_tracer(INSTRUMENTATION) if tracer_provider else NoOpTracer()
+        )
+        self.metrics = metrics if metrics is not None else ServiceMetrics()
         root = state_dir if state_dir is not None else settings.state_dir / "services"
         self._store: ReplyStore = DedupeStore(root / name / "dedupe")
         self._handlers: dict[str, _Registration] = {}
@@ -428,7 +439,10 @@ class Service:
         stop = stop if stop is not None else threading.Event()
         self._idle.clear()
         try:
-            with _sigterm_sets(stop):
+            with (
+                _sigterm_sets(stop),
+                serve_metrics(self.metrics.registry, self.settings.metrics_port),
+            ):
                 self._serve(stop)
         except KeyboardInterrupt:
             log.info("service %s interrupted", self.name)
@@ -494,7 +508,14 @@ class Service:
         if not cmd.reply_topic or not self._kafka.topic_exists(cmd.reply_topic):
             reason = f"reply topic {cmd.reply_topic!r} does not exist"
             return self._dead_letter(msg, reason, "UnknownReplyTopic")
-        reply = self._reply_for(cmd, reg, batch)
+        started = time.monotonic()
+        with handler_span(
+            self._tracer, self.name, cmd, _bytes_headers(msg),
+            topic=msg.topic() or "", partition=msg.partition() or 0, offset=msg.offset() or 0,
+        ) as span:  # fmt: skip
+            reply = self._reply_for(cmd, reg, batch)
+            record_reply(span, reply)
+        self.metrics.answered(cmd.activity_name, reply.outcome.value, time.monotonic() - started)
         return _Record(
             topic=cmd.reply_topic,
             key=cmd.workflow_id.encode(),
@@ -534,6 +555,7 @@ class Service:
         )
 
     def _dead_letter(self, msg: Message, reason: str, error_type: str) -> _Record:
+        self.metrics.dead_letters.inc()
         log.warning(
             "service %s: %s[%s]@%s to the DLQ: %s",
             self.name,
