@@ -231,7 +231,6 @@ class WorkflowTracer:
             f"{verb} {cmd.activity_name}",
             context=context_of(cmd.trace),
             kind=SpanKind.PRODUCER,
-            start_time=_ns(cmd.sent_at_ms),
             attributes={
                 SYSTEM: "kafka",
                 DESTINATION: topic,
