@@ -154,7 +154,8 @@ def load_settings() -> Settings:
         lines = ["wrong setting(s):"]
         for error in exc.errors():
             field = ".".join(str(p) for p in error["loc"]) or "?"
-            lines.append(f"  {field}: {error['msg']} (got {error.get('input')!r})")
+            env = field if field.isupper() else "SAGA_" + field.upper().replace(".", "__")
+            lines.append(f"  {env}: {error['msg']} (got {error.get('input')!r})")
         lines.append("see the settings table in services_example/README.md")
         click.echo("\n".join(lines), err=True)
         sys.exit(2)
