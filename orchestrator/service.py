@@ -42,13 +42,13 @@ from contracts.activity import ActivityContract
 from contracts.envelopes import (
     ActivityCommand,
     ActivityReply,
-    DeadLetter,
     ErrorInfo,
     Payload,
     ReplyOutcome,
     TraceContext,
 )
 from orchestrator._dedupe import FINAL_OUTCOMES, DedupeStore, ReplyStore
+from orchestrator.dead_letters import dead_letter_of
 from orchestrator.errors import BusinessError, RetryableError
 from orchestrator.kafka_config import consumer_config, producer_config
 from orchestrator.metrics import ServiceMetrics, serve_metrics
@@ -564,16 +564,7 @@ class Service:
             msg.offset(),
             reason,
         )
-        letter = DeadLetter(
-            source_topic=msg.topic() or "",
-            source_partition=msg.partition() or 0,
-            source_offset=msg.offset() or 0,
-            reason=reason,
-            error_type=error_type,
-            failed_at_ms=_now_ms(),
-            key=msg.key(),
-            value=msg.value(),
-        )
+        letter = dead_letter_of(msg, reason, error_type)
         return _Record(self.settings.dlq, msg.key(), codec.encode(letter), _bytes_headers(msg))
 
 

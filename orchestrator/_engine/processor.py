@@ -28,7 +28,6 @@ from contracts.envelopes import (
     ActivityReply,
     ActivityScheduled,
     CancelWorkflow,
-    DeadLetter,
     ErrorInfo,
     HistoryEvent,
     ReplyOutcome,
@@ -39,6 +38,7 @@ from contracts.envelopes import (
     WorkflowResult,
     WorkflowStatus,
 )
+from orchestrator.dead_letters import dead_letter_of
 from orchestrator.errors import NonDeterminismError
 from orchestrator.kafka_config import consumer_config, producer_config
 from orchestrator.metrics import NodeMetrics
@@ -512,16 +512,7 @@ class Processor:
         log.warning(
             "dead letter from %s[%s]@%s: %s", msg.topic(), msg.partition(), msg.offset(), reason
         )
-        record = DeadLetter(
-            source_topic=msg.topic() or "",
-            source_partition=msg.partition() or 0,
-            source_offset=msg.offset() or 0,
-            reason=reason,
-            error_type=error_type,
-            failed_at_ms=now_ms(),
-            key=msg.key(),
-            value=msg.value(),
-        )
+        record = dead_letter_of(msg, reason, error_type)
         batch.outputs.append(_Out(self.settings.dlq, msg.key() or b"", codec.encode(record)))
 
     def _topic_exists(self, topic: str) -> bool:
