@@ -40,7 +40,7 @@ class ObservedStack:
     """Node and services in threads, each with its own TracerProvider and metrics registry; the
     providers share one in-memory exporter."""
 
-    def __init__(self, kit: Kit, settings: Settings, service_settings: Settings) -> None:
+    def __init__(self, kit: Kit, settings: Settings, service_metrics_port: int = 0) -> None:
         self.kit = kit
         self.settings = settings
         self.exporter = InMemorySpanExporter()
@@ -54,7 +54,11 @@ class ObservedStack:
         self.nodes_started = 0
         self._node: tuple[threading.Thread, threading.Event] | None = None
         self._services: list[tuple[threading.Thread, threading.Event]] = []
-        self._service_settings = service_settings
+        # The three services share one registry: the first serves it, if a port is given.
+        self._service_settings = [
+            settings.model_copy(update={"metrics_port": service_metrics_port if i == 0 else 0})
+            for i in range(len(kit.services))
+        ]
 
     def start_node(self) -> None:
         stop = threading.Event()
@@ -82,7 +86,7 @@ class ObservedStack:
         for i, name in enumerate(self.kit.services):
             service = Service(
                 name,
-                self._service_settings if i == 0 else self.settings,
+                self._service_settings[i],
                 state_dir=Path(self.settings.state_dir) / "svc",
                 tracer_provider=self.service_provider,
                 metrics=self.service_metrics,
@@ -147,7 +151,7 @@ def observed(kafka_bootstrap: str, namespace: str, tmp_path: Path) -> Iterator[O
     kit = build(namespace)
     settings = settings_for(kafka_bootstrap, namespace, tmp_path / "state")
     create_topics(kit, settings)
-    stack = ObservedStack(kit, settings, settings)
+    stack = ObservedStack(kit, settings)
     stack.start_services()
     stack.start_node()
     try:
