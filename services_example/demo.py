@@ -12,6 +12,7 @@ that no stock and no money was created or lost. Exits 0 when every check holds, 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import sys
@@ -126,9 +127,23 @@ def _summary(kind: str, text: str) -> str:
         if text.endswith("(compensation)"):
             return f"COMPENSATE: {name} (undo an earlier step)"
         return f"{name} sent to the {name.split('.')[0]} service"
-    if kind == "ActivityCompleted":
-        return text.replace(" (attempt 1)", "")
+    if kind == "ActivityCompleted" and (m := _COMPLETED.match(text)):
+        name, attempt, result = m.groups()
+        tries = "" if attempt == "1" else f" (attempt {attempt})"
+        return f"{name} done{tries}: {_plain(result)}"
+    if kind == "ActivityFailed":
+        return _ACTIVITY_SEQ.sub(" ", text)
     return text
+
+
+_COMPLETED = re.compile(r"^(\S+) #\d+ completed \(attempt (\d+)\): (.*)$")
+_ACTIVITY_SEQ = re.compile(r" #\d+ ")
+
+
+def _plain(preview: str) -> str:
+    """``{"hold_id":"h-1","qty":2}`` -> ``hold_id=h-1 qty=2`` (the preview may be cut short)."""
+    text = preview.strip("{}").replace('"', "")
+    return " ".join(part.replace(":", "=", 1) for part in text.split(","))
 
 
 def timeline(described: dict[str, Any]) -> list[str]:
