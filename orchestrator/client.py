@@ -42,6 +42,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from opentelemetry.trace import Span, Tracer, TracerProvider
 from pydantic import BaseModel
 
 from contracts.codec import CodecError, decode_as, encode
@@ -75,6 +76,7 @@ from orchestrator.kafka_config import consumer_config, producer_config
 from orchestrator.partitioner import partition_for
 from orchestrator.payloads import JSON, NULL, from_payload, to_payload
 from orchestrator.settings import Settings
+from orchestrator.tracing import INSTRUMENTATION, client_start_span
 
 __all__ = [
     "Client",
@@ -339,8 +341,18 @@ class Client:
     acknowledgement before raising :class:`DeliveryFailed`.
     """
 
-    def __init__(self, settings: Settings, *, send_timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        send_timeout: float = 15.0,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
+        """``tracer_provider``: ``start`` makes a span ``start <type>``, the workflow's root."""
         self.settings = settings
+        self._tracer: Tracer | None = (
+            tracer_provider.get_tracer(INSTRUMENTATION) if tracer_provider else None
+        )
         self._send_timeout = send_timeout
         self._lock = threading.Lock()
         self._producer: Producer | None = None
@@ -386,6 +398,11 @@ class Client:
         _check_id(workflow_id)
         request_id = uuid.uuid4().hex
         payload = input if isinstance(input, Payload) else to_payload(input)
+        span: Span | None = None
+        if trace is None and self._tracer is not None:
+            span, trace = client_start_span(
+                self._tracer, workflow_type, workflow_id, self.settings.inbox
+            )
         envelope = StartWorkflow(
             workflow_id=workflow_id,
             workflow_type=workflow_type,
@@ -394,7 +411,11 @@ class Client:
             sent_at_ms=_now_ms(),
             trace=trace,
         )
-        self._send(workflow_id, encode(envelope), trace, f"start of {workflow_id}")
+        try:
+            self._send(workflow_id, encode(envelope), trace, f"start of {workflow_id}")
+        finally:
+            if span is not None:
+                span.end()
         return WorkflowHandle(self, workflow_id, request_id, workflow_type)
 
     def signal(

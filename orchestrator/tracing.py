@@ -249,6 +249,30 @@ class WorkflowTracer:
         return trace_context_of(span)
 
 
+# --------------------------------------------------------------------------- the client
+
+
+def client_start_span(
+    tracer: Tracer, workflow_type: str, workflow_id: str, inbox: str
+) -> tuple[Span, TraceContext | None]:
+    """The client's PRODUCER span ``start <type>`` (a child of the caller's current span) and
+    the context the start request carries; the caller ends the span once the request is sent."""
+    span = tracer.start_span(
+        f"start {workflow_type}",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            SYSTEM: "kafka",
+            DESTINATION: inbox,
+            OPERATION_TYPE: "send",
+            OPERATION_NAME: "send",
+            MESSAGE_KEY: workflow_id,
+            WORKFLOW_ID: workflow_id,
+            WORKFLOW_TYPE: workflow_type,
+        },
+    )
+    return span, trace_context_of(span)
+
+
 # --------------------------------------------------------------------------- the services
 
 

@@ -49,7 +49,8 @@ class ObservedStack:
         self.client_provider = provider_for("client", self.exporter)
         self.node_metrics = NodeMetrics()
         self.service_metrics = ServiceMetrics()
-        self.client = Client(settings)
+        self.client = Client(settings, tracer_provider=self.client_provider)
+        self.plain_client = Client(settings)
         self.handles: dict[str, WorkflowHandle] = {}
         self.nodes_started = 0
         self._node: tuple[threading.Thread, threading.Event] | None = None
@@ -106,21 +107,12 @@ class ObservedStack:
             stop.set()
             thread.join(30)
         self.client.close()
+        self.plain_client.close()
 
     def start(self, trip: Trip, workflow_id: str, *, client_span: bool = True) -> None:
-        if not client_span:
-            self.handles[workflow_id] = self.client.start("trip", trip, workflow_id=workflow_id)
-            return
-        tracer = self.client_provider.get_tracer("test")
-        with tracer.start_as_current_span(
-            "start trip",
-            kind=SpanKind.PRODUCER,
-            attributes={tracing.WORKFLOW_ID: workflow_id, tracing.DESTINATION: self.settings.inbox},
-        ):
-            trace_ctx = tracing.trace_context_of()
-            self.handles[workflow_id] = self.client.start(
-                "trip", trip, workflow_id=workflow_id, trace=trace_ctx
-            )
+        """With ``client_span``, the client's own span is the root; else the node makes one."""
+        client = self.client if client_span else self.plain_client
+        self.handles[workflow_id] = client.start("trip", trip, workflow_id=workflow_id)
 
     def result(self, workflow_id: str, timeout: float = 30.0) -> TripResult:
         return self.handles[workflow_id].result(TripResult, timeout=timeout)
