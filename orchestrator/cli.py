@@ -317,6 +317,16 @@ def run(ctx: click.Context, modules: tuple[str, ...]) -> None:
     OrchestratorNode(settings, registry).run()
 
 
+@main.command("trace")
+@click.argument("span_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--workflow", "workflow_id", default=None, help="only this workflow's trace")
+def trace_cmd(span_file: Path, workflow_id: str | None) -> None:
+    """Print the traces in a JSON-lines span file (setting traces_file) as trees with timings."""
+    from orchestrator import tracing
+
+    tracing.print_trace_tree(tracing.load_spans(span_file), workflow_id=workflow_id)
+
+
 # --------------------------------------------------------------------------- workflows
 
 

@@ -122,3 +122,22 @@ def test_trace_tree_from_a_span_file(tmp_path: Path) -> None:
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("trace 0x") and lines[1].startswith("start trip  +0.0 ms")
     assert len(lines) == 5 and all(" ms" in line for line in lines[1:])
+
+
+def test_cli_trace_prints_the_tree(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    exporter = tracing.JsonLinesSpanExporter(tmp_path / "spans.jsonl")
+    p = TracerProvider()
+    p.add_span_processor(SimpleSpanProcessor(exporter))
+    with p.get_tracer("t").start_as_current_span(
+        "start trip", attributes={"saga.workflow.id": "w"}
+    ):
+        p.get_tracer("t").start_span("send a").end()
+    p.shutdown()
+    out = CliRunner().invoke(main, ["trace", str(tmp_path / "spans.jsonl"), "--workflow", "w"])
+    assert out.exit_code == 0, out.output
+    assert out.output.splitlines()[1].startswith("start trip  +0.0 ms")
+    assert out.output.splitlines()[2].startswith("└── send a  +")
