@@ -314,7 +314,13 @@ def run(ctx: click.Context, modules: tuple[str, ...]) -> None:
         f"{settings.bootstrap_servers} (namespace {settings.namespace})",
         err=True,
     )
-    OrchestratorNode(settings, registry).run()
+    from orchestrator import tracing
+
+    provider = tracing.setup(f"orchestrator-{settings.namespace}", span_file=settings.traces_file)
+    try:
+        OrchestratorNode(settings, registry, tracer_provider=provider).run()
+    finally:
+        provider.shutdown()  # flushes the spans still buffered
 
 
 @main.command("trace")

@@ -323,28 +323,31 @@ def record_reply(span: Span, reply: ActivityReply) -> None:
 
 
 class JsonLinesSpanExporter(SpanExporter):
-    """Appends each finished span to a file as one JSON line (``ReadableSpan.to_json``)."""
+    """Appends each finished span to a file as one JSON line (``ReadableSpan.to_json``).
+
+    Several processes may share one file: each batch is one ``write`` on an ``O_APPEND`` file
+    descriptor, so lines of different processes never interleave.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = self.path.open("a", encoding="utf-8")
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = "".join(span.to_json(indent=None) + "\n" for span in spans)
+        data = "".join(span.to_json(indent=None) + "\n" for span in spans).encode()
         with self._lock:
-            if self._file is None:
+            if self._fd is None:
                 return SpanExportResult.FAILURE
-            self._file.write(lines)
-            self._file.flush()
+            os.write(self._fd, data)
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True

@@ -27,6 +27,8 @@ from typing import Any
 import click
 
 from deploy.kafka import broker
+from orchestrator import tracing
+from services_example.orders.api import workflow_id_of
 from services_example.processes import Processes
 
 TERMINAL = {"COMPLETED", "FAILED", "COMPENSATED", "CANCELLED", "PARKED"}
@@ -338,7 +340,14 @@ def main(namespace: str, partitions: int, keep_running: bool, timeout: float) ->
         click.echo(f"  Kafka: the development broker at {bootstrap}")
     root = Path(".run/demo") / namespace
     shutil.rmtree(root, ignore_errors=True)
-    procs = Processes(bootstrap, namespace, root, partitions=partitions)
+    traces = (root / "traces.jsonl").resolve()
+    procs = Processes(
+        bootstrap,
+        namespace,
+        root,
+        partitions=partitions,
+        extra_env={"SAGA_TRACES_FILE": str(traces)},  # every process appends its spans here
+    )
     procs.create_topics()
     click.echo(
         f"  topics: {namespace}.inbox/.history/.results/.dlq and one command topic per service"
@@ -347,6 +356,7 @@ def main(namespace: str, partitions: int, keep_running: bool, timeout: float) ->
     click.echo("  started 5 processes: the orchestrator node and the orders, inventory, payments")
     click.echo(f"  and shipping services; logs in {procs.log_dir}/, state in {procs.state_dir}/")
     problems: list[str] = []
+    plays: list[Scenario] = []
     try:
         procs.wait_ready()
         click.echo(f"  orders HTTP API: {procs.base_url}  (POST /orders, GET /orders/<id>)")
@@ -381,7 +391,22 @@ def main(namespace: str, partitions: int, keep_running: bool, timeout: float) ->
                 pass
         procs.stop_all()
         click.echo("  stopped the processes the demo started (the broker keeps running).")
+        show_trace(traces, plays)
     sys.exit(1 if problems else 0)
+
+
+def show_trace(traces: Path, plays: list[Scenario]) -> None:
+    """One saga's OpenTelemetry trace, across all five processes, as a tree with timings."""
+    compensated = [p for p in plays if p.expect == "COMPENSATED" and p.order_id]
+    if not traces.exists() or not compensated:
+        return
+    play = compensated[-1]
+    workflow_id = workflow_id_of(play.order_id)
+    header(f"The trace of order {play.order_id} ({play.title})")
+    click.echo("  one trace: the orders API, the orchestrator's steps and each service's handler")
+    for line in tracing.format_trace_tree(tracing.load_spans(traces), workflow_id=workflow_id):
+        click.echo(f"  {line}")
+    click.echo(f"  every trace: orchestrator trace {traces} [--workflow ID]")
 
 
 if __name__ == "__main__":

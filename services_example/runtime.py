@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 from rocksdict import Options, Rdict, WriteBatch
 
 from contracts.orders import service_name
+from orchestrator import tracing
 from orchestrator.errors import BusinessError
 from orchestrator.service import CommandInfo, Service
 from orchestrator.settings import Settings
@@ -192,7 +193,10 @@ def run_service(
         level=logging.INFO, format=f"%(asctime)s {base} %(levelname)s %(name)s: %(message)s"
     )
     store = ServiceStore(directory, base, initial)
-    service = Service(service_name(base), settings, state_dir=Path(settings.state_dir))
+    provider = tracing.setup(base, span_file=settings.traces_file)
+    service = Service(
+        service_name(base), settings, state_dir=Path(settings.state_dir), tracer_provider=provider
+    )
     register(service, store)
     ensure_topics(settings.bootstrap_servers, settings.namespace, settings.partitions)
     for topic in service.topics:
@@ -203,3 +207,4 @@ def run_service(
     finally:
         service.close()
         store.close()
+        provider.shutdown()

@@ -199,9 +199,7 @@ class Processor:
     # ----------------------------------------------------------------- one turn of the loop
 
     def step(self) -> None:
-        msgs = self._consumer.consume(
-            num_messages=self.settings.max_batch, timeout=self._poll_timeout()
-        )
+        msgs = self._next_records()
         if self._to_restore:
             self._restore_assigned()
         batch = Batch()
@@ -222,18 +220,31 @@ class Processor:
 
     def _report_lag(self, metrics: NodeMetrics) -> None:
         """Inbox lag per partition: the high watermark seen by the fetcher minus our position."""
-        self._last_lag = time.monotonic()
         assigned = [TopicPartition(self.settings.inbox, p) for p in self._partitions]
         if not assigned:
             return
+        reported = 0
         try:
-            positions = self._consumer.position(assigned)
-            for tp in positions:
+            for tp in self._consumer.position(assigned):
                 _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
                 if tp.offset >= 0 and high >= 0:
                     metrics.lag(tp.partition, high - tp.offset)
+                    reported += 1
         except KafkaException as exc:
             log.debug("inbox lag not known: %s", exc)
+        if reported == len(assigned):
+            # Until every partition has a position (a record was fetched), try again next turn.
+            self._last_lag = time.monotonic()
+
+    def _next_records(self) -> list[Message]:
+        """Wait for one record (at most until the next timer is due), then take what else has
+        arrived. ``consume(n, timeout)`` alone would wait the whole timeout for n records, and
+        that wait would be every step's latency."""
+        first = self._consumer.poll(self._poll_timeout())
+        if first is None:
+            return []
+        rest = self._consumer.consume(num_messages=self.settings.max_batch - 1, timeout=0)
+        return [first, *rest]
 
     def _poll_timeout(self) -> float:
         dues = [d for d in (p.next_due_ms() for p in self._partitions.values()) if d is not None]

@@ -11,6 +11,7 @@ from types import FrameType
 
 import click
 
+from orchestrator import tracing
 from orchestrator.client import Client
 from services_example.orders.api import OrdersApi, serve
 from services_example.runtime import ServiceStore, load_settings, read_snapshot, service_dir
@@ -44,13 +45,15 @@ def main(host: str, port: int, dump: bool) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     store = ServiceStore(service_dir(settings, "orders"), "orders", {"orders": {}})
-    with Client(settings) as client:
+    provider = tracing.setup("orders", span_file=settings.traces_file)
+    with Client(settings, tracer_provider=provider) as client:
         try:
             serve(OrdersApi(client, store), host, port, stop)
         except OSError as exc:
             raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
         finally:
             store.close()
+            provider.shutdown()
 
 
 if __name__ == "__main__":

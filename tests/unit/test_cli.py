@@ -137,10 +137,14 @@ def test_run_builds_a_node_from_the_settings_and_the_modules_workflows(
     runner: CliRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     built: list[tuple[Settings, WorkflowRegistry]] = []
+    providers: list[object] = []
 
     class FakeNode:
-        def __init__(self, settings: Settings, registry: WorkflowRegistry) -> None:
+        def __init__(
+            self, settings: Settings, registry: WorkflowRegistry, tracer_provider: object = None
+        ) -> None:
             built.append((settings, registry))
+            providers.append(tracer_provider)
 
         def run(self, stop: threading.Event | None = None) -> None:
             return None
@@ -161,6 +165,7 @@ def test_run_builds_a_node_from_the_settings_and_the_modules_workflows(
         NOWHERE,
     )
     assert "three-steps" in registry.names()
+    assert providers and providers[0] is not None, "the node gets a tracer provider"
 
 
 def _description(**changes: object) -> WorkflowDescription:
