@@ -281,10 +281,8 @@ class Processor:
                 self._on_start(part, envelope, batch, msg, now)
             elif isinstance(envelope, ActivityReply):
                 self._on_reply(part, envelope, batch, msg, now)
-            elif isinstance(envelope, SignalWorkflow):
-                self._on_existing(part, wf, batch, msg, now, "signal")
-            elif isinstance(envelope, CancelWorkflow):
-                self._on_existing(part, wf, batch, msg, now, "cancel")
+            elif isinstance(envelope, SignalWorkflow) or isinstance(envelope, CancelWorkflow):
+                self._on_existing(part, envelope, batch, msg, now)
             else:
                 self._dead_letter(
                     batch,
@@ -360,15 +358,21 @@ class Processor:
         self._record(part, cached, events, batch, now)
 
     def _on_existing(
-        self, part: Partition, wf: str, batch: Batch, msg: Message, now: int, kind: str
+        self,
+        part: Partition,
+        envelope: SignalWorkflow | CancelWorkflow,
+        batch: Batch,
+        msg: Message,
+        now: int,
     ) -> None:
+        wf = envelope.workflow_id
+        kind = "signal" if isinstance(envelope, SignalWorkflow) else "cancel"
         cached = part.get(wf)
         if cached is None:
             return self._dead_letter(
                 batch, msg, f"{kind} for unknown workflow {wf}", "UnknownWorkflow"
             )
         run = cached.run
-        envelope = codec.decode(msg.value() or b"")
         if isinstance(envelope, SignalWorkflow):
             if run.finished:
                 return self._dead_letter(
@@ -376,10 +380,8 @@ class Processor:
                     "WorkflowFinished",
                 )  # fmt: skip
             events = run.on_signal(envelope.signal_name, envelope.payload, envelope.request_id, now)
-        elif isinstance(envelope, CancelWorkflow):
-            events = run.on_cancel(envelope.reason, envelope.request_id, now)
         else:
-            return
+            events = run.on_cancel(envelope.reason, envelope.request_id, now)
         self._record(part, cached, events, batch, now)
 
     # ----------------------------------------------------------------- timers and retention

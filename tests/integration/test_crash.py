@@ -75,7 +75,7 @@ def services(kafka_bootstrap: str, namespace: str, tmp_path: Path) -> Iterator[K
 
 def _expected(i: int) -> tuple[Trip, WorkflowStatus, list[str]]:
     """A mix of outcomes, with durable sleeps that spread the sagas over several seconds."""
-    sleep_ms = (i % 8) * 500
+    sleep_ms = (i % 12) * 1000  # 0 to 11 s: some sagas are still asleep at every kill
     if i % 5 == 0:
         trip = Trip(fail_at=3, sleep_ms=sleep_ms)
         return trip, WorkflowStatus.COMPENSATED, ["do", "do", "undo", "undo"]
@@ -156,9 +156,9 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
         with Client(settings) as client:
             for wf, i in ids.items():
                 client.start("trip", _expected(i)[0], workflow_id=wf)
-        for threshold in (20, 60, 100, 140):
-            watcher.wait_for(threshold, timeout=60)
-            time.sleep(rng.uniform(0, 0.3))
+        began = time.monotonic()
+        for kill_at in (2.5, 5.0, 7.5, 10.0):  # seconds after the starts were sent
+            time.sleep(max(0.0, began + kill_at + rng.uniform(0, 0.4) - time.monotonic()))
             finished_at_kill.append(len(watcher.found))
             node.kill()
             node.start()
@@ -167,8 +167,10 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     finally:
         node.stop()
         watcher.close()
-    # Every kill hit a node with sagas in flight.
-    assert all(0 < n < len(ids) for n in finished_at_kill), finished_at_kill
+    # Every kill hit a node with sagas in flight (results can lag: a killed node's open
+    # transaction hides what follows it until the restarted node aborts it).
+    assert all(n < len(ids) for n in finished_at_kill), finished_at_kill
+    assert finished_at_kill[-1] > 0, finished_at_kill
     assert set(results) == set(ids), f"{len(set(ids) - set(results))} sagas never finished"
     for wf, i in ids.items():
         _, status, steps = _expected(i)
