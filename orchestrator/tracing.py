@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -155,6 +156,22 @@ class WorkflowTracer:
     def __init__(self, provider: trace.TracerProvider, *, inbox: str = "") -> None:
         self._tracer: Tracer = provider.get_tracer(INSTRUMENTATION)
         self._inbox = inbox
+        # Spans of the batch being decided, ended (exported) only once its transaction commits:
+        # an aborted batch is decided again, and must not leave a second set of spans behind.
+        self._pending: list[tuple[Span, int]] = []
+
+    def _hold(self, span: Span, end_ns: int | None = None) -> None:
+        self._pending.append((span, end_ns if end_ns is not None else time.time_ns()))
+
+    def committed(self) -> None:
+        """The batch's transaction committed: its spans happened."""
+        pending, self._pending = self._pending, []
+        for span, end_ns in pending:
+            span.end(end_time=end_ns)
+
+    def aborted(self) -> None:
+        """The batch's transaction aborted: its spans are dropped unended, so never exported."""
+        self._pending = []
 
     def root(
         self, workflow_type: str, workflow_id: str, trace_ctx: TraceContext | None, now_ms: int
@@ -169,7 +186,7 @@ class WorkflowTracer:
             start_time=_ns(now_ms),
             attributes={WORKFLOW_ID: workflow_id, WORKFLOW_TYPE: workflow_type},
         )
-        span.end(end_time=_ns(now_ms))
+        self._hold(span, _ns(now_ms))
         return trace_context_of(span)
 
     def step(
@@ -198,7 +215,7 @@ class WorkflowTracer:
         )
         for event in events:
             self._event(span, event)
-        span.end()
+        self._hold(span)
 
     @staticmethod
     def _event(span: Span, event: HistoryEvent) -> None:
@@ -245,7 +262,7 @@ class WorkflowTracer:
                 COMPENSATION: cmd.is_compensation,
             },
         )
-        span.end()
+        self._hold(span)
         return trace_context_of(span)
 
 

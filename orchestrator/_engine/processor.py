@@ -281,7 +281,7 @@ class Processor:
                 self._on_start(part, envelope, batch, msg, now)
             elif isinstance(envelope, ActivityReply):
                 self._on_reply(part, envelope, batch, msg, now)
-            elif isinstance(envelope, SignalWorkflow) or isinstance(envelope, CancelWorkflow):
+            elif isinstance(envelope, SignalWorkflow | CancelWorkflow):
                 self._on_existing(part, envelope, batch, msg, now)
             else:
                 self._dead_letter(
@@ -575,6 +575,8 @@ class Processor:
             self._abort(exc)
             return
         self.counters.transactions += 1
+        if self.tracer is not None:
+            self.tracer.committed()
         if self.metrics is not None:
             self.metrics.transactions.labels(result="committed").inc()
         self._producer.poll(0)  # serve delivery reports: they carry the history offsets
@@ -618,6 +620,8 @@ class Processor:
         """Undo a failed batch: abort, forget what it changed in memory, rewind the inbox."""
         error: KafkaError = exc.args[0]
         self.counters.aborted_transactions += 1
+        if self.tracer is not None:
+            self.tracer.aborted()
         if self.metrics is not None:
             self.metrics.transactions.labels(result="aborted").inc()
         log.warning("transaction failed (%s); aborting and re-reading the inbox", error)

@@ -47,6 +47,8 @@ def test_root_is_made_only_without_a_client_trace() -> None:
     assert exporter.get_finished_spans() == ()
     made = tracer.root("trip", "wf-1", None, 1_000)
     assert made is not None
+    assert exporter.get_finished_spans() == ()  # held until the transaction commits
+    tracer.committed()
     (root,) = exporter.get_finished_spans()
     assert root.name == "workflow trip" and root.parent is None
     assert made.traceparent.split("-")[1] == f"{root.context.trace_id:032x}"
@@ -65,13 +67,28 @@ def test_command_span_is_a_child_of_the_workflow_and_the_handler_of_the_command(
         offset=7,
     ) as span:  # fmt: skip
         assert get_current_span() is span
-    workflow, send, process = exporter.get_finished_spans()
+    tracer.committed()
+    process, workflow, send = exporter.get_finished_spans()
     assert send.name == "compensate pay.charge" and send.kind is SpanKind.PRODUCER
     assert (send.attributes or {})["saga.compensation"] is True
     assert send.parent is not None and send.parent.span_id == workflow.context.span_id
     assert process.kind is SpanKind.CONSUMER
     assert process.parent is not None and process.parent.span_id == send.context.span_id
     assert (process.attributes or {})["messaging.kafka.offset"] == 7
+
+
+def test_spans_of_an_aborted_batch_are_never_exported() -> None:
+    p, exporter = provider()
+    tracer = tracing.WorkflowTracer(p)
+    root = tracer.root("trip", "wf-1", None, 1_000)
+    tracer.command(command(root), "pay.commands")
+    tracer.aborted()  # the batch will be decided again, with new spans
+    tracer.committed()
+    assert exporter.get_finished_spans() == ()
+    again = tracer.root("trip", "wf-1", None, 1_000)
+    tracer.command(command(again), "pay.commands")
+    tracer.committed()
+    assert [s.name for s in exporter.get_finished_spans()] == ["workflow trip", "send pay.charge"]
 
 
 def test_the_header_wins_over_the_envelope_and_the_envelope_is_a_fallback() -> None:
