@@ -195,7 +195,7 @@ class _SagaImpl(Saga):
 class _Context(WorkflowContext):
     def __init__(self, run: WorkflowRun) -> None:
         self._run = run
-        self._rng = random.Random(run.state.random_seed)
+        self._rng: random.Random | None = None  # made on first use: most workflows never ask
 
     @property
     def workflow_id(self) -> str:
@@ -281,10 +281,12 @@ class _Context(WorkflowContext):
         return datetime.fromtimestamp(self._run._now_ms / 1000, tz=UTC)
 
     def random(self) -> random.Random:
+        if self._rng is None:
+            self._rng = random.Random(self._run.state.random_seed)
         return self._rng
 
     def uuid(self) -> uuid.UUID:
-        return uuid.UUID(int=self._rng.getrandbits(128), version=4)
+        return uuid.UUID(int=self.random().getrandbits(128), version=4)
 
 
 def _ms(value: timedelta | None) -> int | None:
@@ -322,7 +324,7 @@ class WorkflowRun:
         self._now_ms = 0
         self._shield = 0
         self._compensated = 0
-        self._rng = random.Random()
+        self._rng: random.Random | None = None  # retry jitter; see _jitter
         self._live = False
 
     # ----------------------------------------------------------------- building
@@ -340,7 +342,6 @@ class WorkflowRun:
                 f"{_describe(run._pending[0].body)} at {run._pending[0].where}, "
                 f"which the history (up to event {run.state.last_seq}) never recorded"
             )
-        run._rng = random.Random(run.state.random_seed ^ run.state.last_seq)
         return run
 
     # ----------------------------------------------------------------- inputs (live)
@@ -362,11 +363,10 @@ class WorkflowRun:
             random_seed=seed_for(msg.workflow_id, msg.request_id),
             trace=trace or msg.trace,
         )
-        self._rng = random.Random(started.random_seed)
         return self._record([started], now_ms)
 
     def on_reply(self, reply: ActivityReply, now_ms: int) -> list[HistoryEvent]:
-        return self._record(decide_reply(self.state, reply, now_ms, self._rng), now_ms)
+        return self._record(decide_reply(self.state, reply, now_ms, self._jitter), now_ms)
 
     def on_signal(
         self, name: str, payload: Payload, request_id: str, now_ms: int
@@ -383,9 +383,17 @@ class WorkflowRun:
 
     def on_timers(self, now_ms: int) -> list[HistoryEvent]:
         out: list[HistoryEvent] = []
-        while bodies := decide_timers(self.state, now_ms, self._rng):
+        while bodies := decide_timers(self.state, now_ms, self._jitter):
             out.extend(self._record(bodies, now_ms))
         return out
+
+    @property
+    def _jitter(self) -> random.Random:
+        """Randomness for retry jitter. Its draws are recorded in the history (retry_at_ms), so
+        replay never needs the same ones: any seed will do."""
+        if self._rng is None:
+            self._rng = random.Random(self.state.random_seed ^ self.state.last_seq)
+        return self._rng
 
     def _record(self, bodies: list[EventBody], now_ms: int) -> list[HistoryEvent]:
         """Append input events, then the commands the code asks for in response."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from rocksdict import Options, Rdict, WriteBatch
@@ -146,7 +146,7 @@ class PartitionStore:
                 wb.delete(_timer_key(old_due, wf))
             if summary.next_due_ms is not None:
                 wb.put(_timer_key(summary.next_due_ms, wf), b"")
-            wb.put(b"w" + wf.encode(), json.dumps(asdict(summary)).encode())
+            wb.put(b"w" + wf.encode(), json.dumps(vars(summary)).encode())
         for wf, (last_seq, due) in batch.removed.items():
             wb.delete_range(_event_key(wf, 0), _event_key(wf, last_seq + 1))
             if due is not None:
