@@ -36,6 +36,10 @@ def producer_config(
     }
     if transactional_id is not None:
         conf["transactional.id"] = transactional_id
+        # Right after a commit the broker answers AddOffsetsToTxn with CONCURRENT_TRANSACTIONS
+        # until the commit markers are written; librdkafka's default 100 ms before retrying
+        # became every step's latency (docs/performance.md).
+        conf["retry.backoff.ms"] = 5
         # A killed producer's open transaction blocks read_committed readers until it times out
         # or a producer with the same id starts again; keep the ceiling short.
         conf["transaction.timeout.ms"] = 10_000

@@ -48,13 +48,14 @@ from orchestrator.tracing import WorkflowTracer, headers_of
 from orchestrator.workflow import WorkflowRegistry
 
 from .partition import Cached, Partition
-from .restore import RestoreReport, restore_partition
+from .restore import RestoreReport, restore_partitions
 from .state import UnknownActivity
 from .store import StoreBatch
 
 log = logging.getLogger(__name__)
 
 MAX_RECORD_BYTES = 512 * 1024
+_IDLE_POLL_MS = 100  # an idle node looks at its timers and retention at least this often
 MAX_WORKFLOW_ID = 256
 
 
@@ -181,19 +182,18 @@ class Processor:
                 self.metrics.forget_partition(tp.partition)
 
     def _restore_assigned(self) -> None:
-        for number in sorted(self._to_restore):
-            path = self._state_root / f"p{number}"
-            part = Partition(number, path, self.registry)
-            report = restore_partition(
-                part,
-                self.settings.bootstrap_servers,
-                self.settings.history,
-                f"{self._group}.restore",
-            )
+        parts = [
+            Partition(number, self._state_root / f"p{number}", self.registry)
+            for number in sorted(self._to_restore)
+        ]
+        reports = restore_partitions(
+            parts, self.settings.bootstrap_servers, self.settings.history, f"{self._group}.restore"
+        )
+        for part, report in zip(parts, reports, strict=True):
             self.counters.restores.append(report)
             if self.metrics is not None:
                 self.metrics.restored(report.events, report.seconds)
-            self._partitions[number] = part
+            self._partitions[part.number] = part
         self._to_restore.clear()
 
     # ----------------------------------------------------------------- one turn of the loop
@@ -237,18 +237,30 @@ class Processor:
             self._last_lag = time.monotonic()
 
     def _next_records(self) -> list[Message]:
-        """Wait for one record (at most until the next timer is due), then take what else has
-        arrived. ``consume(n, timeout)`` alone would wait the whole timeout for n records, and
-        that wait would be every step's latency."""
+        """One transaction's worth of input: wait for a first record (at most until the next
+        timer is due), then gather more for up to ``commit_interval_ms`` or ``max_batch``.
+
+        The interval trades step latency for fewer, larger transactions (each commit costs a
+        few ms of broker round trips); 0 takes only what has already arrived.
+        """
         first = self._consumer.poll(self._poll_timeout())
         if first is None:
             return []
-        rest = self._consumer.consume(num_messages=self.settings.max_batch - 1, timeout=0)
-        return [first, *rest]
+        records = [first]
+        deadline = time.monotonic() + self.settings.commit_interval_ms / 1000
+        while len(records) < self.settings.max_batch:
+            remaining = deadline - time.monotonic()
+            more = self._consumer.consume(
+                num_messages=self.settings.max_batch - len(records), timeout=max(0.0, remaining)
+            )
+            records.extend(more)
+            if remaining <= 0 or not more:
+                break
+        return records
 
     def _poll_timeout(self) -> float:
         dues = [d for d in (p.next_due_ms() for p in self._partitions.values()) if d is not None]
-        wait_ms = self.settings.commit_interval_ms * 5
+        wait_ms = _IDLE_POLL_MS
         if dues:
             wait_ms = min(wait_ms, max(0, min(dues) - now_ms()))
         return wait_ms / 1000
@@ -590,6 +602,13 @@ class Processor:
         for number, wf in batch.removed:
             part = self._partitions.get(number)
             if part is not None:
+                part.forget(wf)
+        for (number, wf), cached in batch.touched.items():
+            part = self._partitions.get(number)
+            if part is not None and cached.run.finished:
+                # A finished workflow rarely hears anything again (a late reply, a repeated
+                # start): it is replayed from the store then. Keeping thousands of them cached
+                # made every full garbage collection a long pause (docs/performance.md).
                 part.forget(wf)
         if self.on_commit is not None:
             self.on_commit(batch)

@@ -12,7 +12,14 @@ import logging
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from contracts import codec
 from contracts.envelopes import HistoryEvent
@@ -87,59 +94,75 @@ class _Restorer:
         self.states.clear()
 
 
-def restore_partition(
-    part: Partition, bootstrap: str, history_topic: str, group: str, timeout_s: float = 300.0
-) -> RestoreReport:
+def restore_partitions(
+    parts: list[Partition],
+    bootstrap: str,
+    history_topic: str,
+    group: str,
+    timeout_s: float = 300.0,
+) -> list[RestoreReport]:
+    """Restore every partition in ``parts`` at once, with one consumer.
+
+    Each starts at its checkpoint (or the beginning) and is done at its end of partition, which
+    under ``read_committed`` is the last stable offset captured by the fetcher.
+    """
+    if not parts:
+        return []
     began = time.monotonic()
-    start = part.store.checkpoint()
-    conf = consumer_config(
-        bootstrap, group, extra={"enable.partition.eof": True, "fetch.wait.max.ms": 50}
-    )
-    reader = Consumer(conf)
-    restorer = _Restorer(part)
+    by_number = {part.number: part for part in parts}
+    restorers = {part.number: _Restorer(part) for part in parts}
+    next_offsets: dict[int, int | None] = {p.number: p.store.checkpoint() for p in parts}
+    pending = dict.fromkeys(by_number, 0)
+    done: set[int] = set()
+    reader = Consumer(consumer_config(bootstrap, group, extra={"enable.partition.eof": True}))
     try:
         reader.assign(
             [
-                TopicPartition(
-                    history_topic, part.number, OFFSET_BEGINNING if start is None else start
-                )
+                TopicPartition(history_topic, n, OFFSET_BEGINNING if o is None else o)
+                for n, o in next_offsets.items()
             ]
         )
-        next_offset = start
-        pending = 0
         deadline = began + timeout_s
-        while True:
+        while len(done) < len(parts):
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"restoring {history_topic}[{part.number}] took over {timeout_s:.0f}s"
+                    f"restoring {history_topic} partitions {sorted(set(by_number) - done)} "
+                    f"took over {timeout_s:.0f}s"
                 )
-            msgs = reader.consume(num_messages=2_000, timeout=0.2)
-            reached_end = False
-            for msg in msgs:
+            for msg in _next(reader):
+                number = msg.partition() or 0
                 err = msg.error()
                 if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        reached_end = True
-                        continue
-                    raise KafkaException(err)
-                restorer.apply(msg.key() or b"", msg.value())
-                next_offset = (msg.offset() or 0) + 1
-                pending += 1
-            if pending >= _FLUSH_EVERY:
-                restorer.flush(next_offset)
-                pending = 0
-            if reached_end:
-                break
-        restorer.flush(next_offset)
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        raise KafkaException(err)
+                    done.add(number)
+                    continue
+                restorers[number].apply(msg.key() or b"", msg.value())
+                next_offsets[number] = (msg.offset() or 0) + 1
+                pending[number] += 1
+                if pending[number] >= _FLUSH_EVERY:
+                    restorers[number].flush(next_offsets[number])
+                    pending[number] = 0
+        for number, restorer in restorers.items():
+            restorer.flush(next_offsets[number])
     finally:
         reader.close()
-    part.reload_timers()
-    report = RestoreReport(
-        part.number, restorer.events, restorer.tombstones, time.monotonic() - began
-    )
-    log.info(
-        "restored %s[%d]: %d events, %d tombstones in %.2fs (%.0f events/s)",
-        history_topic, part.number, report.events, report.tombstones, report.seconds,
-        report.events_per_second,
-    )  # fmt: skip
-    return report
+    seconds = time.monotonic() - began
+    reports = []
+    for number, restorer in sorted(restorers.items()):
+        by_number[number].reload_timers()
+        report = RestoreReport(number, restorer.events, restorer.tombstones, seconds)
+        log.info(
+            "restored %s[%d]: %d events, %d tombstones in %.2fs",
+            history_topic, number, report.events, report.tombstones, seconds,
+        )  # fmt: skip
+        reports.append(report)
+    return reports
+
+
+def _next(reader: Consumer) -> list[Message]:
+    """Wait briefly for one record, then take what else has arrived (never wait for a count)."""
+    first = reader.poll(0.2)
+    if first is None:
+        return []
+    return [first, *reader.consume(num_messages=5_000, timeout=0)]
