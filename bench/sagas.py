@@ -64,7 +64,7 @@ from contracts.envelopes import (
 )
 from orchestrator import workflow
 from orchestrator.kafka_config import consumer_config, producer_config
-from orchestrator.node import OrchestratorNode
+from orchestrator.node import GC_THRESHOLD, OrchestratorNode
 from orchestrator.payloads import to_payload
 from orchestrator.settings import Settings
 from orchestrator.topics import TopicAdmin, ensure_service_topic, ensure_topics, topic_names
@@ -811,8 +811,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--gc-threshold",
-        default="",
-        help="gc.set_threshold for this process (which hosts the node), e.g. 50000,50,1000",
+        default=",".join(str(n) for n in GC_THRESHOLD),
+        help="gc.set_threshold for this process (which hosts the node); the default is what "
+        "'orchestrator run' sets; '' keeps Python's",
     )
     p.add_argument("--responders", type=int, default=1, help="service processes")
     p.add_argument("--half-load-seconds", type=float, default=10.0)

@@ -9,7 +9,6 @@ that do not match, Kafka errors), 2 wrong usage or settings, 3 timeout.
 
 from __future__ import annotations
 
-import gc
 import importlib
 import json
 import logging
@@ -307,7 +306,7 @@ def run(ctx: click.Context, modules: tuple[str, ...]) -> None:
     registry = _import_workflows(modules)
     _logging(ctx.ensure_object(dict).get("log_level") or "INFO")
     try:
-        from orchestrator.node import OrchestratorNode
+        from orchestrator.node import OrchestratorNode, tune_gc
     except ImportError as exc:
         raise click.ClickException(f"the orchestrator node is not available: {exc}") from None
     click.echo(
@@ -317,9 +316,7 @@ def run(ctx: click.Context, modules: tuple[str, ...]) -> None:
     )
     from orchestrator import tracing
 
-    # A node keeps many small, long-lived objects; Python's default thresholds ran a full
-    # collection about once a second, each a 50-260 ms pause in the loop (docs/performance.md).
-    gc.set_threshold(50_000, 50, 1000)
+    tune_gc()
     provider = tracing.setup(f"orchestrator-{settings.namespace}", span_file=settings.traces_file)
     try:
         OrchestratorNode(settings, registry, tracer_provider=provider).run()

@@ -10,6 +10,7 @@ a partition that moves is restored on its new owner from the history topic.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -24,6 +25,17 @@ from orchestrator.tracing import WorkflowTracer
 from orchestrator.workflow import WorkflowRegistry
 
 log = logging.getLogger(__name__)
+
+
+#: Garbage-collection thresholds for a process that hosts a node. A node keeps many small,
+#: long-lived objects; with Python's defaults a full collection ran about once a second, each a
+#: 50-260 ms pause of the loop, which set the p99 step latency (docs/performance.md).
+GC_THRESHOLD = (50_000, 50, 1000)
+
+
+def tune_gc() -> None:
+    """Apply :data:`GC_THRESHOLD` to this process (``orchestrator run`` does it)."""
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 class OrchestratorNode:

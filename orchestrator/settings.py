@@ -7,7 +7,7 @@
 | partitions             | SAGA_PARTITIONS             | 6                        |
 | state_dir              | SAGA_STATE_DIR              | .run/state               |
 | node_id                | SAGA_NODE_ID                | the host name            |
-| commit_interval_ms     | SAGA_COMMIT_INTERVAL_MS     | 20                       |
+| commit_interval_ms     | SAGA_COMMIT_INTERVAL_MS     | 5                        |
 | max_batch              | SAGA_MAX_BATCH              | 1000                     |
 | retention_ms           | SAGA_RETENTION_MS           | 7 days                   |
 | kafka (extra config)   | SAGA_KAFKA__<dotted key>    | none                     |
@@ -54,7 +54,12 @@ class Settings(BaseSettings):
         description="stable per instance: names its transactional id, so a restart fences "
         "its previous incarnation at once",
     )
-    commit_interval_ms: int = Field(default=20, ge=1, le=60_000)
+    commit_interval_ms: int = Field(
+        default=5,
+        ge=0,
+        le=60_000,
+        description="how long to gather input for one transaction once a record arrived",
+    )
     max_batch: int = Field(default=1000, ge=1, le=100_000)
     retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=0)
     metrics_port: int = Field(

@@ -151,6 +151,8 @@ def test_run_builds_a_node_from_the_settings_and_the_modules_workflows(
 
     fake = types.ModuleType("orchestrator.node")
     fake.OrchestratorNode = FakeNode  # type: ignore[attr-defined]
+    gc_tuned: list[bool] = []
+    fake.tune_gc = lambda: gc_tuned.append(True)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "orchestrator.node", fake)
     out = runner.invoke(
         main,
@@ -166,6 +168,7 @@ def test_run_builds_a_node_from_the_settings_and_the_modules_workflows(
     )
     assert "three-steps" in registry.names()
     assert providers and providers[0] is not None, "the node gets a tracer provider"
+    assert gc_tuned == [True]
 
 
 def _description(**changes: object) -> WorkflowDescription:
