@@ -43,6 +43,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from multiprocessing.synchronize import Event as MpEvent
@@ -50,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from pydantic import BaseModel
 
 from bench._services import Done, Record, ResponderSpec, Step, run_responder
@@ -62,7 +65,7 @@ from contracts.envelopes import (
     WorkflowResult,
     WorkflowStatus,
 )
-from orchestrator import workflow
+from orchestrator import tracing, workflow
 from orchestrator.kafka_config import consumer_config, producer_config
 from orchestrator.node import GC_THRESHOLD, OrchestratorNode
 from orchestrator.payloads import to_payload
@@ -284,8 +287,20 @@ class ResultsReader(threading.Thread):
 class NodeThread:
     """An orchestrator node in a thread, optionally under cProfile."""
 
-    def __init__(self, settings: Settings, profile: bool) -> None:
-        self.node = OrchestratorNode(settings, WorkflowRegistry([BenchSaga]))
+    def __init__(
+        self,
+        settings: Settings,
+        profile: bool,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        with_metrics: bool = True,
+    ) -> None:
+        self.node = OrchestratorNode(
+            settings,
+            WorkflowRegistry([BenchSaga]),
+            tracer_provider=tracer_provider,
+            with_metrics=with_metrics,
+        )
         self.stop_event = threading.Event()
         self.profile = cProfile.Profile() if profile else None
         self.error: BaseException | None = None
@@ -459,26 +474,31 @@ class Bench:
 
     # ------------------------------------------------------------------ phase 1
 
-    def throughput(self) -> float:
-        n = self.args.sagas
-        payloads = [(f"p1-{i}", self.start_payload(f"p1-{i}")) for i in range(n)]
+    def burst(self, prefix: str, n: int) -> tuple[float, float]:
+        """Start n sagas at once; (seconds to the last result, seconds to produce the starts)."""
+        payloads = [(f"{prefix}-{i}", self.start_payload(f"{prefix}-{i}")) for i in range(n)]
         inbox = f"{self.ns}.inbox"
         t0 = now_ms()
         for wf, value in payloads:
             produce(self.starter, inbox, wf.encode(), value)
         self.starter.flush(30)
         produced = now_ms()
-        self.wait_results("p1", n, max(60.0, n / 50))
-        assert self.results is not None and self.responders is not None
-        last = max(v for k, v in self.results.arrived.items() if k.startswith("p1-"))
-        seconds = (last - t0) / 1000
+        self.wait_results(prefix, n, max(60.0, n / 50))
+        assert self.results is not None
+        last = max(v for k, v in self.results.arrived.items() if k.startswith(f"{prefix}-"))
+        return (last - t0) / 1000, (produced - t0) / 1000
+
+    def throughput(self) -> float:
+        n = self.args.sagas
+        seconds, produce_seconds = self.burst("p1", n)
+        assert self.responders is not None
         sagas_per_s = float(n / seconds)
         lat = step_latency(self.responders.dump(), "p1-")
         statuses = self.check_statuses("p1", n)
         self.figures["throughput"] = {
             "sagas": n,
             "seconds": round(seconds, 3),
-            "start_produce_seconds": round((produced - t0) / 1000, 3),
+            "start_produce_seconds": round(produce_seconds, 3),
             "sagas_per_s": round(sagas_per_s, 1),
             "steps_per_s": round(3 * sagas_per_s, 1),
             "statuses": statuses,
@@ -490,6 +510,62 @@ class Bench:
             f"load p50 {percentile(lat.total, 50):.1f} ms, p99 {percentile(lat.total, 99):.1f} ms"
         )
         return sagas_per_s
+
+    # ------------------------------------------------------------------ observability cost
+
+    def observability_cost(self) -> None:
+        """Phase 1 again on nodes that differ only in what they observe, in one run: nothing;
+        metrics (what ``orchestrator run`` does when no span exporter is configured: trace
+        context is passed on, no spans made); metrics + 10 % of workflows traced (parent-based
+        ratio sampling) to a JSON-lines file; metrics + every span to the file.
+        """
+        n = max(self.args.sagas, 3000)
+        state_dir = self.state_root / "node-observability"
+        spans = self.state_root / "spans.jsonl"
+        variants: dict[str, tuple[bool, float]] = {
+            # label: (metrics, fraction of workflows traced)
+            "none": (False, 0.0),
+            "metrics": (True, 0.0),
+            "metrics+10%_traced": (True, 0.1),
+            "metrics+all_traced": (True, 1.0),
+        }
+        rates: dict[str, float] = {}
+        # Each variant twice, interleaved, keeping its better run: one burst on a shared 2-core
+        # machine varies by ±20 %, more than some of the differences measured here.
+        rounds = [*variants.items(), *variants.items()]
+        for i, (label, (metrics, traced)) in enumerate(rounds):
+            provider = None
+            if traced > 0:
+                sampler = ParentBased(TraceIdRatioBased(traced))
+                provider = tracing.setup("bench", span_file=spans, sampler=sampler)
+            node = NodeThread(
+                self.settings("bench-1", state_dir),
+                False,
+                tracer_provider=provider,
+                with_metrics=metrics,
+            )
+            self.nodes.append(node)
+            wait_until(partial(node.ready, self.args.partitions), 120, "a node", tick=0.01)
+            seconds, _ = self.burst(f"o{i}", n)
+            rates[label] = max(rates.get(label, 0.0), 3 * n / seconds)
+            node.stop()
+            if provider is not None:
+                provider.shutdown()
+        assert self.responders is not None
+        self.responders.dump()
+        base = rates["none"]
+        span_count = sum(1 for _ in spans.open()) if spans.exists() else 0
+        self.figures["observability"] = {
+            "sagas_per_variant": n,
+            "steps_per_s": {k: round(v, 1) for k, v in rates.items()},
+            "ratio_to_none": {k: round(v / base, 3) for k, v in rates.items()},
+            "spans_written": span_count,
+        }
+        say(
+            "[1b] observability, steps/s (ratio to none): "
+            + ", ".join(f"{k} {v:.0f} ({v / base:.0%})" for k, v in rates.items())
+            + f"; {span_count} spans written"
+        )
 
     # ------------------------------------------------------------------ phase 2
 
@@ -713,6 +789,8 @@ class Bench:
         else:
             self.nodes[0].stop()
             self.print_profile(self.nodes[0], "node 1 (load)")
+        if not args.skip_observability:
+            self.observability_cost()
         if args.ping_seconds > 0:
             self.raw_limit()
         self.figures["settings"] = {
@@ -821,6 +899,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ping-keys", type=int, default=2000, help="phase 4: keys in flight")
     p.add_argument("--ping-seconds", type=float, default=8.0, help="phase 4 length (0: skip)")
     p.add_argument("--skip-restore", action="store_true")
+    p.add_argument("--skip-observability", action="store_true", help="skip phase 1b (tracing cost)")
     p.add_argument("--profile", action="store_true", help="cProfile the nodes (to stderr)")
     p.add_argument("--profile-out", default="", help="also dump the pstats to this file")
     p.add_argument("--keep-topics", action="store_true")

@@ -319,7 +319,8 @@ def run(ctx: click.Context, modules: tuple[str, ...]) -> None:
     tune_gc()
     provider = tracing.setup(f"orchestrator-{settings.namespace}", span_file=settings.traces_file)
     try:
-        OrchestratorNode(settings, registry, tracer_provider=provider).run()
+        node_provider = provider if tracing.recording(provider) else None
+        OrchestratorNode(settings, registry, tracer_provider=node_provider).run()
     finally:
         provider.shutdown()  # flushes the spans still buffered
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -72,17 +73,22 @@ class NodeMetrics:
         self.transactions = Counter(
             "saga_transactions", "Kafka transactions, by result", ["result"], registry=r
         )
+        self._finished: dict[tuple[str, ...], Any] = {}
+        self._attempts: dict[tuple[str, ...], Any] = {}
+        self._steps: dict[tuple[str, ...], Any] = {}
+
+    # ``labels()`` builds and looks up a key on every call; the loop calls these per event, so
+    # each labelled child is looked up once and kept.
 
     def finished(self, status: str) -> None:
-        self.workflows_finished.labels(status=status).inc()
+        _child(self._finished, self.workflows_finished, (status,)).inc()
 
     def attempt(self, activity: str, compensation: bool) -> None:
-        self.activity_attempts.labels(
-            activity=activity, compensation=str(compensation).lower()
-        ).inc()
+        key = (activity, "true" if compensation else "false")
+        _child(self._attempts, self.activity_attempts, key).inc()
 
     def step(self, activity: str, outcome: str, seconds: float) -> None:
-        self.step_seconds.labels(activity=activity, outcome=outcome).observe(max(0.0, seconds))
+        _child(self._steps, self.step_seconds, (activity, outcome)).observe(max(0.0, seconds))
 
     def restored(self, events: int, seconds: float) -> None:
         self.restore_seconds.observe(seconds)
@@ -94,6 +100,13 @@ class NodeMetrics:
     def forget_partition(self, partition: int) -> None:
         with contextlib.suppress(KeyError):
             self.inbox_lag.remove(str(partition))
+
+
+def _child(cache: dict[tuple[str, ...], Any], metric: Any, key: tuple[str, ...]) -> Any:
+    child = cache.get(key)
+    if child is None:
+        child = cache[key] = metric.labels(*key)
+    return child
 
 
 class ServiceMetrics:

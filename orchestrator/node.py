@@ -46,13 +46,17 @@ class OrchestratorNode:
         *,
         tracer_provider: TracerProvider | None = None,
         metrics: NodeMetrics | None = None,
+        with_metrics: bool = True,
     ) -> None:
         """``tracer_provider``: spans of this node (none without one; ``tracing.setup`` makes
-        one from the ``OTEL_*`` variables). ``metrics``: served on ``settings.metrics_port``."""
+        one from the ``OTEL_*`` variables). ``metrics``: served on ``settings.metrics_port``;
+        ``with_metrics=False`` keeps none at all (the benchmark measures what they cost)."""
         self.settings = settings
         self.registry = registry
         self.tracer_provider = tracer_provider
-        self.metrics = metrics if metrics is not None else NodeMetrics()
+        self.metrics: NodeMetrics | None = None
+        if with_metrics:
+            self.metrics = metrics if metrics is not None else NodeMetrics()
         self._processor: Processor | None = None
 
     @property
@@ -80,5 +84,8 @@ class OrchestratorNode:
             self.settings.node_id, ", ".join(self.registry.names()),
             self.settings.bootstrap_servers, self.settings.namespace,
         )  # fmt: skip
+        if self.metrics is None:
+            self._processor.run(stop)
+            return
         with serve_metrics(self.metrics.registry, self.settings.metrics_port):
             self._processor.run(stop)

@@ -45,6 +45,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Sampler
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -104,6 +105,16 @@ OUTCOME = "saga.activity.outcome"
 
 def trace_context_of(span_or_context: Span | Context | None = None) -> TraceContext | None:
     """The W3C ``traceparent``/``tracestate`` of a span (or context; default: the current one)."""
+    if isinstance(span_or_context, Span):
+        # The hot path (one per span the processor makes): format it, no propagator round trip.
+        sc = span_or_context.get_span_context()
+        if not sc.is_valid:
+            return None
+        state = sc.trace_state.to_header() if sc.trace_state else ""
+        return TraceContext(
+            traceparent=f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}",
+            tracestate=state or None,
+        )
     ctx = (
         trace.set_span_in_context(span_or_context)
         if isinstance(span_or_context, Span)
@@ -159,6 +170,19 @@ class WorkflowTracer:
         # Spans of the batch being decided, ended (exported) only once its transaction commits:
         # an aborted batch is decided again, and must not leave a second set of spans behind.
         self._pending: list[tuple[Span, int]] = []
+        self._parents: dict[tuple[str, str | None], Context] = {}
+
+    def _parent(self, trace_ctx: TraceContext | None) -> Context:
+        """``context_of`` for a workflow's or command's trace, parsed once per trace."""
+        if trace_ctx is None:
+            return context_of(None)
+        key = (trace_ctx.traceparent, trace_ctx.tracestate)
+        found = self._parents.get(key)
+        if found is None:
+            if len(self._parents) >= 10_000:
+                self._parents.clear()
+            found = self._parents[key] = context_of(trace_ctx)
+        return found
 
     def _hold(self, span: Span, end_ns: int | None = None) -> None:
         self._pending.append((span, end_ns if end_ns is not None else time.time_ns()))
@@ -200,18 +224,21 @@ class WorkflowTracer:
         """One decision: the new events, as a span ``step <type> <first event kind>``."""
         if not events:
             return
-        kinds = [e.event.kind for e in events]
         span = self._tracer.start_span(
-            f"step {workflow_type} {kinds[0]}",
-            context=context_of(trace_ctx),
+            f"step {workflow_type} {events[0].event.kind}",
+            context=self._parent(trace_ctx),
             kind=SpanKind.INTERNAL,
             start_time=started_ns,
-            attributes={
+        )
+        if not span.is_recording():
+            return  # unsampled: nothing of it is kept, so nothing is worth computing
+        span.set_attributes(
+            {
                 WORKFLOW_ID: workflow_id,
                 WORKFLOW_TYPE: workflow_type,
-                EVENTS: kinds,
+                EVENTS: ",".join(e.event.kind for e in events),  # sequences cost more
                 "saga.step.first_seq": events[0].event_seq,
-            },
+            }
         )
         for event in events:
             self._event(span, event)
@@ -246,23 +273,26 @@ class WorkflowTracer:
         verb = "compensate" if cmd.is_compensation else "send"
         span = self._tracer.start_span(
             f"{verb} {cmd.activity_name}",
-            context=context_of(cmd.trace),
+            context=self._parent(cmd.trace),
             kind=SpanKind.PRODUCER,
-            attributes={
-                SYSTEM: "kafka",
-                DESTINATION: topic,
-                OPERATION_TYPE: "send",
-                OPERATION_NAME: "send",
-                MESSAGE_KEY: cmd.workflow_id,
-                WORKFLOW_ID: cmd.workflow_id,
-                ACTIVITY: cmd.activity_name,
-                SEQ: cmd.seq,
-                ATTEMPT: cmd.attempt,
-                IDEMPOTENCY_KEY: cmd.idempotency_key,
-                COMPENSATION: cmd.is_compensation,
-            },
         )
-        self._hold(span)
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    SYSTEM: "kafka",
+                    DESTINATION: topic,
+                    OPERATION_TYPE: "send",
+                    OPERATION_NAME: "send",
+                    MESSAGE_KEY: cmd.workflow_id,
+                    WORKFLOW_ID: cmd.workflow_id,
+                    ACTIVITY: cmd.activity_name,
+                    SEQ: cmd.seq,
+                    ATTEMPT: cmd.attempt,
+                    IDEMPOTENCY_KEY: cmd.idempotency_key,
+                    COMPENSATION: cmd.is_compensation,
+                }
+            )
+            self._hold(span)
         return trace_context_of(span)
 
 
@@ -399,6 +429,7 @@ def setup(
     *,
     span_file: str | os.PathLike[str] | None = None,
     exporters: Iterable[SpanExporter] = (),
+    sampler: Sampler | None = None,
 ) -> TracerProvider:
     """A ``TracerProvider`` for one process, configured the standard way.
 
@@ -406,13 +437,13 @@ def setup(
     ``none`` here, so a process without a collector logs no export errors),
     ``OTEL_EXPORTER_OTLP_*``, ``OTEL_TRACES_SAMPLER[_ARG]``, ``OTEL_RESOURCE_ATTRIBUTES``,
     ``OTEL_SERVICE_NAME`` and ``OTEL_BSP_*`` are read by the SDK. ``span_file`` adds a JSON-lines
-    file of spans (what ``print_trace_tree`` reads). Pass the provider to the node or service;
+    file of spans (what ``print_trace_tree`` reads). ``sampler`` overrides
+    ``OTEL_TRACES_SAMPLER``. Pass the provider to the node or service (see :func:`recording`);
     call ``shutdown()`` on it at exit to flush.
     """
     attributes: dict[str, Any] = {SERVICE_NAME: service_name}
     if os.environ.get("OTEL_SERVICE_NAME"):
         attributes = {}  # Resource.create takes the name from the environment
-    provider = TracerProvider(resource=Resource.create(attributes))
     chosen = list(exporters)
     names = os.environ.get("OTEL_TRACES_EXPORTER", "none")
     for name in (n.strip() for n in names.split(",")):
@@ -421,9 +452,25 @@ def setup(
             chosen.append(exporter)
     if span_file is not None:
         chosen.append(JsonLinesSpanExporter(span_file))
+    # With nowhere to send spans, recording them is pure cost (half of a node's throughput,
+    # docs/performance.md): they are not sampled. Their W3C context still travels on, marked
+    # unsampled, and parent-based samplers downstream follow that decision, as OTel intends.
+    if sampler is None and not chosen and not os.environ.get("OTEL_TRACES_SAMPLER"):
+        sampler = ALWAYS_OFF
+    provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
     for exporter in chosen:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def recording(provider: TracerProvider) -> bool:
+    """False for a provider from :func:`setup` that has nowhere to send spans.
+
+    A node given no provider still carries each workflow's trace context to its commands, so the
+    services' spans join the client's trace; it only skips making spans of its own, which cost a
+    third of its throughput even unsampled (docs/performance.md).
+    """
+    return provider.sampler is not ALWAYS_OFF
 
 
 # --------------------------------------------------------------------------- the tree

@@ -134,7 +134,7 @@ def test_run_with_a_module_that_fails_to_import_says_why(
 
 
 def test_run_builds_a_node_from_the_settings_and_the_modules_workflows(
-    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     built: list[tuple[Settings, WorkflowRegistry]] = []
     providers: list[object] = []
@@ -167,8 +167,18 @@ def test_run_builds_a_node_from_the_settings_and_the_modules_workflows(
         NOWHERE,
     )
     assert "three-steps" in registry.names()
-    assert providers and providers[0] is not None, "the node gets a tracer provider"
+    # Nowhere to export spans: the node makes none (it still passes trace context on).
+    assert providers == [None]
     assert gc_tuned == [True]
+
+    spans = tmp_path / "spans.jsonl"
+    out = runner.invoke(
+        main,
+        ["--bootstrap", NOWHERE, "run", "--workflows", "tests.unit.sagas"],
+        env={"SAGA_TRACES_FILE": str(spans)},
+    )
+    assert out.exit_code == 0, out.output
+    assert providers[1] is not None, "with a span file the node records spans"
 
 
 def _description(**changes: object) -> WorkflowDescription:
