@@ -111,3 +111,50 @@ def test_a_new_producer_with_the_same_transactional_id_fences_the_old_one(
     reader = _reader(kafka_bootstrap, topic, f"{namespace}.reader")
     assert _drain(reader, 1, timeout=3.0) == []
     reader.close()
+
+
+def test_a_zombie_with_stale_group_metadata_cannot_commit_after_a_rebalance(
+    kafka_bootstrap: str, namespace: str
+) -> None:
+    """KIP-447: offsets sent with the group generation of before a rebalance are refused, so a
+    node that lost its partitions cannot commit the work it did for them."""
+    from confluent_kafka import KafkaException
+
+    topic = f"{namespace}.in"
+    ensure_service_topic(kafka_bootstrap, topic, 2)
+    group = f"{namespace}.group"
+    first = _reader(kafka_bootstrap, topic, group)
+    deadline = time.monotonic() + 20
+    while not first.assignment() and time.monotonic() < deadline:
+        first.poll(0.2)
+    assert first.assignment(), "the first member got partitions"
+    stale = first.consumer_group_metadata()
+
+    second = _reader(kafka_bootstrap, topic, group)  # joins: a rebalance, a new generation
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (first.assignment() and second.assignment()):
+        first.poll(0.1)
+        second.poll(0.1)
+    assert first.assignment() and second.assignment(), "both members own a partition"
+
+    zombie = Producer(producer_config(kafka_bootstrap, transactional_id=f"{namespace}.zombie"))
+    zombie.init_transactions(10)
+    zombie.begin_transaction()
+    zombie.produce(topic, key=b"k", value=b"work of the old generation")
+    with pytest.raises(KafkaException) as info:
+        zombie.send_offsets_to_transaction([TopicPartition(topic, 0, 1)], stale, 10)
+        zombie.commit_transaction(10)
+    error = info.value.args[0]
+    assert error.txn_requires_abort(), error
+    zombie.abort_transaction(10)
+
+    # The same producer with the member's current metadata commits: the generation was the cause.
+    owned = first.assignment()[0].partition
+    zombie.begin_transaction()
+    zombie.produce(topic, key=b"k", value=b"work of the current generation")
+    zombie.send_offsets_to_transaction(
+        [TopicPartition(topic, owned, 1)], first.consumer_group_metadata(), 10
+    )
+    zombie.commit_transaction(10)
+    first.close()
+    second.close()
