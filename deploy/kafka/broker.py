@@ -203,7 +203,9 @@ def _format_storage(layout: BrokerLayout) -> None:
         return
     cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
     cmd = _java_command(
-        layout, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+        # "--cluster-id=<id>": a url-safe id may start with "-", which argparse would take
+        # for an option when given as a separate argument (it did, once in 64 runs).
+        layout, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
         "-c", str(layout.config_file), "--ignore-formatted",
     )  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True)
