@@ -15,10 +15,9 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
-from rocksdict import Options, Rdict
-
 from contracts import codec
 from contracts.envelopes import ActivityReply, ReplyOutcome
+from orchestrator.local_db import open_local_db
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +41,8 @@ class DedupeStore:
     """Final replies by idempotency key in a local RocksDB database (raw mode) at ``path``."""
 
     def __init__(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        options = Options(raw_mode=True)
-        options.create_if_missing(True)
         self.path = path
-        self._db = Rdict(str(path), options)
+        self._db = open_local_db(path)
         self._open = True
 
     def get(self, key: str) -> ActivityReply | None:

@@ -26,11 +26,12 @@ from typing import Any, TypeVar
 
 import click
 from pydantic import BaseModel, ValidationError
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import WriteBatch
 
 from contracts.orders import service_name
 from orchestrator import tracing
 from orchestrator.errors import BusinessError
+from orchestrator.local_db import open_local_db
 from orchestrator.service import CommandInfo, Service
 from orchestrator.settings import Settings
 from orchestrator.topics import ensure_service_topic, ensure_topics
@@ -50,12 +51,9 @@ class ServiceStore:
     """A service's state document and its operations' results, in RocksDB at ``directory``."""
 
     def __init__(self, directory: Path, service: str, initial: State) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        options = Options(raw_mode=True)
-        options.create_if_missing(True)
         self.directory = directory
         self.service = service
-        self._db = Rdict(str(directory / "data"), options)
+        self._db = open_local_db(directory / "data")
         self._lock = threading.Lock()
         raw = self._db.get(_STATE_KEY)
         if isinstance(raw, bytes):

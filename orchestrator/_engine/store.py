@@ -20,10 +20,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import WriteBatch
 
 from contracts import codec
 from contracts.envelopes import HistoryEvent
+from orchestrator.local_db import open_local_db
 
 from .state import WorkflowState
 
@@ -89,11 +90,8 @@ class StoreBatch:
 
 class PartitionStore:
     def __init__(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        options = Options(raw_mode=True)
-        options.create_if_missing(True)
         self.path = path
-        self._db = Rdict(str(path), options)
+        self._db = open_local_db(path)
 
     def close(self) -> None:
         self._db.close()

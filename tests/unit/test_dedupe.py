@@ -84,12 +84,11 @@ def test_rocksdb_store_persists_across_reopen(tmp_path: Path) -> None:
 
 
 def test_an_unreadable_entry_reads_as_unknown(tmp_path: Path) -> None:
-    from rocksdict import Options, Rdict
+    from orchestrator.local_db import open_local_db
 
     path = tmp_path / "dedupe"
     DedupeStore(path).close()
-    options = Options(raw_mode=True)
-    raw = Rdict(str(path), options)
+    raw = open_local_db(path)
     raw[b"wf-1/3"] = b"not an avro record"
     raw.close()
 
