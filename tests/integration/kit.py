@@ -20,6 +20,7 @@ from contracts.activity import ActivityContract
 from contracts.envelopes import RetryPolicy
 from orchestrator import workflow
 from orchestrator.errors import BusinessError, RetryableError
+from orchestrator.node import OrchestratorNode
 from orchestrator.service import CommandInfo, Service
 from orchestrator.settings import Settings
 from orchestrator.topics import ensure_service_topic, ensure_topics
@@ -132,14 +133,67 @@ def create_topics(kit: Kit, settings: Settings) -> None:
         ensure_service_topic(settings.bootstrap_servers, f"{name}.commands", 3)
 
 
-def make_service(kit: Kit, name: str, settings: Settings) -> Service:
-    service = Service(name, settings, state_dir=Path(settings.state_dir) / "svc")
+def make_service(kit: Kit, name: str, settings: Settings, **options: Any) -> Service:
+    """The service ``name`` of the kit, answering its do/undo activities (``options`` go to
+    ``Service``: a tracer provider, metrics)."""
+    service = Service(name, settings, state_dir=Path(settings.state_dir) / "svc", **options)
     for contract in (
         ActivityContract(f"{name}.do", name, Step, Done),
         ActivityContract(f"{name}.undo", name, Step, Done),
     ):
         service.handler(contract)(_handler(kit, contract.name))
     return service
+
+
+class ThreadStack:
+    """An orchestrator node and the kit's services in threads of the test process.
+
+    Subclasses decide how a node and a service are built (tracing, metrics)."""
+
+    def __init__(self, kit: Kit, settings: Settings) -> None:
+        self.kit = kit
+        self.settings = settings
+        self.nodes_started = 0
+        self._node: tuple[threading.Thread, threading.Event, OrchestratorNode] | None = None
+        self._services: list[tuple[threading.Thread, threading.Event]] = []
+
+    def make_node(self) -> OrchestratorNode:
+        return OrchestratorNode(self.settings, self.kit.registry)
+
+    def make_service(self, index: int, name: str) -> Service:
+        return make_service(self.kit, name, self.settings)
+
+    def start_node(self) -> OrchestratorNode:
+        stop = threading.Event()
+        node = self.make_node()
+        thread = threading.Thread(target=node.run, args=(stop,), daemon=True)
+        thread.start()
+        self._node = (thread, stop, node)
+        self.nodes_started += 1
+        return node
+
+    def stop_node(self) -> None:
+        assert self._node is not None
+        thread, stop, _ = self._node
+        stop.set()
+        thread.join(30)
+        assert not thread.is_alive()
+        self._node = None
+
+    def start_services(self) -> None:
+        for index, name in enumerate(self.kit.services):
+            stop = threading.Event()
+            service = self.make_service(index, name)
+            thread = threading.Thread(target=service.run, args=(stop,), daemon=True)
+            thread.start()
+            self._services.append((thread, stop))
+
+    def close(self) -> None:
+        if self._node is not None:
+            self.stop_node()
+        for thread, stop in self._services:
+            stop.set()
+            thread.join(30)
 
 
 def _handler(kit: Kit, activity: str) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,53 +23,21 @@ from contracts.envelopes import (
 from orchestrator.client import Client
 from orchestrator.errors import WorkflowFailedError
 from orchestrator.kafka_config import consumer_config, producer_config
-from orchestrator.node import OrchestratorNode
 from orchestrator.settings import Settings
 
-from .kit import Approval, Kit, Trip, TripResult, build, create_topics, make_service, settings_for
+from .kit import Approval, Kit, ThreadStack, Trip, TripResult, build, create_topics, settings_for
 
 pytestmark = pytest.mark.broker
 E = TypeVar("E", bound=BaseModel)
 
 
-class Stack:
+class Stack(ThreadStack):
     def __init__(self, kit: Kit, settings: Settings) -> None:
-        self.kit = kit
-        self.settings = settings
+        super().__init__(kit, settings)
         self.client = Client(settings)
-        self._node: tuple[threading.Thread, threading.Event, OrchestratorNode] | None = None
-        self._services: list[tuple[threading.Thread, threading.Event]] = []
-
-    def start_node(self) -> OrchestratorNode:
-        stop = threading.Event()
-        node = OrchestratorNode(self.settings, self.kit.registry)
-        thread = threading.Thread(target=node.run, args=(stop,), daemon=True)
-        thread.start()
-        self._node = (thread, stop, node)
-        return node
-
-    def stop_node(self) -> None:
-        assert self._node is not None
-        thread, stop, _ = self._node
-        stop.set()
-        thread.join(30)
-        assert not thread.is_alive()
-        self._node = None
-
-    def start_services(self) -> None:
-        for name in self.kit.services:
-            stop = threading.Event()
-            service = make_service(self.kit, name, self.settings)
-            thread = threading.Thread(target=service.run, args=(stop,), daemon=True)
-            thread.start()
-            self._services.append((thread, stop))
 
     def close(self) -> None:
-        if self._node is not None:
-            self.stop_node()
-        for thread, stop in self._services:
-            stop.set()
-            thread.join(30)
+        super().close()
         self.client.close()
 
     def run(self, trip: Trip, workflow_id: str, timeout: float = 30.0) -> TripResult:

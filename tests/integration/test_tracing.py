@@ -3,7 +3,6 @@ saga, and of a saga whose orchestrator restarts while it sleeps (replay emits no
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,6 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from contracts.activity import ActivityContract
 from orchestrator import tracing
 from orchestrator.client import Client, WorkflowHandle
 from orchestrator.errors import WorkflowFailedError
@@ -25,7 +23,16 @@ from orchestrator.node import OrchestratorNode
 from orchestrator.service import Service
 from orchestrator.settings import Settings
 
-from .kit import Done, Kit, Step, Trip, TripResult, _handler, build, create_topics, settings_for
+from .kit import (
+    Kit,
+    ThreadStack,
+    Trip,
+    TripResult,
+    build,
+    create_topics,
+    make_service,
+    settings_for,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -36,13 +43,12 @@ def provider_for(name: str, exporter: InMemorySpanExporter) -> TracerProvider:
     return provider
 
 
-class ObservedStack:
+class ObservedStack(ThreadStack):
     """Node and services in threads, each with its own TracerProvider and metrics registry; the
     providers share one in-memory exporter."""
 
     def __init__(self, kit: Kit, settings: Settings, service_metrics_port: int = 0) -> None:
-        self.kit = kit
-        self.settings = settings
+        super().__init__(kit, settings)
         self.exporter = InMemorySpanExporter()
         self.node_provider = provider_for("orchestrator", self.exporter)
         self.service_provider = provider_for("services", self.exporter)
@@ -52,60 +58,31 @@ class ObservedStack:
         self.client = Client(settings, tracer_provider=self.client_provider)
         self.plain_client = Client(settings)
         self.handles: dict[str, WorkflowHandle] = {}
-        self.nodes_started = 0
-        self._node: tuple[threading.Thread, threading.Event] | None = None
-        self._services: list[tuple[threading.Thread, threading.Event]] = []
         # The three services share one registry: the first serves it, if a port is given.
         self._service_settings = [
             settings.model_copy(update={"metrics_port": service_metrics_port if i == 0 else 0})
             for i in range(len(kit.services))
         ]
 
-    def start_node(self) -> None:
-        stop = threading.Event()
-        node = OrchestratorNode(
+    def make_node(self) -> OrchestratorNode:
+        return OrchestratorNode(
             self.settings,
             self.kit.registry,
             tracer_provider=self.node_provider,
             metrics=self.node_metrics,
         )
-        thread = threading.Thread(target=node.run, args=(stop,), daemon=True)
-        thread.start()
-        self._node = (thread, stop)
-        self.nodes_started += 1
 
-    def stop_node(self) -> None:
-        assert self._node is not None
-        thread, stop = self._node
-        stop.set()
-        thread.join(30)
-        assert not thread.is_alive()
-        self._node = None
-
-    def start_services(self) -> None:
-        # One service object for all three names' handlers would share a group: one per name.
-        for i, name in enumerate(self.kit.services):
-            service = Service(
-                name,
-                self._service_settings[i],
-                state_dir=Path(self.settings.state_dir) / "svc",
-                tracer_provider=self.service_provider,
-                metrics=self.service_metrics,
-            )
-            for verb in ("do", "undo"):
-                contract = ActivityContract(f"{name}.{verb}", name, Step, Done)
-                service.handler(contract)(_handler(self.kit, contract.name))
-            stop = threading.Event()
-            thread = threading.Thread(target=service.run, args=(stop,), daemon=True)
-            thread.start()
-            self._services.append((thread, stop))
+    def make_service(self, index: int, name: str) -> Service:
+        return make_service(
+            self.kit,
+            name,
+            self._service_settings[index],
+            tracer_provider=self.service_provider,
+            metrics=self.service_metrics,
+        )
 
     def close(self) -> None:
-        if self._node is not None:
-            self.stop_node()
-        for thread, stop in self._services:
-            stop.set()
-            thread.join(30)
+        super().close()
         self.client.close()
         self.plain_client.close()
 
