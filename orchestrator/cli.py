@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -217,20 +217,7 @@ _topic_timeout = click.option("--timeout", type=float, default=30.0, show_defaul
 @click.pass_context
 def topics_create(ctx: click.Context, replication_factor: int, timeout: float) -> None:
     """Create the missing topics of the namespace and check the existing ones."""
-    s = _settings(ctx)
-    try:
-        report = ensure_topics(
-            s.bootstrap_servers,
-            s.namespace,
-            s.partitions,
-            replication_factor,
-            client_config=s.client_extra(),
-            timeout_s=timeout,
-        )
-    except TopicError as exc:
-        _topic_failure(ctx, exc)
-    _print_report(report)
-    click.echo(f"topics of namespace {s.namespace} are ready ({s.partitions} partitions)")
+    _topics_command(ctx, ensure_topics, replication_factor, timeout, "are ready")
 
 
 @topics.command("verify")
@@ -239,9 +226,19 @@ def topics_create(ctx: click.Context, replication_factor: int, timeout: float) -
 @click.pass_context
 def topics_verify(ctx: click.Context, replication_factor: int, timeout: float) -> None:
     """Check the topics of the namespace; exit 1 listing every mismatch."""
+    _topics_command(ctx, verify_topics, replication_factor, timeout, "are as required")
+
+
+def _topics_command(
+    ctx: click.Context,
+    action: Callable[..., TopicReport],
+    replication_factor: int,
+    timeout: float,
+    outcome: str,
+) -> None:
     s = _settings(ctx)
     try:
-        report = verify_topics(
+        report = action(
             s.bootstrap_servers,
             s.namespace,
             s.partitions,
@@ -252,7 +249,7 @@ def topics_verify(ctx: click.Context, replication_factor: int, timeout: float) -
     except TopicError as exc:
         _topic_failure(ctx, exc)
     _print_report(report)
-    click.echo(f"topics of namespace {s.namespace} are as required ({s.partitions} partitions)")
+    click.echo(f"topics of namespace {s.namespace} {outcome} ({s.partitions} partitions)")
 
 
 # --------------------------------------------------------------------------- run
