@@ -318,6 +318,10 @@ def run(ctx: click.Context, modules: tuple[str, ...]) -> None:
     try:
         node_provider = provider if tracing.recording(provider) else None
         OrchestratorNode(settings, registry, tracer_provider=node_provider).run()
+    except TopicError as exc:
+        raise click.ClickException(
+            f"{exc}\nCreate the namespace's topics with: orchestrator topics create"
+        ) from None
     finally:
         provider.shutdown()  # flushes the spans still buffered
 

@@ -21,6 +21,7 @@ from opentelemetry.trace import TracerProvider
 from orchestrator._engine.processor import Counters, Processor
 from orchestrator.metrics import NodeMetrics, serve_metrics
 from orchestrator.settings import Settings
+from orchestrator.topics import verify_topics
 from orchestrator.tracing import WorkflowTracer
 from orchestrator.workflow import WorkflowRegistry
 
@@ -73,6 +74,13 @@ class OrchestratorNode:
 
             signal.signal(signal.SIGTERM, _stop)
             signal.signal(signal.SIGINT, _stop)
+        # Fail at once, with every problem listed, rather than wait on a missing inbox.
+        verify_topics(
+            self.settings.bootstrap_servers,
+            self.settings.namespace,
+            self.settings.partitions,
+            client_config=self.settings.client_extra(),
+        )
         tracer = None
         if self.tracer_provider is not None:
             tracer = WorkflowTracer(self.tracer_provider, inbox=self.settings.inbox)
