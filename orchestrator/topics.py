@@ -71,6 +71,8 @@ ClientConfig = Mapping[str, str | int | float | bool]
 
 _HOUR_MS = 60 * 60 * 1000
 _DAY_MS = 24 * _HOUR_MS
+#: How long a tombstone of the history topic stays readable (its ``delete.retention.ms``).
+HISTORY_DELETE_RETENTION_MS = 7 * _DAY_MS
 
 DEFAULT_TIMEOUT_S = 30.0
 INBOX_RETENTION_MS = 7 * _DAY_MS
@@ -108,7 +110,7 @@ HISTORY_CONFIG: Mapping[str, str] = {
     # day). A restore from a RocksDB checkpoint must see the tombstones of the workflows it holds,
     # so a checkpoint older than this must be treated as stale (rebuild the partition from the
     # beginning). Seven days lets a node be down over a long weekend and still catch up cheaply.
-    "delete.retention.ms": str(7 * _DAY_MS),
+    "delete.retention.ms": str(HISTORY_DELETE_RETENTION_MS),
 }
 
 _LEGAL_TOPIC = re.compile(r"[A-Za-z0-9._-]+")

@@ -24,6 +24,7 @@ class Partition:
         self, number: int, path: Path, registry: WorkflowRegistry, cache_size: int = 20_000
     ) -> None:
         self.number = number
+        self.path = path
         self.store = PartitionStore(path)
         self._registry = registry
         self._cache: OrderedDict[str, Cached] = OrderedDict()
@@ -34,6 +35,14 @@ class Partition:
     def close(self) -> None:
         self._cache.clear()
         self.store.close()
+
+    def reset_store(self) -> None:
+        """Drop all local state: the next restore rebuilds it from the history topic."""
+        self.store.close()
+        PartitionStore.destroy(self.path)
+        self.store = PartitionStore(self.path)
+        self._cache.clear()
+        self._timers = []
 
     # ----------------------------------------------------------------- workflows
 

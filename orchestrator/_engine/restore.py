@@ -24,6 +24,7 @@ from confluent_kafka import (
 from contracts import codec
 from contracts.envelopes import HistoryEvent
 from orchestrator.kafka_config import consumer_config
+from orchestrator.topics import HISTORY_DELETE_RETENTION_MS
 
 from .partition import Partition
 from .state import WorkflowState, fold
@@ -109,6 +110,8 @@ def restore_partitions(
     if not parts:
         return []
     began = time.monotonic()
+    for part in parts:
+        _drop_if_stale(part, history_topic)
     by_number = {part.number: part for part in parts}
     restorers = {part.number: _Restorer(part) for part in parts}
     next_offsets: dict[int, int | None] = {p.number: p.store.checkpoint() for p in parts}
@@ -158,6 +161,23 @@ def restore_partitions(
         )  # fmt: skip
         reports.append(report)
     return reports
+
+
+def _drop_if_stale(part: Partition, history_topic: str) -> None:
+    """A checkpoint older than the history's ``delete.retention.ms`` may have missed tombstones
+    that compaction has since removed: catching up from it would keep expired workflows forever.
+    Such a partition is rebuilt from the beginning instead."""
+    written = part.store.checkpoint_written_ms()
+    if written is None and part.store.checkpoint() is None:
+        return
+    age_ms = int(time.time() * 1000) - (written or 0)
+    if written is None or age_ms > HISTORY_DELETE_RETENTION_MS:
+        log.warning(
+            "%s[%d]: local state is from %s; rebuilding it from the topic",
+            history_topic, part.number,
+            "an unknown time" if written is None else f"{age_ms / 86_400_000:.1f} days ago",
+        )  # fmt: skip
+        part.reset_store()
 
 
 def _next(reader: Consumer) -> list[Message]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +104,16 @@ class PartitionStore:
     # ----------------------------------------------------------------- reads
 
     def checkpoint(self) -> int | None:
+        """The next history offset to restore from, if this store has applied any."""
         raw = self._db.get(_CHECKPOINT)
-        return int.from_bytes(raw, "big") if isinstance(raw, bytes) else None
+        return int.from_bytes(raw[:8], "big") if isinstance(raw, bytes) else None
+
+    def checkpoint_written_ms(self) -> int | None:
+        """When the checkpoint was last written (wall clock ms)."""
+        raw = self._db.get(_CHECKPOINT)
+        return (
+            int.from_bytes(raw[8:16], "big") if isinstance(raw, bytes) and len(raw) >= 16 else None
+        )
 
     def _scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         for key, value in self._db.items(from_key=prefix):
@@ -151,5 +160,6 @@ class PartitionStore:
                 wb.delete(_timer_key(due, wf))
             wb.delete(b"w" + wf.encode())
         if batch.checkpoint is not None:
-            wb.put(_CHECKPOINT, batch.checkpoint.to_bytes(8, "big"))
+            written = int(time.time() * 1000)
+            wb.put(_CHECKPOINT, batch.checkpoint.to_bytes(8, "big") + written.to_bytes(8, "big"))
         self._db.write(wb)
