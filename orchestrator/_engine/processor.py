@@ -11,7 +11,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +80,6 @@ class Batch:
     stores: dict[int, StoreBatch] = field(default_factory=dict)
     touched: dict[tuple[int, str], Cached] = field(default_factory=dict)
     removed: list[tuple[int, str]] = field(default_factory=list)
-    dead_letters: int = 0
 
     def store(self, partition: int) -> StoreBatch:
         return self.stores.setdefault(partition, StoreBatch())
@@ -122,7 +120,8 @@ class Processor:
         self._state_root = Path(settings.state_dir) / settings.namespace
         self._partitions: dict[int, Partition] = {}
         self._to_restore: set[int] = set()
-        self._known_topics: dict[str, float] = {}
+        self._known_topics: set[str] = set()
+        self._missing_topics: dict[str, float] = {}  # topic -> when it was found missing
         self._history_offsets: dict[int, int] = {}
         self._last_retention = 0.0
         # Static membership: a node that restarts with the same node id takes its partitions
@@ -133,7 +132,6 @@ class Processor:
             consumer_config(settings.bootstrap_servers, self._group, extra=consumer_extra)
         )
         self._producer = self._new_producer()
-        self.on_commit: Callable[[Batch], None] | None = None  # a hook for tests
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -531,7 +529,6 @@ class Processor:
 
     def _dead_letter(self, batch: Batch, msg: Message, reason: str, error_type: str) -> None:
         self.counters.dead_letters += 1
-        batch.dead_letters += 1
         if self.metrics is not None:
             self.metrics.dead_letters.inc()
         log.warning(
@@ -541,14 +538,20 @@ class Processor:
         batch.outputs.append(_Out(self.settings.dlq, msg.key() or b"", codec.encode(record)))
 
     def _topic_exists(self, topic: str) -> bool:
-        checked = self._known_topics.get(topic)
-        if checked is not None and (checked > 0 or time.monotonic() + checked < 5.0):
-            return checked > 0
+        """Whether a command topic exists: a yes is kept, a no is asked again after 5 s."""
+        if topic in self._known_topics:
+            return True
+        missing_since = self._missing_topics.get(topic)
+        if missing_since is not None and time.monotonic() - missing_since < 5.0:
+            return False
         meta = self._consumer.list_topics(topic, timeout=10)
         found = meta.topics.get(topic)
-        exists = found is not None and found.error is None and bool(found.partitions)
-        self._known_topics[topic] = 1.0 if exists else -time.monotonic()
-        return exists
+        if found is not None and found.error is None and found.partitions:
+            self._known_topics.add(topic)
+            self._missing_topics.pop(topic, None)
+            return True
+        self._missing_topics[topic] = time.monotonic()
+        return False
 
     # ----------------------------------------------------------------- the transaction
 
@@ -610,8 +613,6 @@ class Processor:
                 # start): it is replayed from the store then. Keeping thousands of them cached
                 # made every full garbage collection a long pause (docs/performance.md).
                 part.forget(wf)
-        if self.on_commit is not None:
-            self.on_commit(batch)
 
     def _produce(self, out: _Out) -> None:
         on_delivery = self._on_history_delivery if out.topic == self.settings.history else None
