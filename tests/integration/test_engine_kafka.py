@@ -13,19 +13,34 @@ from confluent_kafka import Consumer, Producer
 from pydantic import BaseModel
 
 from contracts import codec
+from contracts.activity import ActivityContract
 from contracts.envelopes import (
     ActivityReply,
     DeadLetter,
     HistoryEvent,
     ReplyOutcome,
+    RetryPolicy,
     WorkflowStatus,
 )
+from orchestrator import workflow
 from orchestrator.client import Client
 from orchestrator.errors import WorkflowFailedError
 from orchestrator.kafka_config import consumer_config, producer_config
 from orchestrator.settings import Settings
+from orchestrator.workflow import WorkflowContext
 
-from .kit import Approval, Kit, ThreadStack, Trip, TripResult, build, create_topics, settings_for
+from .kit import (
+    Approval,
+    Done,
+    Kit,
+    Step,
+    ThreadStack,
+    Trip,
+    TripResult,
+    build,
+    create_topics,
+    settings_for,
+)
 
 pytestmark = pytest.mark.broker
 E = TypeVar("E", bound=BaseModel)
@@ -272,3 +287,27 @@ def test_finished_workflows_are_tombstoned_after_their_retention(stack: Stack) -
     assert sorted(tombstones) == sorted(f"short-lived/{n}" for n in range(1, events + 1))
     with pytest.raises(Exception, match="short-lived"):
         stack.client.describe("short-lived", timeout=5)
+
+
+def test_a_command_topic_that_does_not_exist_fails_the_attempts_not_the_partition(
+    stack: Stack,
+) -> None:
+    ghost = ActivityContract("ghost.do", f"{stack.kit.prefix}-ghost", Step, Done)
+
+    @workflow.defn(name="calls-a-ghost")
+    class CallsAGhost:
+        @workflow.run
+        async def run(self, ctx: WorkflowContext, step: Step) -> Done:
+            policy = RetryPolicy(max_attempts=2, initial_interval_ms=50)
+            return await ctx.call(ghost, step, retry=policy)
+
+    stack.stop_node()
+    stack.kit.registry.add(CallsAGhost)
+    stack.start_node()
+    handle = stack.client.start("calls-a-ghost", Step(n=1), workflow_id="ghostly")
+    assert len(stack.run(Trip(), "beside-the-ghost").refs) == 3  # the partition moves on
+    with pytest.raises(WorkflowFailedError) as info:
+        handle.result(Done, timeout=20)
+    assert (info.value.status, info.value.error_type) == ("FAILED", "UnknownTopic")
+    failed = [e for e in stack.history("ghostly") if e.event.kind == "ActivityAttemptFailed"]
+    assert len(failed) == 2
