@@ -57,7 +57,6 @@ from orchestrator.workflow import (
     DEFAULT_COMPENSATION_RETRY,
     Saga,
     WorkflowContext,
-    WorkflowDefinition,
     WorkflowRegistry,
 )
 
@@ -311,7 +310,6 @@ class WorkflowRun:
     def __init__(self, workflow_id: str, registry: WorkflowRegistry) -> None:
         self.state = WorkflowState(workflow_id)
         self._registry = registry
-        self._definition: WorkflowDefinition | None = None
         self._coro: Coroutine[Any, Any, Any] | None = None
         self._blocked: _Future[Any] | None = None
         self._throw: BaseException | None = None
@@ -325,7 +323,6 @@ class WorkflowRun:
         self._shield = 0
         self._compensated = 0
         self._rng: random.Random | None = None  # retry jitter; see _jitter
-        self._live = False
 
     # ----------------------------------------------------------------- building
 
@@ -483,7 +480,6 @@ class WorkflowRun:
         definition = self._registry.get(body.workflow_type)
         if definition is None:
             raise LookupError(f"unknown workflow type {body.workflow_type!r}")
-        self._definition = definition
         ctx = _Context(self)
         instance = definition.cls()
         try:
