@@ -2,56 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
-import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer
 
-from contracts import codec
-from contracts.envelopes import HistoryEvent, WorkflowResult, WorkflowStatus
+from contracts.envelopes import WorkflowStatus
 from orchestrator.client import Client
-from orchestrator.kafka_config import consumer_config
-from orchestrator.settings import Settings
 
-from .kit import Kit, Trip, build, create_topics, make_service, settings_for
+from .kit import Kit, Trip, build, create_topics, settings_for
+from .procs import NodeProcess, ResultWatcher, assert_history_sound, service_threads
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
-
-
-class NodeProcess:
-    def __init__(self, kit: Kit, namespace: str, state_dir: Path, node_id: str, bootstrap: str):
-        self.args = [
-            sys.executable, "-m", "tests.integration.node_main",
-            kit.prefix, namespace, str(state_dir), node_id, bootstrap,
-        ]  # fmt: skip
-        self.log = state_dir.parent / f"{node_id}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @pytest.fixture
@@ -59,18 +23,8 @@ def services(kafka_bootstrap: str, namespace: str, tmp_path: Path) -> Iterator[K
     kit = build(namespace)
     settings = settings_for(kafka_bootstrap, namespace, tmp_path / "svc-state")
     create_topics(kit, settings)
-    stops: list[tuple[threading.Thread, threading.Event]] = []
-    for name in kit.services:
-        stop = threading.Event()
-        thread = threading.Thread(
-            target=make_service(kit, name, settings).run, args=(stop,), daemon=True
-        )
-        thread.start()
-        stops.append((thread, stop))
-    yield kit
-    for thread, stop in stops:
-        stop.set()
-        thread.join(30)
+    with service_threads(kit, settings):
+        yield kit
 
 
 def _expected(i: int) -> tuple[Trip, WorkflowStatus, list[str]]:
@@ -83,61 +37,6 @@ def _expected(i: int) -> tuple[Trip, WorkflowStatus, list[str]]:
         trip = Trip(flaky_at=2, flaky=1, sleep_ms=sleep_ms)
         return trip, WorkflowStatus.COMPLETED, ["do", "do", "do"]
     return Trip(sleep_ms=sleep_ms), WorkflowStatus.COMPLETED, ["do", "do", "do"]
-
-
-class ResultWatcher(threading.Thread):
-    """Collects ``<ns>.results`` in the background, so a test can kill nodes mid-flight."""
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__(daemon=True)
-        self.settings = settings
-        self.found: dict[str, WorkflowResult] = {}
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        reader = Consumer(
-            consumer_config(self.settings.bootstrap_servers, f"check.{time.time_ns()}")
-        )
-        reader.subscribe([self.settings.results])
-        while not self._halt.is_set():
-            for msg in reader.consume(500, 0.2):
-                if msg.error() is None and msg.value():
-                    result = codec.decode_as(msg.value() or b"", WorkflowResult)
-                    self.found.setdefault(result.workflow_id, result)
-        reader.close()
-
-    def wait_for(self, count: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.found) < count and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-    def close(self) -> None:
-        self._halt.set()
-        self.join(10)
-
-
-def _history_keys(settings: Settings) -> Counter[str]:
-    reader = Consumer(
-        consumer_config(
-            settings.bootstrap_servers,
-            f"hist.{time.time_ns()}",
-            extra={"enable.partition.eof": True},
-        )
-    )
-    reader.subscribe([settings.history])
-    keys: Counter[str] = Counter()
-    eofs: set[int] = set()
-    deadline = time.monotonic() + 30
-    while len(eofs) < settings.partitions and time.monotonic() < deadline:
-        for msg in reader.consume(1000, 0.3):
-            if msg.error() is not None:
-                eofs.add(msg.partition() or 0)
-            elif msg.value():
-                event = codec.decode_as(msg.value() or b"", HistoryEvent)
-                assert (msg.key() or b"").decode() == f"{event.workflow_id}/{event.event_seq}"
-                keys[f"{event.workflow_id}/{event.event_seq}"] += 1
-    reader.close()
-    return keys
 
 
 def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
@@ -177,11 +76,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
         assert results[wf].status == status, (wf, results[wf])
         assert kit.steps_of(wf) == steps, wf
     assert set(kit.effects.values()) == {1}, "a service effect was applied twice"
-    keys = _history_keys(settings)
-    assert max(keys.values()) == 1, "a history event appears twice"
-    for wf in ids:
-        seqs = sorted(int(k.rsplit("/", 1)[1]) for k in keys if k.startswith(wf + "/"))
-        assert seqs == list(range(1, len(seqs) + 1)), wf
+    assert_history_sound(settings, list(ids))
 
 
 def test_a_second_node_takes_over_the_partitions_of_a_killed_one(
