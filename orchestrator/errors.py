@@ -75,3 +75,8 @@ class WorkflowFailedError(Exception):
         self.status = status
         self.error_type = error_type
         self.message = message
+
+
+class NodeStopped(RuntimeError):
+    """A node cannot go on and must exit: fenced by another process with the same node id, or an
+    unrecoverable Kafka error. The message is the one line an operator needs."""

@@ -11,8 +11,10 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -38,7 +40,7 @@ from contracts.envelopes import (
     WorkflowStatus,
 )
 from orchestrator.dead_letters import dead_letter_of
-from orchestrator.errors import NonDeterminismError
+from orchestrator.errors import NodeStopped, NonDeterminismError
 from orchestrator.kafka_config import consumer_config, producer_config
 from orchestrator.metrics import NodeMetrics
 from orchestrator.payloads import PayloadError, from_payload
@@ -56,6 +58,21 @@ log = logging.getLogger(__name__)
 MAX_RECORD_BYTES = 512 * 1024
 _IDLE_POLL_MS = 100  # an idle node looks at its timers and retention at least this often
 MAX_WORKFLOW_ID = 256
+
+
+T = TypeVar("T")
+
+# A producer with this node's transactional id started elsewhere: the same SAGA_NODE_ID twice.
+_FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED}
+
+
+def _fatal_reason(error: KafkaError) -> str:
+    if error.code() in _FENCED or "fenced" in error.str().lower():
+        return (
+            f"fenced by another process with the same node id ({error.str()}); "
+            "give every node its own SAGA_NODE_ID"
+        )
+    return f"unrecoverable Kafka error: {error.str()}"
 
 
 def now_ms() -> int:
@@ -123,6 +140,11 @@ class Processor:
         self._known_topics: set[str] = set()
         self._missing_topics: dict[str, float] = {}  # topic -> when it was found missing
         self._history_offsets: dict[int, int] = {}
+        # Next inbox offset per owned partition: every transaction sends it for each partition it
+        # writes for, so even a batch that consumed nothing (timers, retention) is fenced by the
+        # group generation (KIP-447) once the partition has moved to another node.
+        self._positions: dict[int, int] = {}
+        self._stop = threading.Event()
         self._last_retention = 0.0
         # Static membership: a node that restarts with the same node id takes its partitions
         # back at once instead of waiting for a rebalance.
@@ -143,10 +165,28 @@ class Processor:
                 extra=self.settings.client_extra(),
             )
         )
-        producer.init_transactions(30)  # aborts what a previous incarnation left open
+        # Aborts what a previous incarnation left open; waits out a broker that is away.
+        self._retrying("init_transactions", lambda: producer.init_transactions(30))
         return producer
 
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        """``call`` until it succeeds: a broker that restarts answers NOT_COORDINATOR, times out
+        or is unreachable for a while, and the node must outlast that rather than exit. Fatal
+        errors (fenced, unsupported) go up at once; so does a stop request."""
+        delay = 0.1
+        while True:
+            try:
+                return call()
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if error.fatal() or self._stop.is_set():
+                    raise
+                log.warning("%s failed (%s); retrying in %.1fs", what, error, delay)
+            self._stop.wait(delay)
+            delay = min(delay * 2, 5.0)
+
     def run(self, stop: threading.Event) -> None:
+        self._stop = stop
         self._consumer.subscribe(
             [self.settings.inbox],
             on_assign=self._on_assign,
@@ -173,6 +213,7 @@ class Processor:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._to_restore.discard(tp.partition)
+            self._positions.pop(tp.partition, None)
             part = self._partitions.pop(tp.partition, None)
             if part is not None:
                 part.close()
@@ -180,6 +221,18 @@ class Processor:
                 self.metrics.forget_partition(tp.partition)
 
     def _restore_assigned(self) -> None:
+        # The committed offsets first: under read_committed this fetch waits for a transaction
+        # of the previous owner that still holds offsets for these partitions (KIP-447), so the
+        # history read below cannot stop short of events that such a transaction commits.
+        numbers = sorted(self._to_restore)
+        committed = self._retrying(
+            "fetching committed inbox offsets",
+            lambda: self._consumer.committed(
+                [TopicPartition(self.settings.inbox, n) for n in numbers], timeout=30
+            ),
+        )
+        for tp in committed:
+            self._positions[tp.partition] = tp.offset if tp.offset >= 0 else self._low(tp)
         parts = [
             Partition(number, self._state_root / f"p{number}", self.registry)
             for number in sorted(self._to_restore)
@@ -194,6 +247,16 @@ class Processor:
             self._partitions[part.number] = part
         self._to_restore.clear()
 
+    def _low(self, tp: TopicPartition) -> int:
+        """Where a partition with no committed offset starts (auto.offset.reset=earliest)."""
+        low, _high = self._retrying(
+            "reading inbox watermarks",
+            lambda: self._consumer.get_watermark_offsets(
+                TopicPartition(tp.topic, tp.partition), timeout=30
+            ),
+        )
+        return int(low)
+
     # ----------------------------------------------------------------- one turn of the loop
 
     def step(self) -> None:
@@ -205,6 +268,8 @@ class Processor:
         for msg in msgs:
             err = msg.error()
             if err is not None:
+                if err.fatal():
+                    raise NodeStopped(_fatal_reason(err))
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("inbox consumer error: %s", err)
                 continue
@@ -578,18 +643,15 @@ class Processor:
             self._producer.begin_transaction()
             for out in batch.outputs:
                 self._produce(out)
-            if batch.offsets:
-                offsets = [
-                    TopicPartition(self.settings.inbox, p, o) for p, o in batch.offsets.items()
-                ]
-                self._producer.send_offsets_to_transaction(
-                    offsets, self._consumer.consumer_group_metadata(), 30
-                )
+            self._producer.send_offsets_to_transaction(
+                self._fencing_offsets(batch), self._consumer.consumer_group_metadata(), 30
+            )
             self._producer.commit_transaction(30)
         except KafkaException as exc:
             self._abort(exc)
             return
         self.counters.transactions += 1
+        self._positions.update(batch.offsets)
         if self.tracer is not None:
             self.tracer.committed()
         if self.metrics is not None:
@@ -613,6 +675,18 @@ class Processor:
                 # start): it is replayed from the store then. Keeping thousands of them cached
                 # made every full garbage collection a long pause (docs/performance.md).
                 part.forget(wf)
+
+    def _fencing_offsets(self, batch: Batch) -> list[TopicPartition]:
+        """The inbox offsets this transaction commits: what it consumed, and for every other
+        partition it writes for, the current position again. The group coordinator refuses
+        them from a member of an older generation, which aborts the transaction: a node that
+        lost a partition (paused past its session timeout, cut off) cannot write for it."""
+        offsets = dict.fromkeys(batch.stores, -1) | batch.offsets
+        return [
+            TopicPartition(self.settings.inbox, p, o if o >= 0 else self._positions[p])
+            for p, o in sorted(offsets.items())
+            if o >= 0 or p in self._positions
+        ]
 
     def _produce(self, out: _Out) -> None:
         on_delivery = self._on_history_delivery if out.topic == self.settings.history else None
@@ -645,6 +719,10 @@ class Processor:
         if self.metrics is not None:
             self.metrics.transactions.labels(result="aborted").inc()
         log.warning("transaction failed (%s); aborting and re-reading the inbox", error)
+        if error.code() in _FENCED:
+            # Another process took this node's transactional id: a second node with the same
+            # SAGA_NODE_ID. A new producer would fence that one in turn, and so on for ever.
+            raise NodeStopped(_fatal_reason(error))
         if error.fatal():
             self._producer = self._new_producer()
         else:
@@ -658,8 +736,12 @@ class Processor:
             part.reload_timers()
         assigned = [TopicPartition(self.settings.inbox, p) for p in self._partitions]
         if assigned:
-            for tp in self._consumer.committed(assigned, timeout=30):
-                if tp.offset >= 0:
-                    self._consumer.seek(tp)
-                else:
-                    self._consumer.seek(TopicPartition(tp.topic, tp.partition, 0))
+            committed = self._retrying(
+                "fetching committed inbox offsets",
+                lambda: self._consumer.committed(assigned, timeout=30),
+            )
+            for tp in committed:
+                position = tp.offset if tp.offset >= 0 else self._low(tp)
+                self._positions[tp.partition] = position
+                with contextlib.suppress(KafkaException):  # revoked meanwhile: nothing to read
+                    self._consumer.seek(TopicPartition(tp.topic, tp.partition, position))

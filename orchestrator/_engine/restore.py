@@ -8,6 +8,7 @@ twice is harmless.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from confluent_kafka import (
 )
 
 from contracts import codec
+from contracts.codec import CodecError
 from contracts.envelopes import HistoryEvent
 from orchestrator.kafka_config import consumer_config
 from orchestrator.topics import HISTORY_DELETE_RETENTION_MS
@@ -41,15 +43,23 @@ class RestoreReport:
     events: int
     tombstones: int
     seconds: float
+    skipped: int = 0  # records that are not this workflow's next event: counted, logged, passed
+    rebuilt: bool = False  # the local state did not fit the topic and was rebuilt from scratch
 
     @property
     def events_per_second(self) -> float:
         return self.events / self.seconds if self.seconds > 0 else 0.0
 
 
+class _Gap(Exception):
+    """An event that does not follow its workflow's last one: local state and topic disagree."""
+
+
 class _Restorer:
-    def __init__(self, part: Partition) -> None:
+    def __init__(self, part: Partition, from_scratch: bool) -> None:
         self.part = part
+        self.from_scratch = from_scratch
+        self.skipped = 0
         self.states: dict[str, WorkflowState] = {}
         self.old_due: dict[str, int | None] = {}
         self.batch = StoreBatch()
@@ -65,8 +75,12 @@ class _Restorer:
             self.states[workflow_id] = state
         return state
 
-    def apply(self, key: bytes, value: bytes | None) -> None:
-        workflow_id = key.decode().rpartition("/")[0]
+    def apply(self, key: bytes, value: bytes | None, where: str) -> None:
+        """Fold one history record in. Raises :class:`_Gap` when an event does not follow and
+        the store was restored from a checkpoint (it, not the topic, is then suspect)."""
+        workflow_id, _, seq = key.decode(errors="replace").rpartition("/")
+        if not workflow_id or not seq.isdigit():
+            return self.skip(where, f"key {key[:80]!r} is not <workflow id>/<seq>")
         if value is None:
             # Retention tombstoned this finished workflow: its events go, one key at a time.
             self.tombstones += 1
@@ -75,13 +89,28 @@ class _Restorer:
                 self.batch.remove_workflow(workflow_id, 1 << 40, self.old_due.get(workflow_id))
                 self.states.pop(workflow_id, None)
             return
-        event = codec.decode_as(value, HistoryEvent)
+        try:
+            event = codec.decode_as(value, HistoryEvent)
+        except CodecError as exc:
+            return self.skip(where, f"not a history event ({exc})")
+        if (event.workflow_id, event.event_seq) != (workflow_id, int(seq)):
+            return self.skip(where, f"key {key[:80]!r} does not name its event")
         state = self.state(event.workflow_id)
         if event.event_seq <= state.last_seq:
             return
+        if event.event_seq != state.last_seq + 1:
+            if not self.from_scratch:
+                raise _Gap(f"{where}: {workflow_id} event {event.event_seq} after {state.last_seq}")
+            return self.skip(where, f"{workflow_id} event {event.event_seq} after {state.last_seq}")
         state.apply(event)
         self.batch.add_event(event, value)
         self.events += 1
+
+    def skip(self, where: str, reason: str) -> None:
+        # A record no writer of ours makes (a forged or foreign producer): restoring must not
+        # die on it, or the partition could never be owned again.
+        self.skipped += 1
+        log.error("history record %s skipped: %s", where, reason)
 
     def flush(self, next_offset: int | None) -> None:
         for workflow_id, state in self.states.items():
@@ -112,8 +141,37 @@ def restore_partitions(
     began = time.monotonic()
     for part in parts:
         _drop_if_stale(part, history_topic)
+    reports, gaps = _restore(parts, bootstrap, history_topic, group, began + timeout_s)
+    if gaps:
+        for part in gaps:
+            part.reset_store()
+        again, _ = _restore(gaps, bootstrap, history_topic, group, began + timeout_s)
+        reports = [r for r in reports if r.partition not in {p.number for p in gaps}]
+        reports += [dataclasses.replace(r, rebuilt=True) for r in again]
+    seconds = time.monotonic() - began
+    reports = sorted(
+        (dataclasses.replace(r, seconds=seconds) for r in reports), key=lambda r: r.partition
+    )
+    for part in parts:
+        part.reload_timers()
+    for report in reports:
+        log.info(
+            "restored %s[%d]: %d events, %d tombstones%s%s in %.2fs",
+            history_topic, report.partition, report.events, report.tombstones,
+            f", {report.skipped} records skipped" if report.skipped else "",
+            " (rebuilt from the beginning)" if report.rebuilt else "", seconds,
+        )  # fmt: skip
+    return reports
+
+
+def _restore(
+    parts: list[Partition], bootstrap: str, history_topic: str, group: str, deadline: float
+) -> tuple[list[RestoreReport], list[Partition]]:
+    """One pass over ``parts``; returns the reports of those restored and the partitions whose
+    local state disagreed with the topic (to be rebuilt from the beginning)."""
     by_number = {part.number: part for part in parts}
-    restorers = {part.number: _Restorer(part) for part in parts}
+    restorers = {p.number: _Restorer(p, p.store.checkpoint() is None) for p in parts}
+    gaps: list[Partition] = []
     next_offsets: dict[int, int | None] = {p.number: p.store.checkpoint() for p in parts}
     pending = dict.fromkeys(by_number, 0)
     done: set[int] = set()
@@ -125,12 +183,11 @@ def restore_partitions(
                 for n, o in next_offsets.items()
             ]
         )
-        deadline = began + timeout_s
         while len(done) < len(parts):
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"restoring {history_topic} partitions {sorted(set(by_number) - done)} "
-                    f"took over {timeout_s:.0f}s"
+                    "took too long"
                 )
             for msg in _next(reader):
                 number = msg.partition() or 0
@@ -140,27 +197,32 @@ def restore_partitions(
                         raise KafkaException(err)
                     done.add(number)
                     continue
-                restorers[number].apply(msg.key() or b"", msg.value())
+                if number in done:
+                    continue  # given up on above: it is rebuilt from the beginning next
+                where = f"{history_topic}[{number}]@{msg.offset()}"
+                try:
+                    restorers[number].apply(msg.key() or b"", msg.value(), where)
+                except _Gap as gap:
+                    log.warning("%s; rebuilding the partition from the beginning", gap)
+                    gaps.append(by_number[number])
+                    done.add(number)
+                    continue
                 next_offsets[number] = (msg.offset() or 0) + 1
                 pending[number] += 1
                 if pending[number] >= _FLUSH_EVERY:
                     restorers[number].flush(next_offsets[number])
                     pending[number] = 0
         for number, restorer in restorers.items():
-            restorer.flush(next_offsets[number])
+            if by_number[number] not in gaps:
+                restorer.flush(next_offsets[number])
     finally:
         reader.close()
-    seconds = time.monotonic() - began
-    reports = []
-    for number, restorer in sorted(restorers.items()):
-        by_number[number].reload_timers()
-        report = RestoreReport(number, restorer.events, restorer.tombstones, seconds)
-        log.info(
-            "restored %s[%d]: %d events, %d tombstones in %.2fs",
-            history_topic, number, report.events, report.tombstones, seconds,
-        )  # fmt: skip
-        reports.append(report)
-    return reports
+    reports = [
+        RestoreReport(number, r.events, r.tombstones, 0.0, r.skipped)
+        for number, r in restorers.items()
+        if by_number[number] not in gaps
+    ]
+    return reports, gaps
 
 
 def _drop_if_stale(part: Partition, history_topic: str) -> None:
