@@ -140,6 +140,11 @@ def ensure_jars() -> None:
         ) from exc
 
 
+# Brokers this process started, so that stopping one also reaps it (no zombie, and no
+# "subprocess still running" warning when a test's broker handle is collected).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def _read_pid(layout: BrokerLayout) -> int | None:
     try:
         pid = int(layout.pid_file.read_text().strip())
@@ -247,6 +252,7 @@ def start(layout: BrokerLayout, timeout: float = 120.0) -> str:
             start_new_session=True,  # survives the shell that started it
         )
     layout.pid_file.write_text(str(proc.pid))
+    _CHILDREN[proc.pid] = proc
     deadline = began + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -276,7 +282,10 @@ def stop(layout: BrokerLayout, timeout: float = 60.0) -> None:
         return
     os.kill(pid, signal.SIGTERM)  # a clean shutdown, so the next start skips log recovery
     deadline = time.monotonic() + timeout
+    child = _CHILDREN.pop(pid, None)
     while time.monotonic() < deadline and _read_pid(layout) is not None:
+        if child is not None:
+            child.poll()  # reaps it once it has exited
         time.sleep(0.2)
     if _read_pid(layout) is not None:
         os.kill(pid, signal.SIGKILL)
