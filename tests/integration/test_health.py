@@ -4,6 +4,7 @@ says it is unhealthy."""
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -80,11 +81,15 @@ class HealthStack(ThreadStack):
         return service
 
     def node_port(self) -> int:
-        node = self.node
-        assert node is not None
-        port = wait_for("node port", lambda: node.http_port, lambda p: p is not None, 30)
-        assert port is not None
-        return port
+        assert self.node is not None
+        return port_of(self.node)
+
+
+def port_of(node: OrchestratorNode) -> int:
+    """The node's HTTP port, once it serves."""
+    port = wait_for("node port", lambda: node.http_port, lambda p: p is not None, 30)
+    assert port is not None
+    return port
 
 
 @pytest.fixture
@@ -187,3 +192,42 @@ def test_a_fenced_node_answers_503_for_good(stack: HealthStack) -> None:
     time.sleep(0.5)  # the loop turns on (it fenced the intruder back): still 503
     assert get(port, "/healthz") == (503, reason)
     assert get(port, "/ready") == (503, reason)
+
+
+def test_a_node_assigned_no_partition_is_ready(
+    kafka_bootstrap: str, namespace: str, tmp_path: Path
+) -> None:
+    kit = build(namespace)
+    base = settings_for(kafka_bootstrap, namespace, tmp_path / "state", metrics_port=0)
+    settings = base.model_copy(update={"partitions": 1})
+    create_topics(kit, settings)
+    nodes = [
+        OrchestratorNode(
+            settings.model_copy(update={"node_id": node_id, "state_dir": tmp_path / node_id}),
+            kit.registry,
+        )
+        for node_id in ("n1", "n2")
+    ]
+    stops = [threading.Event() for _ in nodes]
+    threads = [
+        threading.Thread(target=node.run, args=(stop,), daemon=True)
+        for node, stop in zip(nodes, stops, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        ports = [port_of(node) for node in nodes]
+
+        def observe() -> list[tuple[int, float]]:
+            return sorted(
+                (get(p, "/ready")[0], value(scrape(p), "saga_owned_partitions")) for p in ports
+            )
+
+        # Once the group settles, one node owns the only partition; the other owns none and is
+        # ready all the same.
+        wait_for("both ready", observe, lambda seen: seen == [(200, 0.0), (200, 1.0)], 60)
+    finally:
+        for stop in stops:
+            stop.set()
+        for thread in threads:
+            thread.join(30)
