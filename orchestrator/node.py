@@ -19,7 +19,9 @@ from types import FrameType
 from opentelemetry.trace import TracerProvider
 
 from orchestrator._engine.processor import Counters, Processor
-from orchestrator.metrics import NodeMetrics, serve_metrics
+from orchestrator.errors import NodeStopped
+from orchestrator.health import Health, HealthServer, serve_http
+from orchestrator.metrics import NodeMetrics
 from orchestrator.settings import Settings
 from orchestrator.topics import verify_topics
 from orchestrator.tracing import WorkflowTracer
@@ -50,8 +52,9 @@ class OrchestratorNode:
         with_metrics: bool = True,
     ) -> None:
         """``tracer_provider``: spans of this node (none without one; ``tracing.setup`` makes
-        one from the ``OTEL_*`` variables). ``metrics``: served on ``settings.metrics_port``;
-        ``with_metrics=False`` keeps none at all (the benchmark measures what they cost)."""
+        one from the ``OTEL_*`` variables). ``metrics``: served on ``settings.metrics_port``
+        with ``/healthz`` and ``/ready`` (:attr:`health`); ``with_metrics=False`` keeps no
+        metrics at all (the benchmark measures what they cost)."""
         self.settings = settings
         self.registry = registry
         self.tracer_provider = tracer_provider
@@ -59,6 +62,16 @@ class OrchestratorNode:
         if with_metrics:
             self.metrics = metrics if metrics is not None else NodeMetrics()
         self._processor: Processor | None = None
+        self.health = Health(
+            settings.health_stale_ms / 1000, not_ready_reason="waiting for a partition assignment"
+        )
+        self._http: HealthServer | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        """The port of ``/metrics``, ``/healthz``, ``/ready`` while it serves (the one the OS
+        picked when ``metrics_port`` is 0), else None."""
+        return self._http.port if self._http is not None else None
 
     @property
     def counters(self) -> Counters:
@@ -74,6 +87,20 @@ class OrchestratorNode:
 
             signal.signal(signal.SIGTERM, _stop)
             signal.signal(signal.SIGINT, _stop)
+        # Served from the start: a probe sees "alive, not ready" while the topics are checked
+        # and init_transactions waits, instead of a refused connection.
+        registry = self.metrics.registry if self.metrics is not None else None
+        with serve_http(self.health, registry, self.settings.metrics_port) as self._http:
+            try:
+                self._run(stop)
+            except NodeStopped as exc:
+                self.health.fail(str(exc))
+                log.error("node %s stops: %s", self.settings.node_id, exc)
+                raise
+            finally:
+                self._http = None
+
+    def _run(self, stop: threading.Event) -> None:
         # Fail at once, with every problem listed, rather than wait on a missing inbox.
         verify_topics(
             self.settings.bootstrap_servers,
@@ -85,15 +112,11 @@ class OrchestratorNode:
         if self.tracer_provider is not None:
             tracer = WorkflowTracer(self.tracer_provider, inbox=self.settings.inbox)
         self._processor = Processor(
-            self.settings, self.registry, tracer=tracer, metrics=self.metrics
+            self.settings, self.registry, tracer=tracer, metrics=self.metrics, health=self.health
         )
         log.info(
             "node %s runs %s on %s (namespace %s)",
             self.settings.node_id, ", ".join(self.registry.names()),
             self.settings.bootstrap_servers, self.settings.namespace,
         )  # fmt: skip
-        if self.metrics is None:
-            self._processor.run(stop)
-            return
-        with serve_metrics(self.metrics.registry, self.settings.metrics_port):
-            self._processor.run(stop)
+        self._processor.run(stop)

@@ -50,8 +50,9 @@ from contracts.envelopes import (
 from orchestrator._dedupe import FINAL_OUTCOMES, DedupeStore, ReplyStore
 from orchestrator.dead_letters import dead_letter_of
 from orchestrator.errors import BusinessError, RetryableError
+from orchestrator.health import Health, HealthServer, serve_http
 from orchestrator.kafka_config import consumer_config, producer_config
-from orchestrator.metrics import ServiceMetrics, serve_metrics
+from orchestrator.metrics import ServiceMetrics
 from orchestrator.payloads import PayloadError, from_payload, to_payload
 from orchestrator.settings import Settings
 from orchestrator.tracing import INSTRUMENTATION, handler_span, record_reply
@@ -389,7 +390,8 @@ class Service:
         metrics: ServiceMetrics | None = None,
     ) -> None:
         """``tracer_provider``: a span per handled command, a child of the command's span;
-        ``metrics``: served on ``settings.metrics_port`` (0 = not served)."""
+        ``metrics``: served on ``settings.metrics_port`` (none = not served) with ``/healthz``
+        and ``/ready`` (:attr:`health`)."""
         if not _NAME.match(name) or name in (".", ".."):
             raise ValueError(f"service name {name!r} may hold only letters, digits, '.', '_', '-'")
         self.name = name
@@ -399,6 +401,8 @@ class Service:
             tracer_provider.get_tracer(INSTRUMENTATION) if tracer_provider else NoOpTracer()
         )
         self.metrics = metrics if metrics is not None else ServiceMetrics()
+        self.health = Health(settings.health_stale_ms / 1000)
+        self._http: HealthServer | None = None
         root = state_dir if state_dir is not None else settings.state_dir / "services"
         self._store: ReplyStore = DedupeStore(root / name / "dedupe")
         self._handlers: dict[str, _Registration] = {}
@@ -422,6 +426,12 @@ class Service:
         return register
 
     @property
+    def http_port(self) -> int | None:
+        """The port of ``/metrics``, ``/healthz``, ``/ready`` while it serves (the one the OS
+        picked when ``metrics_port`` is 0), else None."""
+        return self._http.port if self._http is not None else None
+
+    @property
     def topics(self) -> list[str]:
         """The command topics this service consumes: those of its contracts."""
         return sorted({reg.contract.topic for reg in self._handlers.values()})
@@ -441,12 +451,17 @@ class Service:
         try:
             with (
                 _sigterm_sets(stop),
-                serve_metrics(self.metrics.registry, self.settings.metrics_port),
+                serve_http(self.health, self.metrics.registry, self.settings.metrics_port) as http,
             ):
+                self._http = http
                 self._serve(stop)
+        except ServiceError as exc:
+            self.health.fail(str(exc))
+            raise
         except KeyboardInterrupt:
             log.info("service %s interrupted", self.name)
         finally:
+            self._http = None
             self._idle.set()
 
     def close(self, timeout: float = 30.0) -> None:
@@ -467,9 +482,12 @@ class Service:
                 raise ServiceError(f"the dead-letter topic {self.settings.dlq} does not exist")
             kafka.subscribe(self.topics)
             log.info("service %s consuming %s", self.name, ", ".join(self.topics))
+            self.health.set_ready(True)
             while not (stop.is_set() or self._stop.is_set()):
                 self._process_batch(kafka.next_batch(self.settings.max_batch))
+                self.health.beat()
         finally:
+            self.health.set_ready(False, "stopped")
             self._kafka = None
             kafka.close()
 

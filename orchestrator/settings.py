@@ -11,7 +11,8 @@
 | max_batch              | SAGA_MAX_BATCH              | 1000                     |
 | retention_ms           | SAGA_RETENTION_MS           | 7 days                   |
 | kafka (extra config)   | SAGA_KAFKA__<dotted key>    | none                     |
-| metrics_port           | SAGA_METRICS_PORT           | 0 (no metrics endpoint)  |
+| metrics_port           | SAGA_METRICS_PORT           | none (no HTTP endpoint)  |
+| health_stale_ms        | SAGA_HEALTH_STALE_MS        | 60000                    |
 | traces_file            | SAGA_TRACES_FILE            | none (JSON-lines spans)  |
 
 ``docs/configuration.md`` explains each one.
@@ -62,8 +63,17 @@ class Settings(BaseSettings):
     )
     max_batch: int = Field(default=1000, ge=1, le=100_000)
     retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=0)
-    metrics_port: int = Field(
-        default=0, ge=0, le=65535, description="Prometheus /metrics port; 0 = no endpoint"
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="HTTP port of /metrics, /healthz and /ready; none = no endpoint, 0 = a port "
+        "the OS picks (tests)",
+    )
+    health_stale_ms: int = Field(
+        default=60_000,
+        ge=1,
+        description="/healthz answers 503 when the loop has not turned for this long",
     )
     traces_file: Path | None = Field(
         default=None, description="also write spans to this JSON-lines file (see tracing.setup)"

@@ -41,6 +41,7 @@ from contracts.envelopes import (
 )
 from orchestrator.dead_letters import dead_letter_of
 from orchestrator.errors import NodeStopped, NonDeterminismError
+from orchestrator.health import Health
 from orchestrator.kafka_config import consumer_config, producer_config
 from orchestrator.metrics import NodeMetrics
 from orchestrator.payloads import PayloadError, from_payload
@@ -125,12 +126,14 @@ class Processor:
         *,
         tracer: WorkflowTracer | None = None,
         metrics: NodeMetrics | None = None,
+        health: Health | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.counters = Counters()
         self.tracer = tracer  # spans for new events only: replay never reaches _record
         self.metrics = metrics
+        self.health = health  # health (#8): /healthz and /ready
         self._last_lag = 0.0
         self._group = f"{settings.namespace}.orchestrator"
         self._txn_id = f"{settings.namespace}.orchestrator.{settings.node_id}"
@@ -209,6 +212,8 @@ class Processor:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Only note them: restoring is long work for the loop, not for librdkafka's callback.
         self._to_restore.update(tp.partition for tp in partitions)
+        if self.health is not None:  # health (#8): ready again once _restore_assigned ran
+            self.health.set_ready(not self._to_restore, "restoring assigned partitions")
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
@@ -219,6 +224,8 @@ class Processor:
                 part.close()
             if self.metrics is not None:
                 self.metrics.forget_partition(tp.partition)
+        if self.metrics is not None:  # health (#8)
+            self.metrics.owned_partitions(len(self._partitions))
 
     def _restore_assigned(self) -> None:
         # The committed offsets first: under read_committed this fetch waits for a transaction
@@ -246,6 +253,10 @@ class Processor:
                 self.metrics.restored(report.events, report.seconds)
             self._partitions[part.number] = part
         self._to_restore.clear()
+        if self.metrics is not None:  # health (#8)
+            self.metrics.owned_partitions(len(self._partitions))
+        if self.health is not None:  # health (#8)
+            self.health.set_ready(True)
 
     def _low(self, tp: TopicPartition) -> int:
         """Where a partition with no committed offset starts (auto.offset.reset=earliest)."""
@@ -280,6 +291,10 @@ class Processor:
             self._commit(batch)
         if self.metrics is not None and time.monotonic() - self._last_lag >= 1.0:
             self._report_lag(self.metrics)
+        if self.metrics is not None:  # health (#8): a lazy iterable; counted every few seconds
+            self.metrics.count_workflows(p.store for p in self._partitions.values())
+        if self.health is not None:  # health (#8)
+            self.health.beat()
 
     def _report_lag(self, metrics: NodeMetrics) -> None:
         """Inbox lag per partition: the high watermark seen by the fetcher minus our position."""

@@ -17,6 +17,7 @@ import pytest
 
 from contracts.envelopes import WorkflowStatus
 from orchestrator.client import Client
+from tests.faults.conftest import PrivateBroker
 from tests.integration.kit import Kit, Trip, build, create_topics, settings_for
 from tests.integration.procs import (
     NodeProcess,
@@ -93,5 +94,50 @@ def test_a_paused_node_writes_nothing_after_it_lost_its_partitions(
     assert {r.status for r in results.values()} == {WorkflowStatus.COMPLETED}
     for wf in ids:
         assert kit.steps_of(wf) == ["do", "do", "do"], wf
+    assert set(kit.effects.values()) == {1}, "a service effect was applied twice"
+    assert_history_sound(settings, ids)
+
+
+@pytest.mark.timeout(240)
+def test_a_broker_restart_under_load_neither_kills_nor_stalls_the_node(
+    private_broker: PrivateBroker, namespace: str, tmp_path: Path
+) -> None:
+    """The broker stops for 10 s while sagas are in flight and starts again: the node rides it
+    out (no exit), and every saga ends once, started before, during or after the outage."""
+    bootstrap = private_broker.bootstrap
+    kit = build(namespace)
+    settings = settings_for(bootstrap, namespace, tmp_path / "orch")
+    create_topics(kit, settings)
+    node = NodeProcess(kit, namespace, tmp_path / "orch", "n1", bootstrap)
+    watcher = ResultWatcher(settings)
+    ids = [f"outage-{i}" for i in range(60)]
+    with service_threads(kit, settings):
+        watcher.start()
+        node.start()
+        try:
+            with Client(settings) as client:
+                for i, wf in enumerate(ids[:40]):
+                    # Spread over the outage: some finish before, most are asleep through it.
+                    client.start("trip", Trip(sleep_ms=(i % 8) * 1000), workflow_id=wf)
+            watcher.wait_for(5, timeout=30)
+            private_broker.stop()
+            time.sleep(10)
+            assert node.alive(), node.log.read_text()[-3000:]
+            private_broker.start()
+            back = time.monotonic()
+            seen = len(watcher.found)
+            with Client(settings) as client:
+                for wf in ids[40:]:
+                    client.start("trip", Trip(), workflow_id=wf)
+            watcher.wait_for(seen + 1, timeout=60)
+            print(f"first result {time.monotonic() - back:.1f}s after the broker was back")
+            watcher.wait_for(len(ids), timeout=90)
+            assert node.alive(), node.log.read_text()[-3000:]
+            results = dict(watcher.found)
+        finally:
+            node.stop()
+            watcher.close()
+    assert set(results) == set(ids), f"{len(set(ids) - set(results))} sagas never finished"
+    assert {r.status for r in results.values()} == {WorkflowStatus.COMPLETED}
     assert set(kit.effects.values()) == {1}, "a service effect was applied twice"
     assert_history_sound(settings, ids)

@@ -47,7 +47,9 @@ class ObservedStack(ThreadStack):
     """Node and services in threads, each with its own TracerProvider and metrics registry; the
     providers share one in-memory exporter."""
 
-    def __init__(self, kit: Kit, settings: Settings, service_metrics_port: int = 0) -> None:
+    def __init__(
+        self, kit: Kit, settings: Settings, service_metrics_port: int | None = None
+    ) -> None:
         super().__init__(kit, settings)
         self.exporter = InMemorySpanExporter()
         self.node_provider = provider_for("orchestrator", self.exporter)
@@ -60,7 +62,7 @@ class ObservedStack(ThreadStack):
         self.handles: dict[str, WorkflowHandle] = {}
         # The three services share one registry: the first serves it, if a port is given.
         self._service_settings = [
-            settings.model_copy(update={"metrics_port": service_metrics_port if i == 0 else 0})
+            settings.model_copy(update={"metrics_port": service_metrics_port if i == 0 else None})
             for i in range(len(kit.services))
         ]
 
