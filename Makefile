@@ -44,7 +44,7 @@ demo: broker
 	$(BIN)/python -m services_example.demo
 
 bench: broker
-	$(BIN)/python -m bench.sagas
+	$(BIN)/python -m bench.sagas --bootstrap "$$($(BIN)/python -m deploy.kafka.broker bootstrap)"
 
 clean: broker-stop
 	rm -rf .run

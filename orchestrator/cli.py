@@ -23,8 +23,16 @@ from typing import Any, NoReturn
 import click
 from pydantic import ValidationError
 
-from orchestrator.client import Client, ClientError, WorkflowDescription
-from orchestrator.errors import UnknownWorkflow, WorkflowFailedError, WorkflowIdConflict
+from orchestrator.client import Client, WorkflowDescription
+from orchestrator.errors import (
+    OrchestratorError,
+    StateDirError,
+    UnknownWorkflow,
+    WorkflowFailedError,
+    WorkflowIdConflict,
+)
+from orchestrator.kafka_config import LIBRDKAFKA_LOGGER
+from orchestrator.local_db import ensure_state_dir
 from orchestrator.payloads import PayloadError
 from orchestrator.settings import Settings
 from orchestrator.topics import (
@@ -51,6 +59,7 @@ _SOURCES = {
     "partitions": "--partitions or SAGA_PARTITIONS",
     "state_dir": "--state-dir or SAGA_STATE_DIR",
     "node_id": "--node-id or SAGA_NODE_ID",
+    "kafka": "SAGA_KAFKA__<KEY>",
 }
 
 
@@ -102,9 +111,7 @@ def _client(ctx: click.Context) -> Iterator[Client]:
     except WorkflowIdConflict as exc:
         click.echo(f"rejected: {exc}", err=True)
         ctx.exit(EXIT_FAILURE)
-    except UnknownWorkflow as exc:
-        raise click.ClickException(str(exc)) from None
-    except (ClientError, PayloadError) as exc:
+    except (OrchestratorError, PayloadError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -145,6 +152,12 @@ def _json_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     help="logging level (default: INFO for run, WARNING otherwise)",
 )
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="also log librdkafka's own lines (connection attempts, ...) at the logging level",
+)
 @click.pass_context
 def main(
     ctx: click.Context,
@@ -154,6 +167,7 @@ def main(
     state_dir: Path | None,
     node_id: str | None,
     log_level: str | None,
+    verbose: bool,
 ) -> None:
     """Durable sagas on Kafka: manage topics, run a node, start and inspect workflows."""
     obj: dict[str, Any] = ctx.ensure_object(dict)
@@ -165,8 +179,14 @@ def main(
         "node_id": node_id,
     }
     obj["log_level"] = log_level.upper() if log_level else None
+    # Before any client exists: librdkafka retries a dead broker every few milliseconds and
+    # would bury the one line that says what is wrong.
+    LIBRDKAFKA_LOGGER.setLevel(logging.NOTSET if verbose else _SILENT)
     if ctx.invoked_subcommand != "run":
         _logging(obj["log_level"] or "WARNING")
+
+
+_SILENT = logging.CRITICAL + 1
 
 
 def _logging(level: str) -> None:
@@ -301,6 +321,11 @@ def run(ctx: click.Context, modules: tuple[str, ...]) -> None:
     """Run an orchestrator node until SIGTERM / SIGINT."""
     settings = _settings(ctx)
     registry = _import_workflows(modules)
+    try:
+        # Found now, not after joining the group and restoring partitions.
+        ensure_state_dir(settings.state_dir / settings.namespace)
+    except StateDirError as exc:
+        raise click.ClickException(str(exc)) from None
     _logging(ctx.ensure_object(dict).get("log_level") or "INFO")
     try:
         from orchestrator.node import OrchestratorNode, tune_gc
@@ -318,10 +343,14 @@ def run(ctx: click.Context, modules: tuple[str, ...]) -> None:
     try:
         node_provider = provider if tracing.recording(provider) else None
         OrchestratorNode(settings, registry, tracer_provider=node_provider).run()
-    except TopicError as exc:
-        raise click.ClickException(
-            f"{exc}\nCreate the namespace's topics with: orchestrator topics create"
-        ) from None
+    except TopicMismatch as exc:
+        if any(problem.endswith(" does not exist") for problem in exc.problems):
+            raise click.ClickException(
+                f"{exc}\nCreate the namespace's topics with: orchestrator topics create"
+            ) from None
+        raise click.ClickException(str(exc)) from None
+    except OrchestratorError as exc:
+        raise click.ClickException(str(exc)) from None
     finally:
         provider.shutdown()  # flushes the spans still buffered
 
@@ -379,6 +408,34 @@ def start(
         click.echo(_dump(handle.result(timeout=timeout)))
 
 
+_force = click.option(
+    "--force",
+    is_flag=True,
+    help="send without first checking in the history that the workflow exists and runs",
+)
+
+
+def _check_running(client: Client, workflow_id: str, what: str) -> None:
+    """Refuse ``what`` for a workflow the history does not show running.
+
+    The node would dead-letter it (UnknownWorkflow / WorkflowFinished in ``<ns>.dlq``), which
+    the sender never sees; the history is what the client can read.
+    """
+    try:
+        description = client.describe(workflow_id)
+    except UnknownWorkflow as exc:
+        raise click.ClickException(
+            f"{exc}; the {what} was not sent (just started? the node may not have processed "
+            "the start yet: retry, or send it anyway with --force)"
+        ) from None
+    if description.finished:
+        status = description.status.value if description.status else "?"
+        raise click.ClickException(
+            f"workflow {workflow_id} has already ended {status}; the {what} was not sent "
+            "(a finished workflow ignores it)"
+        )
+
+
 @main.command()
 @click.argument("workflow_id", metavar="ID")
 @click.argument("name")
@@ -388,23 +445,35 @@ def start(
     callback=_json_option,
     help="the signal's payload, as JSON (or @file); default: null",
 )
+@_force
 @click.pass_context
-def signal(ctx: click.Context, workflow_id: str, name: str, payload: Any) -> None:
-    """Send signal NAME to workflow ID."""
+def signal(ctx: click.Context, workflow_id: str, name: str, payload: Any, force: bool) -> None:
+    """Send signal NAME to a running workflow ID (exit 1 if it is unknown or has ended)."""
     with _client(ctx) as client:
+        if not force:
+            _check_running(client, workflow_id, f"signal {name}")
         request_id = client.signal(workflow_id, name, payload)
-    click.echo(f"sent signal {name} to {workflow_id} (request {request_id})")
+    click.echo(
+        f"sent signal {name} to {workflow_id} (request {request_id}); not applied yet: "
+        f"`orchestrator describe {workflow_id}` shows it once the node has"
+    )
 
 
 @main.command()
 @click.argument("workflow_id", metavar="ID")
 @click.option("--reason", default="", help="recorded in the workflow's history")
+@_force
 @click.pass_context
-def cancel(ctx: click.Context, workflow_id: str, reason: str) -> None:
-    """Ask the orchestrator to cancel workflow ID (its compensations run)."""
+def cancel(ctx: click.Context, workflow_id: str, reason: str, force: bool) -> None:
+    """Ask the orchestrator to cancel a running workflow ID (its compensations run)."""
     with _client(ctx) as client:
+        if not force:
+            _check_running(client, workflow_id, "cancel")
         request_id = client.cancel(workflow_id, reason)
-    click.echo(f"asked to cancel {workflow_id} (request {request_id})")
+    click.echo(
+        f"sent the cancel of {workflow_id} (request {request_id}); not applied yet: "
+        f"`orchestrator describe {workflow_id}` shows it once the node has"
+    )
 
 
 @main.command()

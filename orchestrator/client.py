@@ -71,8 +71,15 @@ from contracts.envelopes import (
     WorkflowStatus,
 )
 from orchestrator._engine.state import fold
-from orchestrator.errors import UnknownWorkflow, WorkflowFailedError, WorkflowIdConflict
-from orchestrator.kafka_config import consumer_config, producer_config
+from orchestrator.errors import (
+    UNREACHABLE_HINT,
+    KafkaUnavailable,
+    OrchestratorError,
+    UnknownWorkflow,
+    WorkflowFailedError,
+    WorkflowIdConflict,
+)
+from orchestrator.kafka_config import consumer_config, producer_config, unreachable
 from orchestrator.partitioner import partition_for
 from orchestrator.payloads import JSON, NULL, from_payload, to_payload
 from orchestrator.settings import Settings
@@ -81,6 +88,7 @@ from orchestrator.tracing import INSTRUMENTATION, client_start_span
 __all__ = [
     "Client",
     "ClientError",
+    "ClientUnreachable",
     "DeliveryFailed",
     "EventSummary",
     "WorkflowDescription",
@@ -108,8 +116,12 @@ _TRANSIENT = frozenset(
 _PREVIEW_MAX = 60
 
 
-class ClientError(Exception):
+class ClientError(OrchestratorError):
     """Kafka could not be reached, a topic is missing, or a request could not be made."""
+
+
+class ClientUnreachable(ClientError, KafkaUnavailable):
+    """No broker answered at the bootstrap servers."""
 
 
 class DeliveryFailed(ClientError):
@@ -663,6 +675,12 @@ class Client:
         try:
             metadata = client.list_topics(topic, timeout=max(deadline - time.monotonic(), 1.0))
         except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and unreachable(err):
+                raise ClientUnreachable(
+                    f"cannot read metadata of {topic} from {self.settings.bootstrap_servers}: "
+                    f"{err.str()}; {UNREACHABLE_HINT}"
+                ) from exc
             raise ClientError(
                 f"cannot read metadata of {topic} from {self.settings.bootstrap_servers}: "
                 f"{_kafka_exception(exc)}"

@@ -3,6 +3,51 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+
+
+class OrchestratorError(Exception):
+    """The root of errors whose message is written for a person, in one line.
+
+    The ``orchestrator`` command prints such an error as ``Error: <message>`` and exits 1,
+    without a traceback; the message says what went wrong and what to do about it.
+    """
+
+
+class ConfigurationError(OrchestratorError, ValueError):
+    """A setting is wrong, e.g. a librdkafka key or value that librdkafka refuses.
+
+    A ``ValueError`` too, so that raised inside a settings validator it becomes a pydantic
+    validation error naming the setting.
+    """
+
+
+class KafkaUnavailable(OrchestratorError):
+    """The Kafka cluster did not answer at the configured bootstrap servers."""
+
+
+#: What a :class:`KafkaUnavailable` message ends with.
+UNREACHABLE_HINT = "is the broker running, and are --bootstrap / KAFKA_BOOTSTRAP_SERVERS right?"
+
+
+class StateDirError(OrchestratorError):
+    """The local state directory cannot be created or opened."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class StateDirLocked(StateDirError):
+    """Another process (or another store in this one) holds the RocksDB lock of a state dir."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            path,
+            f"the state dir {path} is in use by another process (its RocksDB lock is held): "
+            "is another `orchestrator run` using the same --state-dir / SAGA_STATE_DIR? "
+            "Stop it, or give each node its own state dir and node id",
+        )
 
 
 class ActivityError(Exception):
@@ -58,15 +103,15 @@ class RetryableError(Exception):
     """Raised by a service handler: a transient failure; the orchestrator retries the activity."""
 
 
-class WorkflowIdConflict(Exception):
+class WorkflowIdConflict(OrchestratorError):
     """A workflow with this id exists and was started with another type or input."""
 
 
-class UnknownWorkflow(LookupError):
+class UnknownWorkflow(OrchestratorError, LookupError):
     """No workflow with this id is known."""
 
 
-class WorkflowFailedError(Exception):
+class WorkflowFailedError(OrchestratorError):
     """The workflow ended without a result (failed, compensated, cancelled or parked)."""
 
     def __init__(self, workflow_id: str, status: str, error_type: str, message: str) -> None:
@@ -77,6 +122,6 @@ class WorkflowFailedError(Exception):
         self.message = message
 
 
-class NodeStopped(RuntimeError):
+class NodeStopped(OrchestratorError):
     """A node cannot go on and must exit: fenced by another process with the same node id, or an
     unrecoverable Kafka error. The message is the one line an operator needs."""

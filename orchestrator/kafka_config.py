@@ -6,15 +6,86 @@ the engine deals in our own types.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from orchestrator.errors import ConfigurationError
+
+#: Where librdkafka's own log lines go (instead of straight to stderr): every client built from
+#: these dictionaries forwards them to this logger when it is polled. Processes decide how loud
+#: it is; the ``orchestrator`` command keeps it quiet unless ``--verbose``.
+LIBRDKAFKA_LOGGER = logging.getLogger("orchestrator.librdkafka")
+
+# librdkafka's own keys that are spelled with an underscore; every other key is dotted.
+_UNDERSCORE_KEYS = frozenset({"log_level"})
+_SECRET_WORDS = ("password", "secret", "passphrase", "private")
+_SECRET_KEYS = frozenset({"ssl.key.pem", "sasl.oauthbearer.config", "ssl_key"})
+
+# Without a handler of its own, Python's last-resort handler would print what it drops.
+_QUIET = logging.getLogger("orchestrator.librdkafka.check")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False  # "no bootstrap.servers configured" is expected there
 
 # fixed (see DESIGN.md): every producer hashes keys like Kafka's Java client, so a reply produced
 # by a Java or Go service with the workflow id as key lands on the workflow's partition.
 PARTITIONER = "murmur2_random"
 
 
+def librdkafka_key(name: str) -> str:
+    """The librdkafka key an environment variable name stands for.
+
+    A shell cannot export ``SAGA_KAFKA__security.protocol``, so ``SECURITY_PROTOCOL`` means
+    ``security.protocol``: lower case, underscores as dots. A name that has a dot already is a
+    librdkafka key as written.
+    """
+    key = name.strip().lower()
+    if "." in key or key in _UNDERSCORE_KEYS:
+        return key
+    return key.replace("_", ".")
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether the value of librdkafka ``key`` is a secret that must never be printed."""
+    return key in _SECRET_KEYS or any(word in key for word in _SECRET_WORDS)
+
+
+def check_client_settings(extra: Mapping[str, Any]) -> None:
+    """Raise ``ConfigurationError`` if librdkafka refuses one of these keys or values.
+
+    librdkafka checks its configuration when a client is made; making one without bootstrap
+    servers finds an unknown key or a bad value at once and contacts no broker.
+    """
+    if not extra:
+        return
+    conf = {k: v for k, v in extra.items() if k != "bootstrap.servers"}
+    try:
+        Producer({**conf, "logger": _QUIET})
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else None
+        detail = err.str() if isinstance(err, KafkaError) else str(exc)
+        raise ConfigurationError(f"librdkafka refuses it: {detail}") from None
+
+
+_UNREACHABLE = frozenset(
+    {
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._RESOLVE,
+        KafkaError._TIMED_OUT,
+    }
+)
+
+
+def unreachable(err: KafkaError) -> bool:
+    """Whether ``err`` says no broker answered (rather than one that answered with an error)."""
+    return err.code() in _UNREACHABLE
+
+
 def _base(bootstrap: str, extra: dict[str, Any] | None) -> dict[str, Any]:
-    conf: dict[str, Any] = {"bootstrap.servers": bootstrap}
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": LIBRDKAFKA_LOGGER}
     if extra:
         conf.update(extra)
     return conf

@@ -11,10 +11,35 @@ from pathlib import Path
 
 from rocksdict import Options, Rdict
 
+from orchestrator.errors import StateDirError, StateDirLocked
+
 
 def open_local_db(path: Path) -> Rdict:
-    """A RocksDB database at ``path`` (created with its parent folders if missing), raw mode."""
-    path.mkdir(parents=True, exist_ok=True)
+    """A RocksDB database at ``path`` (created with its parent folders if missing), raw mode.
+
+    Raises :class:`~orchestrator.errors.StateDirLocked` when another process holds the
+    database, :class:`~orchestrator.errors.StateDirError` when it cannot be created or opened.
+    """
+    ensure_state_dir(path)
     options = Options(raw_mode=True)
     options.create_if_missing(True)
-    return Rdict(str(path), options)
+    try:
+        return Rdict(str(path), options)
+    except Exception as exc:  # rocksdict raises a bare Exception carrying RocksDB's status text
+        text = str(exc)
+        if "LOCK" in text and "lock" in text.lower():
+            raise StateDirLocked(path) from exc
+        raise StateDirError(path, f"cannot open the local state at {path}: {text}") from exc
+
+
+def ensure_state_dir(path: Path) -> None:
+    """Create ``path`` and its parents; ``StateDirError`` saying why if that is not possible."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise StateDirError(
+            path,
+            f"cannot create the state dir {path}: {why}; set --state-dir / SAGA_STATE_DIR "
+            "to a directory this user can write",
+        ) from exc

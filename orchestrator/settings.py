@@ -10,7 +10,7 @@
 | commit_interval_ms     | SAGA_COMMIT_INTERVAL_MS     | 5                        |
 | max_batch              | SAGA_MAX_BATCH              | 1000                     |
 | retention_ms           | SAGA_RETENTION_MS           | 7 days                   |
-| kafka (extra config)   | SAGA_KAFKA__<dotted key>    | none                     |
+| kafka (extra config)   | SAGA_KAFKA__<KEY>           | none                     |
 | metrics_port           | SAGA_METRICS_PORT           | none (no HTTP endpoint)  |
 | health_stale_ms        | SAGA_HEALTH_STALE_MS        | 60000                    |
 | traces_file            | SAGA_TRACES_FILE            | none (JSON-lines spans)  |
@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from orchestrator.kafka_config import check_client_settings, is_secret_key, librdkafka_key
 from orchestrator.topics import NamespaceTopics
 
 _NAME = re.compile(r"^[a-zA-Z0-9._-]+$")
@@ -40,6 +42,8 @@ class Settings(BaseSettings):
         extra="ignore",
         frozen=True,
         populate_by_name=True,
+        # A validation error would otherwise quote the input, passwords included.
+        hide_input_in_errors=True,
     )
 
     bootstrap_servers: str = Field(
@@ -79,9 +83,27 @@ class Settings(BaseSettings):
         default=None, description="also write spans to this JSON-lines file (see tracing.setup)"
     )
     sasl_password: SecretStr | None = Field(default=None, description="for SASL clusters")
-    kafka: dict[str, str] = Field(
-        default_factory=dict, description="extra librdkafka settings for every client"
+    kafka: Mapping[str, str | SecretStr] = Field(
+        default_factory=dict,
+        description="extra librdkafka settings for every client; SAGA_KAFKA__SECURITY_PROTOCOL "
+        "sets security.protocol; secret values (passwords, ...) are never printed",
     )
+
+    @field_validator("kafka", mode="before")
+    @classmethod
+    def _librdkafka_keys(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        return {librdkafka_key(str(key)): item for key, item in value.items()}
+
+    @field_validator("kafka")
+    @classmethod
+    def _known_to_librdkafka(
+        cls, value: Mapping[str, str | SecretStr]
+    ) -> Mapping[str, str | SecretStr]:
+        plain = {key: _reveal(item) for key, item in value.items()}
+        check_client_settings(plain)  # a ConfigurationError is a ValueError: names the setting
+        return {key: SecretStr(item) if is_secret_key(key) else item for key, item in plain.items()}
 
     @field_validator("namespace", "node_id")
     @classmethod
@@ -100,7 +122,8 @@ class Settings(BaseSettings):
         return value
 
     def client_extra(self) -> dict[str, Any]:
-        extra: dict[str, Any] = dict(self.kafka)
+        """The librdkafka settings every client adds to its own (secrets revealed)."""
+        extra: dict[str, Any] = {key: _reveal(item) for key, item in self.kafka.items()}
         if self.sasl_password is not None:
             extra["sasl.password"] = self.sasl_password.get_secret_value()
         return extra
@@ -124,3 +147,7 @@ class Settings(BaseSettings):
     @property
     def dlq(self) -> str:
         return self.topics.dlq
+
+
+def _reveal(value: str | SecretStr) -> str:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value

@@ -28,6 +28,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 
@@ -41,7 +42,11 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     TopicMetadata,
 )
 
+from orchestrator.errors import UNREACHABLE_HINT, KafkaUnavailable, OrchestratorError
+from orchestrator.kafka_config import LIBRDKAFKA_LOGGER, unreachable
+
 __all__ = [
+    "BrokerUnreachable",
     "ClientConfig",
     "NamespaceTopics",
     "ObservedTopic",
@@ -117,7 +122,7 @@ _LEGAL_TOPIC = re.compile(r"[A-Za-z0-9._-]+")
 _MAX_TOPIC_LENGTH = 249
 
 
-class TopicError(Exception):
+class TopicError(OrchestratorError):
     """Base class of the errors of this module."""
 
 
@@ -144,6 +149,10 @@ class TopicAdminError(TopicError):
     def __init__(self, message: str, *, retriable: bool = False) -> None:
         super().__init__(message)
         self.retriable = retriable
+
+
+class BrokerUnreachable(TopicAdminError, KafkaUnavailable):
+    """No broker answered at the bootstrap servers."""
 
 
 @dataclass(frozen=True)
@@ -366,7 +375,8 @@ class TopicAdmin:
 
     def __init__(self, bootstrap: str, client_config: ClientConfig | None = None) -> None:
         self.bootstrap = bootstrap
-        self._admin = AdminClient({**(client_config or {}), "bootstrap.servers": bootstrap})
+        conf: dict[str, Any] = {"logger": LIBRDKAFKA_LOGGER, **(client_config or {})}
+        self._admin = AdminClient({**conf, "bootstrap.servers": bootstrap})
 
     # -- the operations --------------------------------------------------------------------
 
@@ -498,12 +508,20 @@ class TopicAdmin:
         try:
             cluster = self._admin.list_topics(timeout=_remaining(deadline))
         except KafkaException as exc:
+            self._admin.poll(0)  # hands librdkafka's log lines about it to LIBRDKAFKA_LOGGER
             err = _error_of(exc)
+            if err is not None and unreachable(err):
+                raise BrokerUnreachable(
+                    f"could not read metadata from {self.bootstrap}: {err.str()}; "
+                    + UNREACHABLE_HINT,
+                    retriable=True,
+                ) from exc
             raise TopicAdminError(
                 f"could not read metadata from {self.bootstrap}: "
                 f"{_describe_error(err) if err else exc}",
                 retriable=True,
             ) from exc
+        self._admin.poll(0)
         return {
             name: topic
             for name, topic in cluster.topics.items()

@@ -9,6 +9,10 @@ instead and nothing is started.
 
 Settings (environment): ``SAGA_KAFKA_PORT`` (default 39092; the controller listens on the next
 port), ``SAGA_KAFKA_HEAP`` (default ``512m``), ``SAGA_RUN_DIR`` (default ``<repo>/.run``).
+
+When the port is taken (say, another clone's broker), ``start`` uses a Kafka broker that answers
+there, or else starts this one on the next free port pair; either way it records the bootstrap it
+chose in ``.run/kafka/bootstrap``, which ``bootstrap``, the tests and the demo read.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -115,11 +121,33 @@ class BrokerLayout:
     def config_file(self) -> Path:
         return self.run_dir / "server.properties"
 
+    @property
+    def bootstrap_file(self) -> Path:
+        """The bootstrap ``start`` chose last (the configured port may have been taken)."""
+        return self.run_dir / "bootstrap"
+
+    def on_port(self, port: int) -> BrokerLayout:
+        return replace(self, port=port, controller_port=port + 1)
+
 
 def external_bootstrap() -> str | None:
     """The cluster named by ``KAFKA_BOOTSTRAP_SERVERS``, if any: then nothing is started."""
     value = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
     return value or None
+
+
+def recorded_bootstrap(layout: BrokerLayout) -> str | None:
+    """The bootstrap the last ``start`` with this run dir chose, if it recorded one."""
+    try:
+        value = layout.bootstrap_file.read_text().strip()
+    except OSError:
+        return None
+    return value or None
+
+
+def current_bootstrap(layout: BrokerLayout) -> str:
+    """Where clients should connect: ``KAFKA_BOOTSTRAP_SERVERS``, else what ``start`` chose."""
+    return external_bootstrap() or recorded_bootstrap(layout) or layout.bootstrap
 
 
 def ensure_jars() -> None:
@@ -168,6 +196,71 @@ def _port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """What ``start`` does: use the broker that answers (``reuse``) or start one (``start``)."""
+
+    action: Literal["reuse", "start"]
+    layout: BrokerLayout
+    note: str = ""  # the line that tells the user, when the plan is not the plain one
+
+    @property
+    def bootstrap(self) -> str:
+        return self.layout.bootstrap
+
+
+def plan_start(
+    layout: BrokerLayout,
+    *,
+    port_in_use: Callable[[int], bool] = _port_in_use,
+    port_free: Callable[[int], bool] = _port_free,
+    kafka_answers: Callable[[str], bool] = lambda bootstrap: is_ready(bootstrap),
+    tries: int = 100,
+) -> StartPlan:
+    """Decide where the broker of ``layout`` runs when no broker of ours does.
+
+    A Kafka broker on the configured port (another clone's development broker, typically) is
+    used as it is. A port taken by anything else moves this broker to the next free pair of
+    ports, preferring the pair recorded by an earlier start so that a restart keeps its port.
+    """
+    taken = [p for p in (layout.port, layout.controller_port) if port_in_use(p)]
+    if not taken:
+        return StartPlan("start", layout)
+    if layout.port in taken and kafka_answers(layout.bootstrap):
+        return StartPlan(
+            "reuse",
+            layout,
+            f"a Kafka broker not started from here already answers at {layout.bootstrap}: using it",
+        )
+    candidates: list[int] = []
+    recorded = recorded_bootstrap(layout)
+    if recorded and recorded.rpartition(":")[2].isdigit():
+        candidates.append(int(recorded.rpartition(":")[2]))
+    candidates += [layout.port + 2 * n for n in range(1, tries + 1)]
+    for port in candidates:
+        if port != layout.port and port_free(port) and port_free(port + 1):
+            moved = layout.on_port(port)
+            return StartPlan(
+                "start",
+                moved,
+                f"port {taken[0]} is taken by another process that is not a Kafka broker: "
+                f"starting the broker at {moved.bootstrap} instead",
+            )
+    raise BrokerError(
+        f"port {taken[0]} on 127.0.0.1 is taken and no free port pair was found above it; "
+        "set SAGA_KAFKA_PORT to a free port (the controller uses the port after it)"
+    )
 
 
 def is_ready(bootstrap: str, timeout: float = 2.0) -> bool:
@@ -224,15 +317,20 @@ def start(layout: BrokerLayout, timeout: float = 120.0) -> str:
     if external:
         click.echo(f"KAFKA_BOOTSTRAP_SERVERS is set: using {external}, starting nothing")
         return external
-    if _read_pid(layout) is not None and is_ready(layout.bootstrap):
-        click.echo(f"broker already running at {layout.bootstrap}")
-        return layout.bootstrap
-    for port in (layout.port, layout.controller_port):
-        if _port_in_use(port):
-            raise BrokerError(
-                f"port {port} on 127.0.0.1 is taken by another process; stop it or set "
-                "SAGA_KAFKA_PORT to a free port (the controller uses the port after it)"
-            )
+    if _read_pid(layout) is not None:
+        # Ours runs already, maybe on the port an earlier start moved it to.
+        running = recorded_bootstrap(layout) or layout.bootstrap
+        if is_ready(running):
+            click.echo(f"broker already running at {running}")
+            return running
+    plan = plan_start(layout)
+    if plan.note:
+        click.echo(plan.note)
+    layout.run_dir.mkdir(parents=True, exist_ok=True)
+    if plan.action == "reuse":
+        layout.bootstrap_file.write_text(plan.bootstrap + "\n")
+        return plan.bootstrap
+    layout = plan.layout
     ensure_jars()
     layout.run_dir.mkdir(parents=True, exist_ok=True)
     layout.config_file.write_text(
@@ -253,6 +351,7 @@ def start(layout: BrokerLayout, timeout: float = 120.0) -> str:
         )
     layout.pid_file.write_text(str(proc.pid))
     _CHILDREN[proc.pid] = proc
+    layout.bootstrap_file.write_text(layout.bootstrap + "\n")
     deadline = began + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -277,8 +376,14 @@ def stop(layout: BrokerLayout, timeout: float = 60.0) -> None:
         return
     pid = _read_pid(layout)
     if pid is None:
-        click.echo("broker not running")
+        recorded = recorded_bootstrap(layout)
+        if recorded:
+            # A broker this checkout only used (another clone's) is not ours to stop.
+            click.echo(f"no broker of this checkout running (it used {recorded}); nothing stopped")
+        else:
+            click.echo("broker not running")
         layout.pid_file.unlink(missing_ok=True)
+        layout.bootstrap_file.unlink(missing_ok=True)
         return
     os.kill(pid, signal.SIGTERM)  # a clean shutdown, so the next start skips log recovery
     deadline = time.monotonic() + timeout
@@ -293,11 +398,12 @@ def stop(layout: BrokerLayout, timeout: float = 60.0) -> None:
     else:
         click.echo(f"broker (pid {pid}) stopped")
     layout.pid_file.unlink(missing_ok=True)
+    layout.bootstrap_file.unlink(missing_ok=True)
 
 
 def status(layout: BrokerLayout) -> bool:
     external = external_bootstrap()
-    target = external or layout.bootstrap
+    target = current_bootstrap(layout)
     ready = is_ready(target)
     pid = None if external else _read_pid(layout)
     where = "external cluster" if external else f"pid {pid}" if pid else "not started by us"
@@ -332,7 +438,7 @@ def _status_cmd() -> None:
 @cli.command("bootstrap")
 def _bootstrap_cmd() -> None:
     """Print the bootstrap servers that clients should use."""
-    click.echo(external_bootstrap() or BrokerLayout.from_env().bootstrap)
+    click.echo(current_bootstrap(BrokerLayout.from_env()))
 
 
 @cli.command("jars")

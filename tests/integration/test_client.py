@@ -479,6 +479,8 @@ def test_cli_start_signal_cancel_result_describe(settings: Settings, producer: P
     )
     assert out.exit_code == 0, out.output
     assert "c1" in out.output
+    # The orchestrator's part: signal and cancel check the history for a running workflow.
+    _put_events(producer, settings, "c1", [_started(), _scheduled()])
     assert (
         runner.invoke(main, _cli(settings, "signal", "c1", "go", "--payload", "[1]")).exit_code == 0
     )
@@ -489,7 +491,6 @@ def test_cli_start_signal_cancel_result_describe(settings: Settings, producer: P
     start = decode_as(msgs[0].value() or b"", StartWorkflow)
     assert from_payload(start.input, Order) == Order(sku="A", qty=3)
 
-    _put_events(producer, settings, "c1", [_started(), _scheduled()])
     out = runner.invoke(main, _cli(settings, "describe", "c1"))
     assert out.exit_code == 0, out.output
     assert "RUNNING" in out.output

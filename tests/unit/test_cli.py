@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import threading
 import types
@@ -222,3 +224,133 @@ def test_describe_output_shows_status_step_and_a_relative_timeline() -> None:
 
 def test_describe_output_warns_about_gaps() -> None:
     assert "the history has gaps" in render_description(_description(complete=False))
+
+
+# --------------------------------------------------------------------------- errors in one line
+
+
+def _cli_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The command in a process of its own: librdkafka writes to the process's stderr directly,
+    which the in-process runner would not see."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_an_unreachable_broker_is_one_line_without_librdkafka_noise() -> None:
+    done = _cli_process("--bootstrap", NOWHERE, "topics", "verify", "--timeout", "2")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [
+        f"Error: could not read metadata from {NOWHERE}: Failed to get metadata: "
+        "Local: Broker transport failure; "
+        "is the broker running, and are --bootstrap / KAFKA_BOOTSTRAP_SERVERS right?"
+    ]
+    verbose = _cli_process("-v", "--bootstrap", NOWHERE, "topics", "verify", "--timeout", "2")
+    assert verbose.returncode == 1
+    lines = verbose.stderr.splitlines()
+    assert any("orchestrator.librdkafka" in line and "Connection refused" in line for line in lines)
+    assert lines[-1].startswith("Error: could not read metadata")
+
+
+def test_run_on_an_unreachable_broker_does_not_suggest_creating_topics(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.topics import BrokerUnreachable
+
+    class DeadBrokerNode:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def run(self) -> None:
+            raise BrokerUnreachable(f"could not read metadata from {NOWHERE}: down")
+
+    fake = types.ModuleType("orchestrator.node")
+    fake.OrchestratorNode = DeadBrokerNode  # type: ignore[attr-defined]
+    fake.tune_gc = lambda: None  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "orchestrator.node", fake)
+    out = runner.invoke(main, ["--bootstrap", NOWHERE, "run", "--workflows", "tests.unit.sagas"])
+    assert out.exit_code == 1, out.output
+    assert "could not read metadata" in out.output
+    assert "topics create" not in out.output
+
+
+def test_an_unknown_librdkafka_key_is_one_line_naming_the_setting(runner: CliRunner) -> None:
+    out = runner.invoke(main, ["describe", "wf-1"], env={"SAGA_KAFKA__NO_SUCH_KEY": "1"})
+    assert out.exit_code == 2, out.output
+    assert out.output.splitlines()[-1] == (
+        "Error: invalid setting kafka (SAGA_KAFKA__<KEY>): librdkafka refuses it: "
+        'No such configuration property: "no.such.key"'
+    )
+    assert out.exception is None or isinstance(out.exception, SystemExit)
+
+
+def test_config_masks_every_secret_kafka_value(runner: CliRunner) -> None:
+    env = {
+        "SAGA_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "SAGA_KAFKA__SASL_MECHANISM": "PLAIN",
+        "SAGA_KAFKA__SASL_USERNAME": "bob",
+        "SAGA_KAFKA__SASL_PASSWORD": "pw-1-secret",
+        "SAGA_KAFKA__SSL_KEY_PASSWORD": "pw-2-secret",
+        "SAGA_KAFKA__SASL_OAUTHBEARER_CLIENT_SECRET": "pw-3-secret",
+        "SAGA_SASL_PASSWORD": "pw-4-secret",
+    }
+    out = runner.invoke(main, ["config"], env=env)
+    assert out.exit_code == 0, out.output
+    assert "-secret" not in out.output
+    shown = json.loads(out.output)
+    assert shown["kafka"]["security.protocol"] == "SASL_PLAINTEXT"
+    assert shown["kafka"]["sasl.password"] == "**********"
+    assert shown["sasl_password"] == "**********"
+
+
+def test_run_with_a_state_dir_that_cannot_be_created_is_one_line(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = runner.invoke(
+        main,
+        ["--bootstrap", NOWHERE, "--state-dir", str(blocker / "state"), "run",
+         "--workflows", "tests.unit.sagas"],
+    )  # fmt: skip
+    assert out.exit_code == 1, out.output
+    assert out.output.splitlines() == [
+        f"Error: cannot create the state dir {blocker / 'state' / 'saga'}: Not a directory; "
+        "set --state-dir / SAGA_STATE_DIR to a directory this user can write"
+    ]
+
+
+def test_a_locked_state_dir_is_one_line_from_run(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from orchestrator.local_db import open_local_db
+
+    held = open_local_db(tmp_path / "saga" / "p0")
+
+    class LockedNode:
+        def __init__(self, settings: Settings, *args: object, **kwargs: object) -> None:
+            self.settings = settings
+
+        def run(self) -> None:
+            open_local_db(self.settings.state_dir / "saga" / "p0")
+
+    fake = types.ModuleType("orchestrator.node")
+    fake.OrchestratorNode = LockedNode  # type: ignore[attr-defined]
+    fake.tune_gc = lambda: None  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "orchestrator.node", fake)
+    try:
+        out = runner.invoke(
+            main,
+            ["--bootstrap", NOWHERE, "--state-dir", str(tmp_path), "run",
+             "--workflows", "tests.unit.sagas"],
+        )  # fmt: skip
+    finally:
+        held.close()
+    assert out.exit_code == 1, out.output
+    (line,) = [x for x in out.output.splitlines() if x.startswith("Error:")]
+    assert f"the state dir {tmp_path / 'saga' / 'p0'} is in use by another process" in line
+    assert "Traceback" not in out.output

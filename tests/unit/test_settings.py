@@ -33,3 +33,58 @@ def test_a_wrong_setting_names_the_field_and_the_reason(
     with pytest.raises(ValidationError) as info:
         Settings.model_validate({field: value})
     assert field in str(info.value) and message in str(info.value)
+
+
+def test_kafka_keys_in_shell_exportable_form_become_librdkafka_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SAGA_KAFKA__SECURITY_PROTOCOL", "PLAINTEXT")
+    monkeypatch.setenv("SAGA_KAFKA__SOCKET_KEEPALIVE_ENABLE", "true")
+    monkeypatch.setenv("SAGA_KAFKA__LOG_LEVEL", "3")  # librdkafka's own key has an underscore
+    monkeypatch.setenv("SAGA_KAFKA__client.id", "dotted-still-works")
+    assert Settings().client_extra() == {
+        "security.protocol": "PLAINTEXT",
+        "socket.keepalive.enable": "true",
+        "log_level": "3",
+        "client.id": "dotted-still-works",
+    }
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "SASL_PASSWORD",
+        "SSL_KEY_PASSWORD",
+        "SSL_KEYSTORE_PASSWORD",
+        "SASL_OAUTHBEARER_CLIENT_SECRET",
+        "ssl.key.password",
+    ],
+)
+def test_secret_kafka_values_are_masked_wherever_settings_are_shown(
+    monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    monkeypatch.setenv(f"SAGA_KAFKA__{key}", "hunter2-secret-value")
+    monkeypatch.setenv("SAGA_KAFKA__SASL_USERNAME", "bob")
+    settings = Settings()
+    for shown in (repr(settings), str(settings), settings.model_dump_json()):
+        assert "hunter2-secret-value" not in shown
+        assert "bob" in shown
+    # ...but the clients still get the value.
+    assert "hunter2-secret-value" in settings.client_extra().values()
+
+
+def test_an_unknown_librdkafka_key_is_a_settings_error_without_the_secrets_in_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SAGA_KAFKA__SASL_PASSWORD", "hunter2-secret-value")
+    monkeypatch.setenv("SAGA_KAFKA__NO_SUCH_KEY", "1")
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    assert 'No such configuration property: "no.such.key"' in str(info.value)
+    assert "hunter2-secret-value" not in str(info.value)
+    monkeypatch.delenv("SAGA_KAFKA__NO_SUCH_KEY")
+    monkeypatch.setenv("SAGA_KAFKA__LINGER_MS", "soon")
+    with pytest.raises(
+        ValidationError, match=r'Invalid value for configuration property "queue\.buffering'
+    ):
+        Settings()
