@@ -39,6 +39,7 @@ from contracts.envelopes import (
     WorkflowResult,
     WorkflowStatus,
 )
+from orchestrator._deadline import DeadlineCaller, Wedged
 from orchestrator.dead_letters import dead_letter_of
 from orchestrator.errors import NodeStopped, NonDeterminismError
 from orchestrator.health import Health
@@ -65,6 +66,14 @@ T = TypeVar("T")
 
 # A producer with this node's transactional id started elsewhere: the same SAGA_NODE_ID twice.
 _FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED}
+
+
+# Transactional calls: librdkafka's timeout, and the deadline past which a call is taken to be
+# stuck. A commit slower than transaction.timeout.ms (10 s) is aborted by the coordinator anyway;
+# the deadline bounds how long a node sits in a call that ignores its timeout (issue 5456).
+_TXN_CALL_S = 10.0
+_CALL_DEADLINE_S = 15.0
+_INIT_CALL_S = 30.0  # init_transactions on a new broker may wait for its transaction log
 
 
 def _fatal_reason(error: KafkaError) -> str:
@@ -156,6 +165,7 @@ class Processor:
         self._consumer = Consumer(
             consumer_config(settings.bootstrap_servers, self._group, extra=consumer_extra)
         )
+        self._calls = DeadlineCaller(f"txn-{settings.node_id}")
         self._producer = self._new_producer()
 
     # ----------------------------------------------------------------- lifecycle
@@ -169,7 +179,14 @@ class Processor:
             )
         )
         # Aborts what a previous incarnation left open; waits out a broker that is away.
-        self._retrying("init_transactions", lambda: producer.init_transactions(30))
+        self._retrying(
+            "init_transactions",
+            lambda: self._calls.call(
+                "init_transactions",
+                lambda: producer.init_transactions(_INIT_CALL_S),
+                2 * _INIT_CALL_S,
+            ),
+        )
         return producer
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
@@ -185,6 +202,10 @@ class Processor:
                 if error.fatal() or self._stop.is_set():
                     raise
                 log.warning("%s failed (%s); retrying in %.1fs", what, error, delay)
+            except Wedged as exc:
+                if self._stop.is_set():
+                    raise
+                log.warning("%s; retrying in %.1fs", exc, delay)
             self._stop.wait(delay)
             delay = min(delay * 2, 5.0)
 
@@ -203,6 +224,7 @@ class Processor:
             self.close()
 
     def close(self) -> None:
+        self._calls.close()
         with contextlib.suppress(RuntimeError):  # closed already
             self._consumer.close()
         for part in self._partitions.values():
@@ -658,11 +680,20 @@ class Processor:
             self._producer.begin_transaction()
             for out in batch.outputs:
                 self._produce(out)
-            self._producer.send_offsets_to_transaction(
-                self._fencing_offsets(batch), self._consumer.consumer_group_metadata(), 30
+            offsets = self._fencing_offsets(batch)
+            group = self._consumer.consumer_group_metadata()
+            producer = self._producer
+            self._calls.call(
+                "send_offsets_to_transaction",
+                lambda: producer.send_offsets_to_transaction(offsets, group, _TXN_CALL_S),
+                _CALL_DEADLINE_S,
             )
-            self._producer.commit_transaction(30)
-        except KafkaException as exc:
+            self._calls.call(
+                "commit_transaction",
+                lambda: producer.commit_transaction(_TXN_CALL_S),
+                _CALL_DEADLINE_S,
+            )
+        except (KafkaException, Wedged) as exc:
             self._abort(exc)
             return
         self.counters.transactions += 1
@@ -725,25 +756,32 @@ class Processor:
             if offset > self._history_offsets.get(number, -1):
                 self._history_offsets[number] = offset
 
-    def _abort(self, exc: KafkaException) -> None:
+    def _abort(self, exc: KafkaException | Wedged) -> None:
         """Undo a failed batch: abort, forget what it changed in memory, rewind the inbox."""
-        error: KafkaError = exc.args[0]
+        error: KafkaError | None = exc.args[0] if isinstance(exc, KafkaException) else None
         self.counters.aborted_transactions += 1
         if self.tracer is not None:
             self.tracer.aborted()
         if self.metrics is not None:
             self.metrics.transactions.labels(result="aborted").inc()
-        log.warning("transaction failed (%s); aborting and re-reading the inbox", error)
-        if error.code() in _FENCED:
+        log.warning("transaction failed (%s); aborting and re-reading the inbox", error or exc)
+        if error is not None and error.code() in _FENCED:
             # Another process took this node's transactional id: a second node with the same
             # SAGA_NODE_ID. A new producer would fence that one in turn, and so on for ever.
             raise NodeStopped(_fatal_reason(error))
-        if error.fatal():
+        if error is None or error.fatal():
+            # A wedged producer is abandoned: the new one's init_transactions fences it and
+            # aborts its open transaction.
             self._producer = self._new_producer()
         else:
+            producer = self._producer
             try:
-                self._producer.abort_transaction(30)
-            except KafkaException as abort_exc:
+                self._calls.call(
+                    "abort_transaction",
+                    lambda: producer.abort_transaction(_TXN_CALL_S),
+                    _CALL_DEADLINE_S,
+                )
+            except (KafkaException, Wedged) as abort_exc:
                 log.error("abort failed (%s); starting a new producer", abort_exc)
                 self._producer = self._new_producer()
         for part in self._partitions.values():
