@@ -13,6 +13,7 @@
 | kafka (extra config)   | SAGA_KAFKA__<dotted key>    | none                     |
 | metrics_port           | SAGA_METRICS_PORT           | 0 (no metrics endpoint)  |
 | traces_file            | SAGA_TRACES_FILE            | none (JSON-lines spans)  |
+| reply_topics           | SAGA_REPLY_TOPICS           | none (any ``*.inbox``)   |
 
 ``docs/configuration.md`` explains each one.
 """
@@ -22,10 +23,10 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from orchestrator.topics import NamespaceTopics
 
@@ -68,6 +69,11 @@ class Settings(BaseSettings):
     traces_file: Path | None = Field(
         default=None, description="also write spans to this JSON-lines file (see tracing.setup)"
     )
+    # NoDecode: the variable is a comma-separated list, not JSON.
+    reply_topics: Annotated[tuple[str, ...], NoDecode] | None = Field(
+        default=None,
+        description="the only topics a service replies to; unset: any topic ending in .inbox",
+    )
     sasl_password: SecretStr | None = Field(default=None, description="for SASL clusters")
     kafka: dict[str, str] = Field(
         default_factory=dict, description="extra librdkafka settings for every client"
@@ -78,6 +84,13 @@ class Settings(BaseSettings):
     def _topic_safe(cls, value: str) -> str:
         if not _NAME.match(value):
             raise ValueError(f"{value!r} may hold only letters, digits, '.', '_' and '-'")
+        return value
+
+    @field_validator("reply_topics", mode="before")
+    @classmethod
+    def _topic_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
         return value
 
     @field_validator("bootstrap_servers")

@@ -276,7 +276,7 @@ def test_undecodable_and_unhandled_commands_go_to_the_dlq(env: Env) -> None:
         b"\x00not an avro record",
         env.command("wf-unknown", Reserve(sku="abc", qty=1), activity="inventory.nothing"),
         env.command("wf-lost", Reserve(sku="abc", qty=1)).model_copy(
-            update={"reply_topic": f"{env.settings.namespace}.nowhere"}
+            update={"reply_topic": f"{env.settings.namespace}-nowhere.inbox"}
         ),
         env.command("wf-after", Reserve(sku="abc", qty=1)),
     )
@@ -301,7 +301,7 @@ def test_undecodable_and_unhandled_commands_go_to_the_dlq(env: Env) -> None:
     assert "inventory.nothing" in unknown.reason
     assert isinstance(codec.decode(unknown.value or b""), ActivityCommand)
     _, lost = by_type["UnknownReplyTopic"]
-    assert f"{env.settings.namespace}.nowhere" in lost.reason
+    assert f"{env.settings.namespace}-nowhere.inbox" in lost.reason
     assert env.read(env.settings.inbox, 1, timeout=1.0) == [], "no reply for a dead letter"
     assert [arg.sku for arg, _ in env.calls] == ["abc"], "only the good command ran"
 
@@ -340,7 +340,7 @@ def test_an_aborted_transaction_is_redone(env: Env, monkeypatch: pytest.MonkeyPa
 def test_a_fatal_commit_error_stops_the_service(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     _fail_commits(monkeypatch, KafkaError(KafkaError._FENCED, "injected", fatal=True))
     env.send(env.command("wf-fenced", Reserve(sku="abc", qty=1)))
-    with pytest.raises(ServiceError, match="commit_transaction failed"), serving(env.service()):
+    with pytest.raises(ServiceError, match="producer fenced"), serving(env.service()):
         deadline = time.monotonic() + 15
         while not env.calls and time.monotonic() < deadline:
             time.sleep(0.05)
