@@ -300,7 +300,7 @@ class _Kafka:
             self._brokers_lost = True
 
     def _on_consumer_error(self, err: KafkaError) -> None:
-        if err.fatal():
+        if _is_fatal(err):
             self._consumer_fatal = err
 
     def subscribe(self, topics: list[str]) -> None:
@@ -339,7 +339,7 @@ class _Kafka:
         err = msg.error()
         if err is None:
             return True
-        if err.fatal():
+        if _is_fatal(err):
             raise ServiceError(_consumer_failure(err))
         if err.code() != KafkaError._PARTITION_EOF:
             log.warning("consumer: %s (%s)", err.str(), err.name())
@@ -608,6 +608,12 @@ def _blames_the_record(err: KafkaError) -> bool:
 def _record_size(key: bytes | None, value: bytes | None, headers: _Headers) -> int:
     heads = sum(len(k) + len(v) for k, v in headers)
     return len(key or b"") + len(value or b"") + heads + _RECORD_OVERHEAD
+
+
+def _is_fatal(err: KafkaError) -> bool:
+    # A consumer reports its fatal error (e.g. a fenced static member) as an event with code
+    # _FATAL whose fatal() is False.
+    return bool(err.fatal()) or err.code() == KafkaError._FATAL
 
 
 def _consumer_failure(err: KafkaError) -> str:
