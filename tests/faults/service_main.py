@@ -4,6 +4,7 @@ python -m tests.faults.service_main BOOTSTRAP NAMESPACE SERVICE STATE_DIR EFFECT
 
 The handler applies its effect once per idempotency key in a SQLite file the test reads: a row
 per key, and a total that only grows when a row was new (what a real service's database does).
+A negative ``n`` makes the handler sleep that many seconds first.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -62,6 +64,8 @@ def main() -> None:
     @service.handler(contract(name))
     def work(arg: Work, info: CommandInfo) -> Done:
         key = info.idempotency_key
+        if arg.n < 0:  # a slow handler: the test stops the broker meanwhile
+            time.sleep(-arg.n)
         db.execute("BEGIN IMMEDIATE")
         db.execute("INSERT INTO runs VALUES (?)", (key,))
         new = db.execute("INSERT OR IGNORE INTO effects VALUES (?, ?)", (key, arg.n)).rowcount
