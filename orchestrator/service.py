@@ -444,7 +444,12 @@ class _Kafka:
         for record in batch.records:
             self._produce(record, batch)
         producer = self.producer
-        left = _within(lambda: producer.flush(_TXN_TIMEOUT_S), _TXN_TIMEOUT_S + _GRACE_S, _never)
+        try:
+            left = _within(
+                lambda: producer.flush(_TXN_TIMEOUT_S), _TXN_TIMEOUT_S + _GRACE_S, self._stopping
+            )
+        except _Stuck as exc:
+            raise _Abortable(f"flush: {exc}") from exc
         if left or batch.failed:
             raise _Abortable(f"{left} record(s) undelivered ({list(batch.failed.values())[:3]})")
         try:
