@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from opentelemetry.trace import NoOpTracer, Tracer, TracerProvider
@@ -71,18 +71,36 @@ log = logging.getLogger(__name__)
 
 I = TypeVar("I", bound=BaseModel)  # noqa: E741 - the conventional name for an input type
 O = TypeVar("O", bound=BaseModel)  # noqa: E741
+T = TypeVar("T")
 
 TRACE_HEADERS = ("traceparent", "tracestate")
 """Kafka headers copied from a command to its reply (W3C trace context)."""
 
 _NAME = re.compile(r"^[a-zA-Z0-9._-]+$")
 _TXN_TIMEOUT_S = 10.0
-_CALL_ATTEMPTS = 5
+_OFFSETS_TIMEOUT_S = 5.0  # normally milliseconds; when stuck, the sooner replaced the better
+_GRACE_S = 2.0  # past a call's own timeout: the call is stuck (librdkafka #5456)
+# librdkafka's default backoff grows to 10 s while the broker is away, and a reconnect waits
+# for it after the broker is back.
+_RECONNECT = {"reconnect.backoff.max.ms": 1000}
+_CLOSE_S = 2.0
+_SLICE_S = 0.1
+_BACKOFF_MIN_S = 0.1
+_BACKOFF_MAX_S = 2.0
+_MAX_REBUILDS = 5
+_MAX_TRIES = 3  # a record whose answer failed to produce this often is dead-lettered
 _IDLE_POLL_S = 0.1
 _REDO_BACKOFF_S = 0.2
+_RECORD_OVERHEAD = 512  # record framing beside key, value and headers
+_HEADERS_KEPT_MAX = 16_384  # a dead letter keeps larger headers only for tracing
+_LETTER_OVERHEAD = 1_024  # the DeadLetter envelope beside what it copies
+_FENCED_CODES = frozenset(
+    {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+)
 _DETAILS_MAX = 2000
 
 _Headers = list[tuple[str, bytes]]
+_Source = tuple[str, int, int]
 
 
 class ServiceError(RuntimeError):
@@ -135,6 +153,12 @@ class _Record:
     key: bytes | None
     value: bytes
     headers: _Headers
+    source: _Source
+    """The consumed record this answers: (topic, partition, offset)."""
+
+    @property
+    def size(self) -> int:
+        return _record_size(self.key, self.value, self.headers)
 
 
 @dataclass
@@ -145,11 +169,17 @@ class _Batch:
     first: dict[tuple[str, int], int] = field(default_factory=dict)
     next: dict[tuple[str, int], int] = field(default_factory=dict)
     finals: dict[str, ActivityReply] = field(default_factory=dict)
+    failed: dict[_Source, str] = field(default_factory=dict)
+    """Records that could not be produced, and why."""
 
     def consumed(self, msg: Message) -> None:
         tp, offset = (msg.topic() or "", msg.partition() or 0), msg.offset() or 0
         self.first.setdefault(tp, offset)
         self.next[tp] = offset + 1
+
+    @property
+    def sources(self) -> set[_Source]:
+        return {r.source for r in self.records}
 
     def offsets(self) -> list[TopicPartition]:
         return [TopicPartition(t, p, o) for (t, p), o in self.next.items()]
@@ -157,6 +187,18 @@ class _Batch:
 
 class _Abortable(Exception):
     """The open transaction must be aborted and the batch redone."""
+
+
+class _Broken(Exception):
+    """The producer is in an unknown state: replace it and redo the batch."""
+
+
+class _Stuck(Exception):
+    """A client call outlived its deadline."""
+
+
+class _Stopping(Exception):
+    """Asked to stop while waiting for the broker: give the batch up (it is read again later)."""
 
 
 def _now_ms() -> int:
@@ -171,39 +213,122 @@ def _kafka_error(exc: KafkaException) -> KafkaError | None:
 # --------------------------------------------------------------------------- Kafka clients
 
 
-class _Kafka:
-    """The consumer and producer of one running service, and how a batch is committed."""
+def _within(fn: Callable[[], T], deadline_s: float, stopping: Callable[[], bool]) -> T:
+    """Run ``fn`` in a daemon thread and wait for it at most ``deadline_s``.
 
-    def __init__(self, settings: Settings, group: str, transactional_id: str | None) -> None:
-        extra = settings.client_extra()
+    librdkafka does not always honour its own timeouts (send_offsets_to_transaction waits for a
+    coordinator that went away: librdkafka #5456), and a C call blocks signal handling in the
+    main thread; waiting here in slices keeps SIGTERM and the deadline in our hands.
+    """
+    done = threading.Event()
+    box: list[Any] = []
+
+    def target() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as exc:
+            box.append((False, exc))
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="kafka-call", daemon=True).start()
+    deadline = time.monotonic() + deadline_s
+    while not done.wait(_SLICE_S):
+        if stopping():
+            raise _Stopping
+        if time.monotonic() > deadline:
+            raise _Stuck(f"no answer within {deadline_s:.0f} s")
+    ok, value = box[0]
+    if ok:
+        return cast(T, value)
+    raise value
+
+
+def _drop_in_background(client: Any) -> None:
+    """Let a client go without waiting: destroying it may block while the broker is away."""
+    holder = [client]
+    del client
+    threading.Thread(target=holder.clear, name="kafka-drop", daemon=True).start()
+
+
+class _Kafka:
+    """The consumer and producer of one running service, and how a batch is committed.
+
+    Every call that may block goes through ``_call``: with a deadline, retried with backoff while
+    the error is retriable (the broker may be away for a while), and given up when ``stopping()``.
+    A producer whose call got stuck, timed out in commit or abort, or whose transaction the
+    coordinator aborted for its age, is replaced by a new one with the same transactional id:
+    its ``init_transactions`` fences the old one and settles the open transaction, and the
+    consumer rewinds to the committed offsets.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        group: str,
+        transactional_id: str | None,
+        stopping: Callable[[], bool],
+    ) -> None:
+        extra = {**_RECONNECT, **settings.client_extra()}
         self.transactional = transactional_id is not None
+        self._txn_id = transactional_id
+        self._stopping = stopping
         self._known_topics: set[str] = set()
         self._in_txn = False
-        self.producer = Producer(
-            producer_config(
-                settings.bootstrap_servers, transactional_id=transactional_id, extra=extra
-            )
+        self._txn_began = 0.0
+        self._rebuilds = 0
+        self._consumer_fatal: KafkaError | None = None
+        self._producer_conf = producer_config(
+            settings.bootstrap_servers, transactional_id=transactional_id, extra=extra
         )
+        self.max_record_bytes = int(self._producer_conf.get("message.max.bytes", 1_000_000))
+        self._txn_timeout_s = int(self._producer_conf.get("transaction.timeout.ms", 60_000)) / 1e3
+        self.producer = self._new_producer()
+        conf = consumer_config(settings.bootstrap_servers, group, extra=extra)
+        self.consumer = Consumer({**conf, "error_cb": self._on_consumer_error})
+
+    def _new_producer(self) -> Producer:
+        self._brokers_lost = False
+        producer = Producer({**self._producer_conf, "error_cb": self._on_producer_error})
         if self.transactional:
             # Fences an earlier incarnation with the same transactional id and aborts whatever
             # transaction it left open, before we read anything.
-            self._call("init_transactions", lambda: self.producer.init_transactions(_TXN_TIMEOUT_S))
-        self.consumer = Consumer(consumer_config(settings.bootstrap_servers, group, extra=extra))
+            self._call("init_transactions", lambda: producer.init_transactions(_TXN_TIMEOUT_S))
+        return producer
+
+    def _on_producer_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._brokers_lost = True
+
+    def _on_consumer_error(self, err: KafkaError) -> None:
+        if _is_fatal(err):
+            self._consumer_fatal = err
 
     def subscribe(self, topics: list[str]) -> None:
         self.consumer.subscribe(topics)
 
     def close(self) -> None:
+        """Leave quickly, even with the broker away: each step gets a short deadline."""
+        steps: list[tuple[str, Callable[[], object]]] = []
         if self._in_txn:
-            with contextlib.suppress(KafkaException):
-                self.producer.abort_transaction(_TXN_TIMEOUT_S)
-        self.producer.flush(_TXN_TIMEOUT_S)
-        self.consumer.close()
+            steps.append(("abort", lambda: self.producer.abort_transaction(_CLOSE_S)))
+        if not self.transactional:
+            steps.append(("flush", lambda: self.producer.flush(_CLOSE_S)))
+        steps.append(("consumer close", self.consumer.close))
+        for what, step in steps:
+            try:
+                _within(step, _CLOSE_S + 1, _never)
+            except (KafkaException, _Stuck) as exc:
+                log.warning("closing: %s did not finish: %s", what, exc)
+        _drop_in_background(self.producer)
 
     # -- reading ---------------------------------------------------------------------------
 
     def next_batch(self, max_batch: int) -> list[Message]:
         """Wait briefly for a record, then take whatever else is already fetched."""
+        if self._consumer_fatal is not None:
+            raise ServiceError(_consumer_failure(self._consumer_fatal))
+        self.producer.poll(0)
         first = self.consumer.poll(_IDLE_POLL_S)
         if first is None:
             return []
@@ -215,8 +340,8 @@ class _Kafka:
         err = msg.error()
         if err is None:
             return True
-        if err.fatal():
-            raise ServiceError(f"consumer failed: {err.str()} ({err.name()})")
+        if _is_fatal(err):
+            raise ServiceError(_consumer_failure(err))
         if err.code() != KafkaError._PARTITION_EOF:
             log.warning("consumer: %s (%s)", err.str(), err.name())
         return False
@@ -225,8 +350,12 @@ class _Kafka:
         if topic in self._known_topics:
             return True
         try:
-            metadata = self.producer.list_topics(timeout=_TXN_TIMEOUT_S)
-        except KafkaException as exc:
+            metadata = _within(
+                lambda: self.producer.list_topics(timeout=_TXN_TIMEOUT_S),
+                _TXN_TIMEOUT_S + _GRACE_S,
+                self._stopping,
+            )
+        except (KafkaException, _Stuck) as exc:
             log.warning("cannot read metadata to check topic %s: %s", topic, exc)
             return True  # let producing decide
         self._known_topics.update(
@@ -237,68 +366,93 @@ class _Kafka:
     # -- committing ------------------------------------------------------------------------
 
     def commit(self, batch: _Batch) -> bool:
-        """Produce the batch's records and commit its offsets; False: rolled back, redo it."""
-        if self.transactional:
-            return self._commit_transaction(batch)
-        return self._commit_plain(batch)
+        """Produce the batch's records and commit its offsets; False: rolled back, redo it.
 
-    def _commit_transaction(self, batch: _Batch) -> bool:
-        # No poll happens between begin and commit, so no rebalance callback can find a
-        # transaction open: partitions are only ever revoked between two batches.
+        Raises ``_Stopping`` when asked to stop while waiting for the broker.
+        """
+        if self.transactional and self._brokers_lost:
+            # After an outage librdkafka may keep a stale coordinator and wait for it for ever
+            # (#5456, #5511); a fresh producer finds the current one.
+            self._rebuild("it lost every broker since its last transaction")
         try:
-            # 1. Open the transaction (only now: handler time does not count against its timeout).
-            self._call("begin_transaction", self.producer.begin_transaction)
-            self._in_txn = True
-            # 2. The replies and dead letters.
-            for record in batch.records:
-                self._produce(record)
-            # 3. The consumed offsets, fenced by the consumer's group generation (KIP-447).
-            group = self.consumer.consumer_group_metadata()
-            self._call(
-                "send_offsets_to_transaction",
-                lambda: self.producer.send_offsets_to_transaction(
-                    batch.offsets(), group, _TXN_TIMEOUT_S
-                ),
-            )
-            # 4. Commit: replies and offsets become visible together, or not at all.
-            self._call(
-                "commit_transaction",
-                lambda: self.producer.commit_transaction(_TXN_TIMEOUT_S),
-                timeout_is_fatal=True,
-            )
-            self._in_txn = False
-            return True
+            if self.transactional:
+                self._commit_transaction(batch)
+            else:
+                self._commit_plain(batch)
         except _Abortable as exc:
             log.warning("transaction aborted, redoing the batch: %s", exc)
             self._abort()
             self._rewind(batch)
             return False
+        except _Broken as exc:
+            self._rebuild(str(exc))
+            self._rewind(batch)
+            return False
+        self._rebuilds = 0
+        return True
+
+    def _commit_transaction(self, batch: _Batch) -> None:
+        # No poll happens between begin and commit, so no rebalance callback can find a
+        # transaction open: partitions are only ever revoked between two batches.
+        producer = self.producer
+        # 1. Open the transaction (only now: handler time does not count against its timeout).
+        self._call("begin_transaction", producer.begin_transaction)
+        self._in_txn, self._txn_began = True, time.monotonic()
+        # 2. The replies and dead letters; a record the broker refuses fails the commit.
+        for record in batch.records:
+            self._produce(record, batch)
+        # 3. The consumed offsets, fenced by the consumer's group generation (KIP-447).
+        group = self.consumer.consumer_group_metadata()
+        self._call(
+            "send_offsets_to_transaction",
+            lambda: producer.send_offsets_to_transaction(
+                batch.offsets(), group, _OFFSETS_TIMEOUT_S
+            ),
+            timeout=_OFFSETS_TIMEOUT_S,
+        )
+        # 4. Commit: replies and offsets become visible together, or not at all.
+        self._call(
+            "commit_transaction",
+            lambda: producer.commit_transaction(_TXN_TIMEOUT_S),
+            timeout_breaks=True,
+        )
+        self._in_txn = False
 
     def _abort(self) -> None:
+        producer = self.producer
         try:
             self._call(
                 "abort_transaction",
-                lambda: self.producer.abort_transaction(_TXN_TIMEOUT_S),
-                timeout_is_fatal=True,
+                lambda: producer.abort_transaction(_TXN_TIMEOUT_S),
+                timeout_breaks=True,
             )
-        except _Abortable as exc:
-            raise ServiceError(f"cannot abort the transaction: {exc}") from exc
-        self._in_txn = False
+            self._in_txn = False
+        except (_Abortable, _Broken) as exc:
+            self._rebuild(f"cannot abort the transaction: {exc}")
 
-    def _commit_plain(self, batch: _Batch) -> bool:
-        failures: list[str] = []
+    def _rebuild(self, why: str) -> None:
+        """Replace the producer; its successor's init_transactions settles the open transaction."""
+        self._rebuilds += 1
+        if self._rebuilds > _MAX_REBUILDS + 1:
+            raise ServiceError(f"the producer failed {_MAX_REBUILDS} times in a row: {why}")
+        log.warning("replacing the producer: %s", why)
+        old, self._in_txn = self.producer, False
+        _drop_in_background(old)
+        del old
+        self.producer = self._new_producer()
 
-        def delivered(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                failures.append(f"{err.str()} ({err.name()})")
-
+    def _commit_plain(self, batch: _Batch) -> None:
         for record in batch.records:
-            self._produce(record, on_delivery=delivered)
-        left = self.producer.flush(_TXN_TIMEOUT_S)
-        if left or failures:
-            log.warning("%d record(s) undelivered (%s), redoing the batch", left, failures[:3])
-            self._rewind(batch)
-            return False
+            self._produce(record, batch)
+        producer = self.producer
+        try:
+            left = _within(
+                lambda: producer.flush(_TXN_TIMEOUT_S), _TXN_TIMEOUT_S + _GRACE_S, self._stopping
+            )
+        except _Stuck as exc:
+            raise _Abortable(f"flush: {exc}") from exc
+        if left or batch.failed:
+            raise _Abortable(f"{left} record(s) undelivered ({list(batch.failed.values())[:3]})")
         try:
             result = self.consumer.commit(offsets=batch.offsets(), asynchronous=False)
             failures = [f"{tp.topic}[{tp.partition}]" for tp in result or [] if tp.error]
@@ -306,40 +460,60 @@ class _Kafka:
             failures = [str(exc)]
         if failures:  # the replies are out: a redelivery is answered from the dedupe store
             log.warning("offsets not committed for %s; the commands will come again", failures)
-        return True
 
-    def _produce(
-        self,
-        record: _Record,
-        on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
-    ) -> None:
+    def _produce(self, record: _Record, batch: _Batch) -> None:
         headers: list[tuple[str, str | bytes | None]] = list(record.headers)
 
-        def produce() -> None:
-            while True:
-                try:
-                    self.producer.produce(
-                        record.topic,
-                        value=record.value,
-                        key=record.key,
-                        headers=headers,
-                        on_delivery=on_delivery,
-                    )
-                    return
-                except BufferError:  # the local queue is full: let deliveries drain it
-                    self.producer.poll(0.1)
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None and _blames_the_record(err):
+                batch.failed[record.source] = f"{err.str()} ({err.name()})"
 
-        self._call("produce", produce)
+        delay = _BACKOFF_MIN_S
+        while True:
+            try:
+                self.producer.produce(
+                    record.topic,
+                    value=record.value,
+                    key=record.key,
+                    headers=headers,
+                    on_delivery=delivered,
+                )
+                return
+            except BufferError:  # the local queue is full: let deliveries drain it
+                self.producer.poll(_SLICE_S)
+                if self._stopping():
+                    raise _Stopping from None
+                continue
+            except KafkaException as exc:
+                err = _kafka_error(exc)
+                if err is not None and err.fatal():
+                    self._fatal("produce", err)
+                if err is not None and err.txn_requires_abort():
+                    raise _Abortable(f"produce: {err.str()} ({err.name()})") from exc
+                if err is None or not err.retriable():
+                    # This record, not the transaction, is the problem: the batch is redone,
+                    # and the service dead-letters the command once it failed often enough.
+                    why = f"{err.str()} ({err.name()})" if err is not None else str(exc)
+                    batch.failed[record.source] = why
+                    raise _Abortable(f"produce to {record.topic}: {why}") from exc
+                log.info("produce: %s, retrying in %.1f s", err.str(), delay)
+            self._sleep(delay)
+            delay = min(delay * 2, _BACKOFF_MAX_S)
 
     def _rewind(self, batch: _Batch) -> None:
         """Seek the batch's partitions back to their committed offsets, so it is read again."""
         partitions = [TopicPartition(t, p) for t, p in batch.first]
+        committed: list[TopicPartition] = []
+        consumer = self.consumer
+
+        def read() -> None:
+            committed[:] = consumer.committed(partitions, timeout=_TXN_TIMEOUT_S)
+
         try:
-            committed = self.consumer.committed(partitions, timeout=_TXN_TIMEOUT_S)
-            positions = {(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset >= 0}
-        except KafkaException as exc:
+            self._call("committed", read)
+        except (ServiceError, _Abortable, _Broken) as exc:
             log.warning("cannot read committed offsets (%s); rewinding to the batch start", exc)
-            positions = {}
+        positions = {(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset >= 0}
         for (topic, partition), first in batch.first.items():
             offset = positions.get((topic, partition), first)
             try:
@@ -347,26 +521,114 @@ class _Kafka:
             except KafkaException as exc:  # revoked meanwhile: its new owner reads it
                 log.info("not rewinding %s[%d]: %s", topic, partition, exc)
 
-    def _call(self, what: str, fn: Callable[[], None], *, timeout_is_fatal: bool = False) -> None:
-        """Run a producer call, retrying retriable errors; abortable errors raise _Abortable."""
-        for attempt in range(1, _CALL_ATTEMPTS + 1):
+    def _call(
+        self,
+        what: str,
+        fn: Callable[[], object],
+        *,
+        timeout_breaks: bool = False,
+        inline: bool = False,
+        timeout: float = _TXN_TIMEOUT_S,
+    ) -> None:
+        """Run a client call until it succeeds; retriable errors are retried with backoff.
+
+        Raises ``_Abortable`` (abort and redo), ``_Broken`` (replace the producer),
+        ``ServiceError`` (stop the service) or ``_Stopping``.
+        """
+        delay = _BACKOFF_MIN_S
+        while True:
             try:
-                fn()
+                if inline:  # local calls that cannot block
+                    fn()
+                else:
+                    _within(fn, timeout + _GRACE_S, self._stopping)
                 return
+            except _Stuck as exc:
+                raise _Broken(f"{what}: {exc} (librdkafka #5456)") from exc
             except KafkaException as exc:
                 err = _kafka_error(exc)
                 if err is None:
                     raise ServiceError(f"{what} failed: {exc}") from exc
+                if err.fatal():
+                    self._fatal(what, err)
                 if err.txn_requires_abort():
                     raise _Abortable(f"{what}: {err.str()} ({err.name()})") from exc
-                # librdkafka lacks KIP-890: a commit or abort that timed out is not retried.
-                timed_out = timeout_is_fatal and err.code() == KafkaError._TIMED_OUT
-                retry = err.retriable() and not err.fatal() and not timed_out
-                if retry and attempt < _CALL_ATTEMPTS:
-                    log.info("%s: %s, retrying", what, err.str())
-                    time.sleep(0.1 * attempt)
-                    continue
-                raise ServiceError(f"{what} failed: {err.str()} ({err.name()})") from exc
+                # librdkafka lacks KIP-890: a commit or abort that timed out may have happened
+                # or not; a new producer's init_transactions settles it either way.
+                if timeout_breaks and err.code() == KafkaError._TIMED_OUT:
+                    raise _Broken(f"{what} timed out") from exc
+                if not err.retriable():
+                    raise ServiceError(f"{what} failed: {err.str()} ({err.name()})") from exc
+                log.info("%s: %s, retrying in %.1f s", what, err.str(), delay)
+            self._sleep(delay)
+            delay = min(delay * 2, _BACKOFF_MAX_S)
+
+    def _fatal(self, what: str, err: KafkaError) -> None:
+        """Decide what a fatal producer error means: our own late transaction, or the end."""
+        fenced = err.code() in _FENCED_CODES
+        age = time.monotonic() - self._txn_began
+        if fenced and self._in_txn and age > self._txn_timeout_s:
+            # The coordinator aborted our transaction for its age (the broker was away) and
+            # bumped the epoch: no other instance is involved, so a new producer may take over.
+            raise _Broken(f"{what}: the transaction outlived transaction.timeout.ms ({err.str()})")
+        if fenced:
+            raise ServiceError(
+                f"producer fenced: another instance uses the transactional id {self._txn_id} "
+                f"({what}: {err.str()})"
+            )
+        raise ServiceError(f"producer failed for good: {what}: {err.str()} ({err.name()})")
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._stopping():
+                raise _Stopping
+            time.sleep(min(_SLICE_S, seconds))
+
+
+def _never() -> bool:
+    return False
+
+
+_NOT_THE_RECORDS_FAULT = frozenset(
+    {
+        KafkaError._PURGE_QUEUE,
+        KafkaError._PURGE_INFLIGHT,
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._STATE,
+    }
+)
+
+
+def _blames_the_record(err: KafkaError) -> bool:
+    """A delivery error that will come again for this record (too large, refused), as opposed
+    to one that an outage or an aborted transaction gave every record in flight."""
+    if err.code() in _NOT_THE_RECORDS_FAULT or err.code() in _FENCED_CODES:
+        return False
+    return not (err.retriable() or err.fatal() or err.txn_requires_abort())
+
+
+def _record_size(key: bytes | None, value: bytes | None, headers: _Headers) -> int:
+    heads = sum(len(k) + len(v) for k, v in headers)
+    return len(key or b"") + len(value or b"") + heads + _RECORD_OVERHEAD
+
+
+def _is_fatal(err: KafkaError) -> bool:
+    # A consumer reports its fatal error (e.g. a fenced static member) as an event with code
+    # _FATAL whose fatal() is False.
+    return bool(err.fatal()) or err.code() == KafkaError._FATAL
+
+
+def _consumer_failure(err: KafkaError) -> str:
+    if err.code() == KafkaError.FENCED_INSTANCE_ID or "fenced" in err.str().lower():
+        return (
+            "consumer fenced: another instance joined the group with the same group.instance.id "
+            f"({err.str()})"
+        )
+    return f"consumer failed for good: {err.str()} ({err.name()})"
 
 
 # --------------------------------------------------------------------------- the service
@@ -407,6 +669,8 @@ class Service:
         self._store: ReplyStore = DedupeStore(root / name / "dedupe")
         self._handlers: dict[str, _Registration] = {}
         self._kafka: _Kafka | None = None
+        self._failures: dict[_Source, tuple[int, str, bool]] = {}
+        """Consumed records whose answer failed to produce: tries, last error, was a letter."""
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
@@ -476,16 +740,25 @@ class Service:
 
     def _serve(self, stop: threading.Event) -> None:
         txn_id = f"{self.name}.{self.settings.node_id}" if self.transactional else None
-        self._kafka = kafka = _Kafka(self.settings, self.name, txn_id)
+
+        def stopping() -> bool:
+            return stop.is_set() or self._stop.is_set()
+
+        try:
+            self._kafka = kafka = _Kafka(self.settings, self.name, txn_id, stopping)
+        except _Stopping:
+            return
         try:
             if not kafka.topic_exists(self.settings.dlq):
                 raise ServiceError(f"the dead-letter topic {self.settings.dlq} does not exist")
             kafka.subscribe(self.topics)
             log.info("service %s consuming %s", self.name, ", ".join(self.topics))
             self.health.set_ready(True)
-            while not (stop.is_set() or self._stop.is_set()):
+            while not stopping():
                 self._process_batch(kafka.next_batch(self.settings.max_batch))
                 self.health.beat()
+        except _Stopping:
+            log.info("service %s stopping while waiting for the broker", self.name)
         finally:
             self.health.set_ready(False, "stopped")
             self._kafka = None
@@ -502,15 +775,34 @@ class Service:
             batch.consumed(msg)
             batch.records.append(self._answer(msg, batch))
         if not self._kafka.commit(batch):
+            self._count_failures(batch)
             time.sleep(_REDO_BACKOFF_S)
             return
+        for source in batch.sources:
+            self._failures.pop(source, None)
         for key, reply in batch.finals.items():
             try:
                 self._store.put(key, reply)
             except Exception:  # losing an entry only means the handler may run again
                 log.exception("service %s: cannot store the reply for %s", self.name, key)
 
+    def _count_failures(self, batch: _Batch) -> None:
+        letters = {r.source for r in batch.records if r.topic == self.settings.dlq}
+        for source, why in batch.failed.items():
+            tries = self._failures.get(source, (0, "", False))[0] + 1
+            self._failures[source] = (tries, why, source in letters)
+            log.warning("service %s: answering %s failed (%d): %s", self.name, source, tries, why)
+
     def _answer(self, msg: Message, batch: _Batch) -> _Record:
+        source = _source(msg)
+        tries, why, was_letter = self._failures.get(source, (0, "", False))
+        if tries >= _MAX_TRIES:
+            if was_letter:
+                raise ServiceError(
+                    f"cannot write to the dead-letter topic {self.settings.dlq}: {why}"
+                )
+            reason = f"its answer could not be produced in {tries} tries: {why}"
+            return self._dead_letter(msg, reason, "ProduceFailed")
         value = msg.value()
         if value is None:
             return self._dead_letter(msg, "no record value (a tombstone?)", "EmptyRecord")
@@ -522,6 +814,9 @@ class Service:
         if reg is None:
             reason = f"service {self.name} has no handler for activity {cmd.activity_name!r}"
             return self._dead_letter(msg, reason, "UnknownActivity")
+        if not self._may_reply_to(cmd.reply_topic):
+            reason = f"reply topic {cmd.reply_topic!r} is not an inbox this service may answer"
+            return self._dead_letter(msg, reason, "ForbiddenReplyTopic")
         assert self._kafka is not None
         if not cmd.reply_topic or not self._kafka.topic_exists(cmd.reply_topic):
             reason = f"reply topic {cmd.reply_topic!r} does not exist"
@@ -532,14 +827,36 @@ class Service:
             topic=msg.topic() or "", partition=msg.partition() or 0, offset=msg.offset() or 0,
         ) as span:  # fmt: skip
             reply = self._reply_for(cmd, reg, batch)
+            record = self._reply_record(msg, cmd, reply)
+            if record.size > self._kafka.max_record_bytes:
+                reply = self._too_large(cmd, record.size, batch)
+                record = self._reply_record(msg, cmd, reply)
             record_reply(span, reply)
         self.metrics.answered(cmd.activity_name, reply.outcome.value, time.monotonic() - started)
-        return _Record(
-            topic=cmd.reply_topic,
-            key=cmd.workflow_id.encode(),
-            value=codec.encode(reply),
-            headers=_trace_headers(msg, cmd),
+        return record
+
+    def _reply_record(self, msg: Message, cmd: ActivityCommand, reply: ActivityReply) -> _Record:
+        key, value = cmd.workflow_id.encode(), codec.encode(reply)
+        return _Record(cmd.reply_topic, key, value, _trace_headers(msg, cmd), _source(msg))
+
+    def _too_large(self, cmd: ActivityCommand, size: int, batch: _Batch) -> ActivityReply:
+        """A reply no producer may send becomes a final failure, so the workflow moves on."""
+        assert self._kafka is not None
+        limit = self._kafka.max_record_bytes
+        message = (
+            f"the reply of {cmd.activity_name} is {size} bytes, over the {limit} bytes a record "
+            "may have (message.max.bytes): return less, e.g. a reference to the data"
         )
+        log.warning("service %s: %s (%s)", self.name, message, cmd.idempotency_key)
+        error = ErrorInfo(type="PayloadTooLarge", message=message)
+        reply = self._reply(cmd, ReplyOutcome.BUSINESS_FAILURE, None, error)
+        batch.finals[cmd.idempotency_key] = reply
+        return reply
+
+    def _may_reply_to(self, topic: str) -> bool:
+        """Only to inboxes: a forged command must not write into a history or any other topic."""
+        allowed = self.settings.reply_topics
+        return topic in allowed if allowed is not None else topic.endswith(".inbox")
 
     def _reply_for(self, cmd: ActivityCommand, reg: _Registration, batch: _Batch) -> ActivityReply:
         key = cmd.idempotency_key
@@ -582,8 +899,14 @@ class Service:
             msg.offset(),
             reason,
         )
-        letter = dead_letter_of(msg, reason, error_type)
-        return _Record(self.settings.dlq, msg.key(), codec.encode(letter), _bytes_headers(msg))
+        headers = _bytes_headers(msg)
+        if sum(len(k) + len(v) for k, v in headers) > _HEADERS_KEPT_MAX:
+            headers = [(k, v) for k, v in headers if k in TRACE_HEADERS]
+        key = msg.key()
+        limit = self._kafka.max_record_bytes if self._kafka is not None else 1_000_000
+        room = limit - _record_size(key, None, headers) - _LETTER_OVERHEAD
+        letter = dead_letter_of(msg, reason, error_type, max_bytes=room)
+        return _Record(self.settings.dlq, key, codec.encode(letter), headers, _source(msg))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -619,6 +942,10 @@ def _execute(
         details = "".join(traceback.format_exception(exc))[-_DETAILS_MAX:]
         error = ErrorInfo(type=type(exc).__name__, message=str(exc), details=details)
         return ReplyOutcome.RETRYABLE_FAILURE, None, error
+
+
+def _source(msg: Message) -> _Source:
+    return msg.topic() or "", msg.partition() or 0, msg.offset() or 0
 
 
 def _bytes_headers(msg: Message) -> _Headers:

@@ -14,6 +14,7 @@
 | metrics_port           | SAGA_METRICS_PORT           | none (no HTTP endpoint)  |
 | health_stale_ms        | SAGA_HEALTH_STALE_MS        | 60000                    |
 | traces_file            | SAGA_TRACES_FILE            | none (JSON-lines spans)  |
+| reply_topics           | SAGA_REPLY_TOPICS           | none (any ``*.inbox``)   |
 
 ``docs/configuration.md`` explains each one.
 """
@@ -24,10 +25,10 @@ import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from orchestrator.kafka_config import check_client_settings, is_secret_key, librdkafka_key
 from orchestrator.topics import NamespaceTopics
@@ -82,6 +83,11 @@ class Settings(BaseSettings):
     traces_file: Path | None = Field(
         default=None, description="also write spans to this JSON-lines file (see tracing.setup)"
     )
+    # NoDecode: the variable is a comma-separated list, not JSON.
+    reply_topics: Annotated[tuple[str, ...], NoDecode] | None = Field(
+        default=None,
+        description="the only topics a service replies to; unset: any topic ending in .inbox",
+    )
     sasl_password: SecretStr | None = Field(default=None, description="for SASL clusters")
     kafka: Mapping[str, str | SecretStr] = Field(
         default_factory=dict,
@@ -110,6 +116,13 @@ class Settings(BaseSettings):
     def _topic_safe(cls, value: str) -> str:
         if not _NAME.match(value):
             raise ValueError(f"{value!r} may hold only letters, digits, '.', '_' and '-'")
+        return value
+
+    @field_validator("reply_topics", mode="before")
+    @classmethod
+    def _topic_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
         return value
 
     @field_validator("bootstrap_servers")

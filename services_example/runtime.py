@@ -32,7 +32,7 @@ from contracts.orders import service_name
 from orchestrator import tracing
 from orchestrator.errors import BusinessError
 from orchestrator.local_db import open_local_db
-from orchestrator.service import CommandInfo, Service
+from orchestrator.service import CommandInfo, Service, ServiceError
 from orchestrator.settings import Settings
 from orchestrator.topics import ensure_service_topic, ensure_topics
 
@@ -202,6 +202,9 @@ def run_service(
     log.info("%s: state %s", base, json.dumps(store.state, sort_keys=True))
     try:
         service.run()
+    except ServiceError as exc:  # fenced, or a fatal Kafka error: one line, and a non-zero exit
+        log.error("%s stopped: %s", base, exc)
+        raise SystemExit(1) from None
     finally:
         service.close()
         store.close()

@@ -70,10 +70,10 @@ class Env:
     _producer: Producer | None = None
     _readers: dict[str, Consumer] = field(default_factory=dict)
 
-    def service(self, *, transactional: bool = True) -> Service:
+    def service(self, *, transactional: bool = True, settings: Settings | None = None) -> Service:
         service = Service(
             self.reserve.service,
-            self.settings,
+            settings or self.settings,
             state_dir=self.state_dir,
             transactional=transactional,
         )
@@ -85,6 +85,8 @@ class Env:
                 raise BusinessError("none left", error_type="OutOfStock")
             if arg.sku == "flaky":
                 raise ConnectionError("warehouse unreachable")
+            if arg.sku == "huge":  # a reply no producer may send
+                return Reservation(hold_id="x" * 1_100_000, qty=arg.qty)
             return Reservation(hold_id=f"hold-{info.idempotency_key}", qty=arg.qty)
 
         return service
@@ -276,7 +278,7 @@ def test_undecodable_and_unhandled_commands_go_to_the_dlq(env: Env) -> None:
         b"\x00not an avro record",
         env.command("wf-unknown", Reserve(sku="abc", qty=1), activity="inventory.nothing"),
         env.command("wf-lost", Reserve(sku="abc", qty=1)).model_copy(
-            update={"reply_topic": f"{env.settings.namespace}.nowhere"}
+            update={"reply_topic": f"{env.settings.namespace}-nowhere.inbox"}
         ),
         env.command("wf-after", Reserve(sku="abc", qty=1)),
     )
@@ -301,7 +303,7 @@ def test_undecodable_and_unhandled_commands_go_to_the_dlq(env: Env) -> None:
     assert "inventory.nothing" in unknown.reason
     assert isinstance(codec.decode(unknown.value or b""), ActivityCommand)
     _, lost = by_type["UnknownReplyTopic"]
-    assert f"{env.settings.namespace}.nowhere" in lost.reason
+    assert f"{env.settings.namespace}-nowhere.inbox" in lost.reason
     assert env.read(env.settings.inbox, 1, timeout=1.0) == [], "no reply for a dead letter"
     assert [arg.sku for arg, _ in env.calls] == ["abc"], "only the good command ran"
 
@@ -340,9 +342,106 @@ def test_an_aborted_transaction_is_redone(env: Env, monkeypatch: pytest.MonkeyPa
 def test_a_fatal_commit_error_stops_the_service(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     _fail_commits(monkeypatch, KafkaError(KafkaError._FENCED, "injected", fatal=True))
     env.send(env.command("wf-fenced", Reserve(sku="abc", qty=1)))
-    with pytest.raises(ServiceError, match="commit_transaction failed"), serving(env.service()):
+    with pytest.raises(ServiceError, match="producer fenced"), serving(env.service()):
         deadline = time.monotonic() + 15
         while not env.calls and time.monotonic() < deadline:
             time.sleep(0.05)
     assert len(env.calls) == 1
     assert env.read(env.settings.inbox, 1, timeout=0.5) == [], "nothing was committed"
+
+
+def test_a_command_may_not_reply_to_the_history_topic(env: Env) -> None:
+    forged = env.command("wf-forged", Reserve(sku="abc", qty=1)).model_copy(
+        update={"reply_topic": env.settings.history}
+    )
+    env.send(forged, env.command("wf-after", Reserve(sku="abc", qty=1)))
+    with serving(env.service()):
+        after = env.replies(1)["wf-after"]
+        (msg,) = env.read(env.settings.dlq, 1)
+
+    assert after.outcome is ReplyOutcome.SUCCESS
+    letter = codec.decode_as(msg.value() or b"", DeadLetter)
+    assert letter.error_type == "ForbiddenReplyTopic"
+    assert env.settings.history in letter.reason
+    assert env.read(env.settings.history, 1, timeout=1.0) == [], "nothing in the history"
+    assert [arg.sku for arg, _ in env.calls] == ["abc"], "the forged command did not run"
+
+
+def test_reply_topics_replace_the_inbox_rule(env: Env) -> None:
+    settings = env.settings.model_copy(update={"reply_topics": (env.settings.results,)})
+    results = env.command("wf-results", Reserve(sku="abc", qty=1)).model_copy(
+        update={"reply_topic": env.settings.results}
+    )
+    env.send(results, env.command("wf-inbox", Reserve(sku="abc", qty=1)))
+    with serving(env.service(settings=settings)):
+        (reply,) = env.read(env.settings.results, 1)
+        (msg,) = env.read(env.settings.dlq, 1)
+
+    assert codec.decode_as(reply.value() or b"", ActivityReply).workflow_id == "wf-results"
+    letter = codec.decode_as(msg.value() or b"", DeadLetter)
+    assert letter.error_type == "ForbiddenReplyTopic" and env.settings.inbox in letter.reason
+
+
+def test_oversized_records_become_a_failure_reply_and_a_cut_dead_letter(env: Env) -> None:
+    big = Producer(
+        producer_config(env.settings.bootstrap_servers, extra={"message.max.bytes": 2**20})
+    )
+    huge_value = b"\x00" + b"y" * 999_999  # not a command, and as large as a record may be
+    big.produce(env.reserve.topic, key=b"big", value=huge_value)
+    assert big.flush(10) == 0
+    env.send(
+        env.command("wf-huge", Reserve(sku="huge", qty=1)),
+        env.command("wf-after", Reserve(sku="abc", qty=1)),
+    )
+    with serving(env.service()):
+        replies = env.replies(2)
+        (msg,) = env.read(env.settings.dlq, 1)
+
+    huge = replies["wf-huge"]
+    assert huge.outcome is ReplyOutcome.BUSINESS_FAILURE, "final: the workflow moves on"
+    assert huge.error is not None and huge.error.type == "PayloadTooLarge"
+    assert "message.max.bytes" in huge.error.message
+    assert replies["wf-after"].outcome is ReplyOutcome.SUCCESS
+
+    letter = codec.decode_as(msg.value() or b"", DeadLetter)
+    assert letter.error_type == "BadMagic" and letter.key == b"big"
+    assert (letter.source_topic, letter.source_offset) == (env.reserve.topic, 0)
+    assert letter.value is not None and huge_value.startswith(letter.value)
+    assert 0 < len(letter.value) < len(huge_value) and "value cut" in letter.reason
+    assert len(msg.value() or b"") < 1_000_000
+
+
+def test_a_producer_fenced_by_another_instance_stops_the_service(env: Env) -> None:
+    service = env.service()
+    env.send(env.command("wf-1", Reserve(sku="abc", qty=1)))
+    with pytest.raises(ServiceError, match="producer fenced: another instance"), serving(service):
+        env.replies(1)
+        twin = Producer(
+            producer_config(
+                env.settings.bootstrap_servers,
+                transactional_id=f"{env.reserve.service}.{env.settings.node_id}",
+            )
+        )
+        twin.init_transactions(10)
+        env.send(env.command("wf-2", Reserve(sku="abc", qty=1)))
+        deadline = time.monotonic() + 15
+        while len(env.calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1)
+    assert env.read(env.settings.inbox, 1, timeout=0.5) == [], "the fenced reply is unseen"
+
+
+def test_a_consumer_fenced_by_its_static_twin_stops_the_service(env: Env) -> None:
+    static = {"group.instance.id": "instance-1"}
+    settings = env.settings.model_copy(update={"kafka": static})
+    service = env.service(settings=settings)
+    env.send(env.command("wf-1", Reserve(sku="abc", qty=1)))
+    with pytest.raises(ServiceError, match="consumer fenced"), serving(service):
+        env.replies(1)
+        conf = consumer_config(env.settings.bootstrap_servers, env.reserve.service, extra=static)
+        twin = Consumer(conf)
+        twin.subscribe([env.reserve.topic])
+        deadline = time.monotonic() + 20
+        while service._idle.is_set() is False and time.monotonic() < deadline:
+            twin.poll(0.1)
+        twin.close()
