@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from opentelemetry.trace import NoOpTracer, Tracer, TracerProvider
@@ -47,6 +47,7 @@ from contracts.envelopes import (
     ReplyOutcome,
     TraceContext,
 )
+from orchestrator._deadline import DeadlineCaller, Stopping, Wedged, drop_in_background
 from orchestrator._dedupe import FINAL_OUTCOMES, DedupeStore, ReplyStore
 from orchestrator.dead_letters import dead_letter_of
 from orchestrator.errors import BusinessError, RetryableError
@@ -193,14 +194,6 @@ class _Broken(Exception):
     """The producer is in an unknown state: replace it and redo the batch."""
 
 
-class _Stuck(Exception):
-    """A client call outlived its deadline."""
-
-
-class _Stopping(Exception):
-    """Asked to stop while waiting for the broker: give the batch up (it is read again later)."""
-
-
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -211,44 +204,6 @@ def _kafka_error(exc: KafkaException) -> KafkaError | None:
 
 
 # --------------------------------------------------------------------------- Kafka clients
-
-
-def _within(fn: Callable[[], T], deadline_s: float, stopping: Callable[[], bool]) -> T:
-    """Run ``fn`` in a daemon thread and wait for it at most ``deadline_s``.
-
-    librdkafka does not always honour its own timeouts (send_offsets_to_transaction waits for a
-    coordinator that went away: librdkafka #5456), and a C call blocks signal handling in the
-    main thread; waiting here in slices keeps SIGTERM and the deadline in our hands.
-    """
-    done = threading.Event()
-    box: list[Any] = []
-
-    def target() -> None:
-        try:
-            box.append((True, fn()))
-        except BaseException as exc:
-            box.append((False, exc))
-        finally:
-            done.set()
-
-    threading.Thread(target=target, name="kafka-call", daemon=True).start()
-    deadline = time.monotonic() + deadline_s
-    while not done.wait(_SLICE_S):
-        if stopping():
-            raise _Stopping
-        if time.monotonic() > deadline:
-            raise _Stuck(f"no answer within {deadline_s:.0f} s")
-    ok, value = box[0]
-    if ok:
-        return cast(T, value)
-    raise value
-
-
-def _drop_in_background(client: Any) -> None:
-    """Let a client go without waiting: destroying it may block while the broker is away."""
-    holder = [client]
-    del client
-    threading.Thread(target=holder.clear, name="kafka-drop", daemon=True).start()
 
 
 class _Kafka:
@@ -273,6 +228,7 @@ class _Kafka:
         self.transactional = transactional_id is not None
         self._txn_id = transactional_id
         self._stopping = stopping
+        self._calls = DeadlineCaller(f"kafka-{transactional_id or group}")
         self._known_topics: set[str] = set()
         self._in_txn = False
         self._txn_began = 0.0
@@ -317,10 +273,11 @@ class _Kafka:
         steps.append(("consumer close", self.consumer.close))
         for what, step in steps:
             try:
-                _within(step, _CLOSE_S + 1, _never)
-            except (KafkaException, _Stuck) as exc:
+                self._calls.call(what, step, _CLOSE_S + 1)
+            except (KafkaException, Wedged) as exc:
                 log.warning("closing: %s did not finish: %s", what, exc)
-        _drop_in_background(self.producer)
+        drop_in_background([self.producer])
+        self._calls.close()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -350,12 +307,13 @@ class _Kafka:
         if topic in self._known_topics:
             return True
         try:
-            metadata = _within(
+            metadata = self._calls.call(
+                "list_topics",
                 lambda: self.producer.list_topics(timeout=_TXN_TIMEOUT_S),
                 _TXN_TIMEOUT_S + _GRACE_S,
                 self._stopping,
             )
-        except (KafkaException, _Stuck) as exc:
+        except (KafkaException, Wedged) as exc:
             log.warning("cannot read metadata to check topic %s: %s", topic, exc)
             return True  # let producing decide
         self._known_topics.update(
@@ -368,7 +326,7 @@ class _Kafka:
     def commit(self, batch: _Batch) -> bool:
         """Produce the batch's records and commit its offsets; False: rolled back, redo it.
 
-        Raises ``_Stopping`` when asked to stop while waiting for the broker.
+        Raises ``Stopping`` when asked to stop while waiting for the broker.
         """
         if self.transactional and self._brokers_lost:
             # After an outage librdkafka may keep a stale coordinator and wait for it for ever
@@ -437,7 +395,7 @@ class _Kafka:
             raise ServiceError(f"the producer failed {_MAX_REBUILDS} times in a row: {why}")
         log.warning("replacing the producer: %s", why)
         old, self._in_txn = self.producer, False
-        _drop_in_background(old)
+        drop_in_background([old])
         del old
         self.producer = self._new_producer()
 
@@ -446,10 +404,13 @@ class _Kafka:
             self._produce(record, batch)
         producer = self.producer
         try:
-            left = _within(
-                lambda: producer.flush(_TXN_TIMEOUT_S), _TXN_TIMEOUT_S + _GRACE_S, self._stopping
+            left = self._calls.call(
+                "flush",
+                lambda: producer.flush(_TXN_TIMEOUT_S),
+                _TXN_TIMEOUT_S + _GRACE_S,
+                self._stopping,
             )
-        except _Stuck as exc:
+        except Wedged as exc:
             raise _Abortable(f"flush: {exc}") from exc
         if left or batch.failed:
             raise _Abortable(f"{left} record(s) undelivered ({list(batch.failed.values())[:3]})")
@@ -482,7 +443,7 @@ class _Kafka:
             except BufferError:  # the local queue is full: let deliveries drain it
                 self.producer.poll(_SLICE_S)
                 if self._stopping():
-                    raise _Stopping from None
+                    raise Stopping from None
                 continue
             except KafkaException as exc:
                 err = _kafka_error(exc)
@@ -533,7 +494,7 @@ class _Kafka:
         """Run a client call until it succeeds; retriable errors are retried with backoff.
 
         Raises ``_Abortable`` (abort and redo), ``_Broken`` (replace the producer),
-        ``ServiceError`` (stop the service) or ``_Stopping``.
+        ``ServiceError`` (stop the service) or ``Stopping``.
         """
         delay = _BACKOFF_MIN_S
         while True:
@@ -541,9 +502,9 @@ class _Kafka:
                 if inline:  # local calls that cannot block
                     fn()
                 else:
-                    _within(fn, timeout + _GRACE_S, self._stopping)
+                    self._calls.call(what, fn, timeout + _GRACE_S, self._stopping)
                 return
-            except _Stuck as exc:
+            except Wedged as exc:
                 raise _Broken(f"{what}: {exc} (librdkafka #5456)") from exc
             except KafkaException as exc:
                 err = _kafka_error(exc)
@@ -582,12 +543,8 @@ class _Kafka:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self._stopping():
-                raise _Stopping
+                raise Stopping
             time.sleep(min(_SLICE_S, seconds))
-
-
-def _never() -> bool:
-    return False
 
 
 _NOT_THE_RECORDS_FAULT = frozenset(
@@ -746,7 +703,7 @@ class Service:
 
         try:
             self._kafka = kafka = _Kafka(self.settings, self.name, txn_id, stopping)
-        except _Stopping:
+        except Stopping:
             return
         try:
             if not kafka.topic_exists(self.settings.dlq):
@@ -757,7 +714,7 @@ class Service:
             while not stopping():
                 self._process_batch(kafka.next_batch(self.settings.max_batch))
                 self.health.beat()
-        except _Stopping:
+        except Stopping:
             log.info("service %s stopping while waiting for the broker", self.name)
         finally:
             self.health.set_ready(False, "stopped")

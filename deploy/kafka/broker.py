@@ -18,6 +18,7 @@ chose in ``.run/kafka/bootstrap``, which ``bootstrap``, the tests and the demo r
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import signal
 import socket
@@ -389,9 +390,10 @@ def stop(layout: BrokerLayout, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     child = _CHILDREN.pop(pid, None)
     while time.monotonic() < deadline and _read_pid(layout) is not None:
-        if child is not None:
-            child.poll()  # reaps it once it has exited
         time.sleep(0.2)
+    if child is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(5)  # reaps it (an exited child stays a zombie until then)
     if _read_pid(layout) is not None:
         os.kill(pid, signal.SIGKILL)
         click.echo(f"broker (pid {pid}) did not stop within {timeout:.0f}s; killed it")

@@ -39,7 +39,7 @@ from contracts.envelopes import (
     WorkflowResult,
     WorkflowStatus,
 )
-from orchestrator._deadline import DeadlineCaller, Wedged
+from orchestrator._deadline import DeadlineCaller, Stopping, Wedged, drop_in_background
 from orchestrator.dead_letters import dead_letter_of
 from orchestrator.errors import NodeStopped, NonDeterminismError
 from orchestrator.health import Health
@@ -171,23 +171,44 @@ class Processor:
     # ----------------------------------------------------------------- lifecycle
 
     def _new_producer(self) -> Producer:
-        producer = Producer(
-            producer_config(
-                self.settings.bootstrap_servers,
-                transactional_id=self._txn_id,
-                extra=self.settings.client_extra(),
-            )
+        """A transactional producer whose init_transactions went through: it aborts what a
+        previous incarnation left open. Waits out a broker that is away; a producer whose
+        init failed or hung is let go and the next try starts with a new one."""
+        conf = producer_config(
+            self.settings.bootstrap_servers,
+            transactional_id=self._txn_id,
+            extra=self.settings.client_extra(),
         )
-        # Aborts what a previous incarnation left open; waits out a broker that is away.
-        self._retrying(
-            "init_transactions",
-            lambda: self._calls.call(
-                "init_transactions",
-                lambda: producer.init_transactions(_INIT_CALL_S),
-                2 * _INIT_CALL_S,
-            ),
-        )
-        return producer
+
+        def attempt() -> Producer:
+            self._brokers_lost = False
+            producer = Producer({**conf, "error_cb": self._on_producer_error})
+            try:
+                self._calls.call(
+                    "init_transactions",
+                    lambda: producer.init_transactions(_INIT_CALL_S),
+                    2 * _INIT_CALL_S,
+                    self._stop.is_set,
+                )
+            except (KafkaException, Wedged):
+                drop_in_background([producer])
+                raise
+            return producer
+
+        return self._retrying("init_transactions", attempt)
+
+    def _replace_producer(self, why: str) -> None:
+        """A new producer with the same transactional id: its init_transactions fences the old
+        one and settles whatever transaction that one left open."""
+        log.warning("replacing the producer: %s", why)
+        drop_in_background([self._producer])
+        self._producer = self._new_producer()
+
+    def _on_producer_error(self, error: KafkaError) -> None:
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            # After the broker comes back, this producer's first send_offsets_to_transaction was
+            # seen to hang until its deadline (librdkafka 5456): start the next batch on a new one.
+            self._brokers_lost = True
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
         """``call`` until it succeeds: a broker that restarts answers NOT_COORDINATOR, times out
@@ -220,6 +241,8 @@ class Processor:
         try:
             while not stop.is_set():
                 self.step()
+        except Stopping as exc:
+            log.info("%s", exc)  # whatever was in flight is redone by the next owner
         finally:
             self.close()
 
@@ -676,6 +699,8 @@ class Processor:
             if part is not None:
                 part.summarize(cached, batch.store(number))
         self._history_offsets.clear()
+        if self._brokers_lost:
+            self._replace_producer("the brokers were unreachable since its last transaction")
         try:
             self._producer.begin_transaction()
             for out in batch.outputs:
@@ -687,15 +712,19 @@ class Processor:
                 "send_offsets_to_transaction",
                 lambda: producer.send_offsets_to_transaction(offsets, group, _TXN_CALL_S),
                 _CALL_DEADLINE_S,
+                self._stop.is_set,
             )
             self._calls.call(
                 "commit_transaction",
                 lambda: producer.commit_transaction(_TXN_CALL_S),
                 _CALL_DEADLINE_S,
+                self._stop.is_set,
             )
         except (KafkaException, Wedged) as exc:
             self._abort(exc)
             return
+        # A Stopping from a call above goes up to run(): the batch is not written locally, and
+        # the next owner settles the transaction (init_transactions) and re-reads its input.
         self.counters.transactions += 1
         self._positions.update(batch.offsets)
         if self.tracer is not None:
@@ -770,9 +799,7 @@ class Processor:
             # SAGA_NODE_ID. A new producer would fence that one in turn, and so on for ever.
             raise NodeStopped(_fatal_reason(error))
         if error is None or error.fatal():
-            # A wedged producer is abandoned: the new one's init_transactions fences it and
-            # aborts its open transaction.
-            self._producer = self._new_producer()
+            self._replace_producer(str(exc))
         else:
             producer = self._producer
             try:
@@ -780,10 +807,10 @@ class Processor:
                     "abort_transaction",
                     lambda: producer.abort_transaction(_TXN_CALL_S),
                     _CALL_DEADLINE_S,
+                    self._stop.is_set,
                 )
             except (KafkaException, Wedged) as abort_exc:
-                log.error("abort failed (%s); starting a new producer", abort_exc)
-                self._producer = self._new_producer()
+                self._replace_producer(f"abort failed ({abort_exc})")
         for part in self._partitions.values():
             part.forget_all()
             part.reload_timers()

@@ -118,7 +118,9 @@ def test_a_broker_restart_under_load_neither_kills_nor_stalls_the_node(
             with Client(settings) as client:
                 for i, wf in enumerate(ids[:40]):
                     # Spread over the outage: some finish before, most are asleep through it.
-                    client.start("trip", Trip(sleep_ms=(i % 8) * 1000), workflow_id=wf)
+                    # Steps wait 30 s for an answer: the services are away as long as the broker.
+                    trip = Trip(sleep_ms=(i % 8) * 1000, timeout_ms=30_000)
+                    client.start("trip", trip, workflow_id=wf)
             watcher.wait_for(5, timeout=30)
             private_broker.stop()
             time.sleep(10)
@@ -128,7 +130,7 @@ def test_a_broker_restart_under_load_neither_kills_nor_stalls_the_node(
             seen = len(watcher.found)
             with Client(settings) as client:
                 for wf in ids[40:]:
-                    client.start("trip", Trip(), workflow_id=wf)
+                    client.start("trip", Trip(timeout_ms=30_000), workflow_id=wf)
             watcher.wait_for(seen + 1, timeout=60)
             print(f"first result {time.monotonic() - back:.1f}s after the broker was back")
             watcher.wait_for(len(ids), timeout=90)

@@ -47,6 +47,7 @@ class Trip(BaseModel):
     silent: int = 0
     sleep_ms: int = 0
     wait_signal: bool = False
+    timeout_ms: int = 1000  # each step's attempt timeout
 
 
 class TripResult(BaseModel):
@@ -101,7 +102,10 @@ def build(prefix: str) -> Kit:
                     if n == 3 and trip.wait_signal:
                         approved_by = (await ctx.wait_signal("approve", Approval)).by
                     done = await ctx.call(
-                        do[n - 1], step(trip, n), retry=retry, timeout=timedelta(seconds=1)
+                        do[n - 1],
+                        step(trip, n),
+                        retry=retry,
+                        timeout=timedelta(milliseconds=trip.timeout_ms),
                     )
                     refs.append(done.ref)
                     saga.on_failure(
