@@ -91,6 +91,10 @@ def _base(bootstrap: str, extra: dict[str, Any] | None) -> dict[str, Any]:
     return conf
 
 
+def admin_config(bootstrap: str, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _base(bootstrap, extra)
+
+
 def producer_config(
     bootstrap: str,
     *,

@@ -43,13 +43,14 @@ from orchestrator._deadline import DeadlineCaller, Stopping, Wedged, drop_in_bac
 from orchestrator.dead_letters import dead_letter_of
 from orchestrator.errors import NodeStopped, NonDeterminismError
 from orchestrator.health import Health
-from orchestrator.kafka_config import consumer_config, producer_config
+from orchestrator.kafka_config import admin_config, consumer_config, producer_config
 from orchestrator.metrics import NodeMetrics
 from orchestrator.payloads import PayloadError, from_payload
 from orchestrator.settings import Settings
 from orchestrator.tracing import WorkflowTracer, headers_of
 from orchestrator.workflow import WorkflowRegistry
 
+from .membership import NodeClaim
 from .partition import Cached, Partition
 from .restore import RestoreReport, restore_partitions
 from .state import UnknownActivity
@@ -159,12 +160,20 @@ class Processor:
         self._stop = threading.Event()
         self._last_retention = 0.0
         # Static membership: a node that restarts with the same node id takes its partitions
-        # back at once instead of waiting for a rebalance.
-        consumer_extra = {"group.instance.id": f"{self._group}.{settings.node_id}"}
-        consumer_extra.update(settings.client_extra())
-        self._consumer = Consumer(
-            consumer_config(settings.bootstrap_servers, self._group, extra=consumer_extra)
+        # back at once instead of waiting for a rebalance. So one process per node id: the claim
+        # refuses a second one before it could fence this one (membership.py).
+        instance_id = f"{self._group}.{settings.node_id}"
+        consumer_conf = consumer_config(
+            settings.bootstrap_servers,
+            self._group,
+            extra={"group.instance.id": instance_id, **settings.client_extra()},
         )
+        self._claim = NodeClaim(self._state_root, self._group, instance_id)
+        consumer_conf["client.id"] = self._claim.acquire(
+            admin_config(settings.bootstrap_servers, extra=settings.client_extra()),
+            int(consumer_conf["session.timeout.ms"]) / 1000,
+        )
+        self._consumer = Consumer(consumer_conf)
         self._calls = DeadlineCaller(f"txn-{settings.node_id}")
         self._producer = self._new_producer()
 
@@ -253,6 +262,7 @@ class Processor:
         for part in self._partitions.values():
             part.close()
         self._partitions.clear()
+        self._claim.release()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Only note them: restoring is long work for the loop, not for librdkafka's callback.

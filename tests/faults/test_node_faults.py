@@ -143,3 +143,48 @@ def test_a_broker_restart_under_load_neither_kills_nor_stalls_the_node(
     assert {r.status for r in results.values()} == {WorkflowStatus.COMPLETED}
     assert set(kit.effects.values()) == {1}, "a service effect was applied twice"
     assert_history_sound(settings, ids)
+
+
+@pytest.mark.timeout(180)
+def test_a_second_process_with_the_same_node_id_is_refused(
+    services: Kit, kafka_bootstrap: str, namespace: str, tmp_path: Path
+) -> None:
+    """A second process with a running node's id (elsewhere, or on the same state dir) exits
+    with one clear line before it could fence the first; the first runs on undisturbed."""
+    kit = services
+    settings = settings_for(kafka_bootstrap, namespace, tmp_path / "a")
+    first = NodeProcess(kit, namespace, tmp_path / "a", "a", kafka_bootstrap)
+    elsewhere = NodeProcess(kit, namespace, tmp_path / "elsewhere" / "a", "a", kafka_bootstrap)
+    same_dir = NodeProcess(kit, namespace, tmp_path / "a", "a", kafka_bootstrap)
+    same_dir.log = tmp_path / "same-dir.log"
+    watcher = ResultWatcher(settings)
+    watcher.start()
+    ids = [f"twin-{i}" for i in range(20)]
+    try:
+        first.start()
+        _wait_for_text(first.log, "restored", 30)
+        with Client(settings) as client:
+            for wf in ids:
+                client.start("trip", Trip(sleep_ms=3000), workflow_id=wf)
+        same_dir.start()
+        elsewhere.start()
+        assert same_dir.proc is not None and elsewhere.proc is not None
+        assert same_dir.proc.wait(30) == 1
+        assert elsewhere.proc.wait(SESSION_TIMEOUT_S + 30) == 1
+        watcher.wait_for(len(ids), timeout=60)
+        assert first.alive(), first.log.read_text()[-3000:]
+        results = dict(watcher.found)
+    finally:
+        first.stop()
+        elsewhere.stop()
+        same_dir.stop()
+        watcher.close()
+    last_line = same_dir.log.read_text().strip().splitlines()[-1]
+    assert last_line.startswith("Error: another process runs a node on the state dir"), last_line
+    last_line = elsewhere.log.read_text().strip().splitlines()[-1]
+    assert last_line.startswith("Error: node id a is in use by a running process"), last_line
+    assert "fenced" not in first.log.read_text()
+    assert set(results) == set(ids)
+    assert {r.status for r in results.values()} == {WorkflowStatus.COMPLETED}
+    assert set(kit.effects.values()) == {1}
+    assert_history_sound(settings, ids)

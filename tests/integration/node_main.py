@@ -9,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+from orchestrator.errors import OrchestratorError
 from orchestrator.node import OrchestratorNode
 
 from .kit import build, settings_for
@@ -19,7 +20,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     kit = build(prefix)
     settings = settings_for(bootstrap, namespace, Path(state_dir), node_id)
-    OrchestratorNode(settings, kit.registry).run()
+    try:
+        OrchestratorNode(settings, kit.registry).run()
+    except OrchestratorError as exc:
+        raise SystemExit(f"Error: {exc}") from None  # one line, as `orchestrator run` prints
 
 
 if __name__ == "__main__":
