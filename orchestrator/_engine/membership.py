@@ -7,9 +7,9 @@ saying it was healthy). The claim refuses the second process instead, with one c
 1. A lock on ``<state_dir>/<namespace>/node.lock``: a second process on the same state dir is
    refused at once.
 2. The consumer group is asked for a member with this node's ``group.instance.id``. Its client id
-   is compared with the one the previous incarnation wrote into the lock file: if they match, the
-   member is that incarnation, dead (we hold its lock), and static membership hands its
-   partitions over at once. Any other member with our id belongs to a process elsewhere: the
+   is compared with those the previous incarnations wrote into the lock file: if it is one of
+   them, the member is such an incarnation, dead (we hold its lock), and static membership hands
+   its partitions over at once. Any other member with our id belongs to a process elsewhere: the
    claim waits one session timeout for it to expire (a crashed process on another machine) and
    refuses if it is still there (a live one).
 """
@@ -31,6 +31,8 @@ from orchestrator.errors import NodeStopped
 
 log = logging.getLogger(__name__)
 
+_KEEP = 50  # client ids of earlier incarnations remembered in node.lock
+
 
 class NodeClaim:
     def __init__(self, state_root: Path, group: str, instance_id: str) -> None:
@@ -44,13 +46,14 @@ class NodeClaim:
         """Claim the node id; returns the client id this process must use. Raises
         :class:`NodeStopped` when another process holds it."""
         previous = self._lock()
-        others = self._others(admin_config, previous)
+        admin = AdminClient(admin_config)
+        others = self._others(admin, previous)
         deadline = time.monotonic() + session_timeout_s + 3
         while others and time.monotonic() < deadline:
             log.info("node id %s is a member of %s as %s; waiting for it to expire",
                      self.instance_id, self.group, others)  # fmt: skip
             time.sleep(1.0)
-            others = self._others(admin_config, previous)
+            others = self._others(admin, previous)
         if others:
             self.release()
             raise NodeStopped(
@@ -64,8 +67,9 @@ class NodeClaim:
             self._file.close()  # closing drops the lock
             self._file = None
 
-    def _lock(self) -> str:
-        """Take the lock file; return the client id the previous holder wrote into it."""
+    def _lock(self) -> set[str]:
+        """Take the lock file; return the client ids earlier holders wrote into it (a holder
+        killed before its join completed leaves the group showing an older one)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")  # noqa: SIM115 - held for the process's lifetime
         try:
@@ -77,18 +81,17 @@ class NodeClaim:
                 "(its node.lock is held); give every node its own SAGA_NODE_ID and state dir"
             ) from None
         handle.seek(0)
-        previous = handle.read().strip()
+        previous = handle.read().split()[-_KEEP:]
         handle.seek(0)
         handle.truncate()
-        handle.write(self.client_id)
+        handle.write("\n".join([*previous, self.client_id]) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
         self._file = handle
-        return previous
+        return set(previous)
 
-    def _others(self, admin_config: dict[str, Any], previous: str) -> list[str]:
-        """Members of the group with our instance id that are not our dead predecessor."""
-        admin = AdminClient(admin_config)
+    def _others(self, admin: AdminClient, previous: set[str]) -> list[str]:
+        """Members of the group with our instance id that are not our dead predecessors."""
         try:
             found = admin.describe_consumer_groups([self.group], request_timeout=10)
             description = found[self.group].result(15)
@@ -100,5 +103,5 @@ class NodeClaim:
         return [
             f"{m.client_id} on {m.host.lstrip('/')}"
             for m in description.members
-            if m.group_instance_id == self.instance_id and m.client_id != previous
+            if m.group_instance_id == self.instance_id and m.client_id not in previous
         ]

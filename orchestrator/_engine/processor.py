@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -75,6 +77,17 @@ _FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED}
 _TXN_CALL_S = 10.0
 _CALL_DEADLINE_S = 15.0
 _INIT_CALL_S = 30.0  # init_transactions on a new broker may wait for its transaction log
+
+
+# A test seam, not a setting: SIGKILL this process inside its N-th transaction, after its records
+# and offsets were sent and before the commit, so fault tests can kill a node with a transaction
+# open every time rather than by chance (tests/faults/test_node_faults.py).
+_CRASH_IN_TXN = int(os.environ.get("SAGA_TEST_CRASH_IN_TXN", "0"))
+
+
+def _crash_point(committed: int) -> None:
+    if _CRASH_IN_TXN and committed + 1 >= _CRASH_IN_TXN:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fatal_reason(error: KafkaError) -> str:
@@ -724,6 +737,7 @@ class Processor:
                 _CALL_DEADLINE_S,
                 self._stop.is_set,
             )
+            _crash_point(self.counters.transactions)
             self._calls.call(
                 "commit_transaction",
                 lambda: producer.commit_transaction(_TXN_CALL_S),

@@ -8,6 +8,7 @@ one clear line.
 
 from __future__ import annotations
 
+import random
 import signal
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 from contracts.envelopes import WorkflowStatus
 from orchestrator.client import Client
 from tests.faults.conftest import PrivateBroker
-from tests.integration.kit import Kit, Trip, build, create_topics, settings_for
+from tests.integration.kit import Kit, Trip, build, create_topics, mixed_trip, settings_for
 from tests.integration.procs import (
     NodeProcess,
     ResultWatcher,
@@ -188,3 +189,53 @@ def test_a_second_process_with_the_same_node_id_is_refused(
     assert {r.status for r in results.values()} == {WorkflowStatus.COMPLETED}
     assert set(kit.effects.values()) == {1}
     assert_history_sound(settings, ids)
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_inside_an_open_transaction_24_times(
+    services: Kit, kafka_bootstrap: str, namespace: str, tmp_path: Path
+) -> None:
+    """The node kills itself inside a transaction (records and offsets sent, commit not yet) 24
+    times in a row while 120 sagas run; each restart aborts the open transaction and redoes it."""
+    kit = services
+    settings = settings_for(kafka_bootstrap, namespace, tmp_path / "orch")
+    ids: dict[str, int] = {}
+    rng = random.Random(11)
+    watcher = ResultWatcher(settings)
+    watcher.start()
+    kills = 0
+    node: NodeProcess | None = None
+    try:
+        with Client(settings) as client:
+            while kills < 24:
+                # New sagas before each incarnation, so it always has transactions to die in.
+                for i in range(len(ids), len(ids) + 5):
+                    ids[f"txn-kill-{i}"] = i
+                    client.start(
+                        "trip", mixed_trip(i, max_sleep_s=3)[0], workflow_id=f"txn-kill-{i}"
+                    )
+                env = {"SAGA_TEST_CRASH_IN_TXN": str(rng.randint(1, 4))}
+                node = NodeProcess(kit, namespace, tmp_path / "orch", "n1", kafka_bootstrap, env)
+                node.start()
+                assert node.proc is not None
+                assert node.proc.wait(60) == -signal.SIGKILL, node.log.read_text()[-3000:]
+                kills += 1
+        finished_during_kills = len(watcher.found)
+        node = NodeProcess(kit, namespace, tmp_path / "orch", "n1", kafka_bootstrap)
+        node.start()
+        watcher.wait_for(len(ids), timeout=120)
+        assert node.alive(), node.log.read_text()[-3000:]
+        results = dict(watcher.found)
+    finally:
+        if node is not None:
+            node.stop()
+        watcher.close()
+    print(f"{kills} kills inside a transaction; {finished_during_kills} sagas ended meanwhile")
+    assert 0 < finished_during_kills < len(ids)  # the kills hit sagas in flight
+    assert set(results) == set(ids), f"{len(set(ids) - set(results))} sagas never finished"
+    for wf, i in ids.items():
+        _, status, steps = mixed_trip(i, max_sleep_s=3)
+        assert results[wf].status == status, (wf, results[wf])
+        assert kit.steps_of(wf) == steps, wf
+    assert set(kit.effects.values()) == {1}, "a service effect was applied twice"
+    assert_history_sound(settings, list(ids))

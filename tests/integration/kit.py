@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from contracts.activity import ActivityContract
-from contracts.envelopes import RetryPolicy
+from contracts.envelopes import RetryPolicy, WorkflowStatus
 from orchestrator import workflow
 from orchestrator.errors import BusinessError, RetryableError
 from orchestrator.node import OrchestratorNode
@@ -116,6 +116,19 @@ def build(prefix: str) -> Kit:
             return TripResult(refs=refs, approved_by=approved_by)
 
     return Kit(prefix, svc, WorkflowRegistry([TripSaga]))
+
+
+def mixed_trip(i: int, max_sleep_s: int = 12) -> tuple[Trip, WorkflowStatus, list[str]]:
+    """Saga ``i`` of a mix of outcomes, with durable sleeps that spread the sagas over several
+    seconds: its input, its expected status and the steps its services apply, in order."""
+    sleep_ms = (i % max_sleep_s) * 1000
+    if i % 5 == 0:
+        trip = Trip(fail_at=3, sleep_ms=sleep_ms)
+        return trip, WorkflowStatus.COMPENSATED, ["do", "do", "undo", "undo"]
+    if i % 7 == 0:
+        trip = Trip(flaky_at=2, flaky=1, sleep_ms=sleep_ms)
+        return trip, WorkflowStatus.COMPLETED, ["do", "do", "do"]
+    return Trip(sleep_ms=sleep_ms), WorkflowStatus.COMPLETED, ["do", "do", "do"]
 
 
 def settings_for(

@@ -12,7 +12,7 @@ import pytest
 from contracts.envelopes import WorkflowStatus
 from orchestrator.client import Client
 
-from .kit import Kit, Trip, build, create_topics, settings_for
+from .kit import Kit, Trip, build, create_topics, mixed_trip, settings_for
 from .procs import NodeProcess, ResultWatcher, assert_history_sound, service_threads
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -25,18 +25,6 @@ def services(kafka_bootstrap: str, namespace: str, tmp_path: Path) -> Iterator[K
     create_topics(kit, settings)
     with service_threads(kit, settings):
         yield kit
-
-
-def _expected(i: int) -> tuple[Trip, WorkflowStatus, list[str]]:
-    """A mix of outcomes, with durable sleeps that spread the sagas over several seconds."""
-    sleep_ms = (i % 12) * 1000  # 0 to 11 s: some sagas are still asleep at every kill
-    if i % 5 == 0:
-        trip = Trip(fail_at=3, sleep_ms=sleep_ms)
-        return trip, WorkflowStatus.COMPENSATED, ["do", "do", "undo", "undo"]
-    if i % 7 == 0:
-        trip = Trip(flaky_at=2, flaky=1, sleep_ms=sleep_ms)
-        return trip, WorkflowStatus.COMPLETED, ["do", "do", "do"]
-    return Trip(sleep_ms=sleep_ms), WorkflowStatus.COMPLETED, ["do", "do", "do"]
 
 
 def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
@@ -54,7 +42,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     try:
         with Client(settings) as client:
             for wf, i in ids.items():
-                client.start("trip", _expected(i)[0], workflow_id=wf)
+                client.start("trip", mixed_trip(i)[0], workflow_id=wf)
         began = time.monotonic()
         for kill_at in (2.5, 5.0, 7.5, 10.0):  # seconds after the starts were sent
             time.sleep(max(0.0, began + kill_at + rng.uniform(0, 0.4) - time.monotonic()))
@@ -72,7 +60,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     assert finished_at_kill[-1] > 0, finished_at_kill
     assert set(results) == set(ids), f"{len(set(ids) - set(results))} sagas never finished"
     for wf, i in ids.items():
-        _, status, steps = _expected(i)
+        _, status, steps = mixed_trip(i)
         assert results[wf].status == status, (wf, results[wf])
         assert kit.steps_of(wf) == steps, wf
     assert set(kit.effects.values()) == {1}, "a service effect was applied twice"
