@@ -42,11 +42,12 @@ from contracts.envelopes import (
     WorkflowStatus,
 )
 from orchestrator._deadline import DeadlineCaller, Stopping, Wedged, drop_in_background
-from orchestrator.dead_letters import dead_letter_of
+from orchestrator.dead_letters import DEAD_LETTER_MAX_BYTES, dead_letter_of
 from orchestrator.errors import NodeStopped, NonDeterminismError
 from orchestrator.health import Health
 from orchestrator.kafka_config import admin_config, consumer_config, producer_config
 from orchestrator.metrics import NodeMetrics
+from orchestrator.partitioner import partition_for
 from orchestrator.payloads import PayloadError, from_payload
 from orchestrator.settings import Settings
 from orchestrator.tracing import WorkflowTracer, headers_of
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 MAX_RECORD_BYTES = 512 * 1024
 _IDLE_POLL_MS = 100  # an idle node looks at its timers and retention at least this often
 MAX_WORKFLOW_ID = 256
+_FORWARDED_HEADERS = frozenset({"traceparent", "tracestate"})
 
 
 T = TypeVar("T")
@@ -90,6 +92,14 @@ def _crash_point(committed: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _as_start(value: bytes | None) -> StartWorkflow | None:
+    try:
+        envelope = codec.decode(value or b"")
+    except CodecError:
+        return None
+    return envelope if isinstance(envelope, StartWorkflow) else None
+
+
 def _fatal_reason(error: KafkaError) -> str:
     if error.code() in _FENCED or "fenced" in error.str().lower():
         return (
@@ -110,6 +120,17 @@ class _Out:
     value: bytes | None
     partition: int | None = None
     headers: list[tuple[str, str | bytes | None]] | None = None
+    source: tuple[int, int] | None = None  # the inbox record (partition, offset) it answers
+
+
+class _Refused(Exception):
+    """The producer refused one record outright (e.g. MSG_SIZE_TOO_LARGE): redoing the batch
+    as it is would fail the same way for ever."""
+
+    def __init__(self, out: _Out, error: KafkaException) -> None:
+        super().__init__(str(error))
+        self.out = out
+        self.error = error
 
 
 @dataclass
@@ -136,6 +157,7 @@ class Counters:
     started: int = 0
     finished: dict[str, int] = field(default_factory=dict)
     dead_letters: int = 0
+    forwarded: int = 0  # inbox records moved to their workflow's partition
     transactions: int = 0
     aborted_transactions: int = 0
     restores: list[RestoreReport] = field(default_factory=list)
@@ -171,6 +193,16 @@ class Processor:
         # group generation (KIP-447) once the partition has moved to another node.
         self._positions: dict[int, int] = {}
         self._stop = threading.Event()
+        # Inbox records (partition, offset) whose outputs the producer refused, with why: when
+        # re-read after the abort they are dead-lettered instead of handled again.
+        self._refused: dict[tuple[int, int], str] = {}
+        # A dead letter copies its record, cut to fit what this node's producer may send.
+        max_message = int(
+            producer_config(settings.bootstrap_servers, extra=settings.client_extra()).get(
+                "message.max.bytes", 1_000_000
+            )
+        )
+        self._letter_max = min(DEAD_LETTER_MAX_BYTES, max_message - 16_384)
         self._last_retention = 0.0
         # Static membership: a node that restarts with the same node id takes its partitions
         # back at once instead of waiting for a rebalance. So one process per node id: the claim
@@ -414,12 +446,27 @@ class Processor:
     # ----------------------------------------------------------------- inbox records
 
     def _handle(self, msg: Message, batch: Batch, now: int) -> None:
-        number = msg.partition() or 0
-        batch.offsets[number] = (msg.offset() or 0) + 1
+        number, offset = msg.partition() or 0, msg.offset() or 0
+        batch.offsets[number] = offset + 1
         part = self._partitions.get(number)
         if part is None:  # revoked in the middle of a poll: the new owner will process it
             batch.offsets.pop(number, None)
             return
+        refused = self._refused.pop((number, offset), None)
+        if refused is not None:
+            # What this record led to was refused by the producer (batch aborted): park the
+            # record itself, so the partition moves on and the input is not lost; a start gets
+            # its FAILED result, so whoever waits for it is not left waiting.
+            start = _as_start(msg.value())
+            if start is not None:
+                return self._reject(batch, msg, start, "ProduceFailed", refused)
+            return self._dead_letter(batch, msg, refused, "ProduceFailed")
+        first = len(batch.outputs)
+        self._decide(part, msg, batch, now)
+        for out in batch.outputs[first:]:
+            out.source = (number, offset)
+
+    def _decide(self, part: Partition, msg: Message, batch: Batch, now: int) -> None:
         value = msg.value()
         if value is None:
             return self._dead_letter(batch, msg, "the inbox record has no value", "EmptyRecord")
@@ -434,6 +481,9 @@ class Processor:
         wf = getattr(envelope, "workflow_id", "")
         if not wf or len(wf) > MAX_WORKFLOW_ID or "\0" in wf:
             return self._dead_letter(batch, msg, f"invalid workflow id {wf[:80]!r}", "InvalidId")
+        home = partition_for(wf, self.settings.partitions)
+        if home != part.number:
+            return self._forward(batch, msg, value, wf, home)
         try:
             if isinstance(envelope, StartWorkflow):
                 self._on_start(part, envelope, batch, msg, now)
@@ -675,6 +725,20 @@ class Processor:
             _Out(self.settings.results, state.workflow_id.encode(), codec.encode(result))
         )
 
+    def _forward(self, batch: Batch, msg: Message, value: bytes, wf: str, home: int) -> None:
+        """A record on another partition than its workflow's (a null key, or a key other than
+        its workflow id): handled there would split the workflow's history from its replies,
+        so it goes, in this transaction, to the partition that owns the workflow."""
+        self.counters.forwarded += 1
+        log.warning(
+            "inbox record %s[%s]@%s for workflow %s belongs on partition %d (key %r): forwarded",
+            msg.topic(), msg.partition(), msg.offset(), wf, home, (msg.key() or b"")[:80],
+        )  # fmt: skip
+        headers: list[tuple[str, str | bytes | None]] = [
+            (h[0], h[1]) for h in msg.headers() or [] if h[0] in _FORWARDED_HEADERS
+        ]
+        batch.outputs.append(_Out(self.settings.inbox, wf.encode(), value, home, headers or None))
+
     def _dead_letter(self, batch: Batch, msg: Message, reason: str, error_type: str) -> None:
         self.counters.dead_letters += 1
         if self.metrics is not None:
@@ -682,8 +746,8 @@ class Processor:
         log.warning(
             "dead letter from %s[%s]@%s: %s", msg.topic(), msg.partition(), msg.offset(), reason
         )
-        record = dead_letter_of(msg, reason, error_type)
-        batch.outputs.append(_Out(self.settings.dlq, msg.key() or b"", codec.encode(record)))
+        record = dead_letter_of(msg, reason, error_type, max_bytes=self._letter_max)
+        batch.outputs.append(_Out(self.settings.dlq, record.key or b"", codec.encode(record)))
 
     def _topic_exists(self, topic: str) -> bool:
         """Whether a command topic exists: a yes is kept, a no is asked again after 5 s."""
@@ -744,6 +808,10 @@ class Processor:
                 _CALL_DEADLINE_S,
                 self._stop.is_set,
             )
+        except _Refused as refused:
+            self._on_refused(refused)
+            self._abort(refused.error)
+            return
         except (KafkaException, Wedged) as exc:
             self._abort(exc)
             return
@@ -802,6 +870,21 @@ class Processor:
                 return
             except BufferError:
                 self._producer.poll(0.05)  # the local queue is full: let it drain
+            except KafkaException as exc:
+                raise _Refused(out, exc) from exc
+
+    def _on_refused(self, refused: _Refused) -> None:
+        out, error = refused.out, refused.error.args[0]
+        what = (
+            f"{out.topic} record of {len(out.value or b'')} bytes refused by the producer: {error}"
+        )
+        if out.source is None:
+            # Timers and retention make records of bounded size (inputs are capped at
+            # MAX_RECORD_BYTES); a refusal here is a bug or a broker limit set too low.
+            log.error("%s (from a timer or retention)", what)
+            return
+        log.error("%s; its input %s[%d]@%d goes to the DLQ", what, self.settings.inbox, *out.source)
+        self._refused[out.source] = what
 
     def _on_history_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:

@@ -20,12 +20,16 @@ from contracts.envelopes import (
     HistoryEvent,
     ReplyOutcome,
     RetryPolicy,
+    StartWorkflow,
     WorkflowStatus,
 )
 from orchestrator import workflow
+from orchestrator._engine.processor import Counters
 from orchestrator.client import Client
 from orchestrator.errors import WorkflowFailedError
 from orchestrator.kafka_config import consumer_config, producer_config
+from orchestrator.partitioner import partition_for
+from orchestrator.payloads import to_payload
 from orchestrator.settings import Settings
 from orchestrator.workflow import WorkflowContext
 
@@ -54,6 +58,10 @@ class Stack(ThreadStack):
     def close(self) -> None:
         super().close()
         self.client.close()
+
+    def node_counters(self) -> Counters:
+        assert self._node is not None
+        return self._node[2].counters
 
     def run(self, trip: Trip, workflow_id: str, timeout: float = 30.0) -> TripResult:
         handle = self.client.start("trip", trip, workflow_id=workflow_id)
@@ -311,3 +319,63 @@ def test_a_command_topic_that_does_not_exist_fails_the_attempts_not_the_partitio
     assert (info.value.status, info.value.error_type) == ("FAILED", "UnknownTopic")
     failed = [e for e in stack.history("ghostly") if e.event.kind == "ActivityAttemptFailed"]
     assert len(failed) == 2
+
+
+def _raw_start(workflow_id: str, trip: object) -> bytes:
+    return codec.encode(
+        StartWorkflow(
+            workflow_id=workflow_id,
+            workflow_type="trip",
+            request_id=f"req-{workflow_id}",
+            input=to_payload(trip),
+            sent_at_ms=int(time.time() * 1000),
+        )
+    )
+
+
+def test_starts_on_another_partition_than_their_workflow_are_forwarded_and_run(
+    stack: Stack,
+) -> None:
+    """A start keyed by something else than its workflow id, and one with a null key, land on
+    a partition that does not own the workflow: they are moved to the one that does and run
+    there (before: the workflow started on the wrong partition and its replies were orphaned)."""
+    settings = stack.settings
+    elsewhere = partition_for(b"elsewhere", settings.partitions)
+    wfs = [w for w in (f"misplaced-{i}" for i in range(50))
+           if partition_for(w, settings.partitions) != elsewhere][:2]  # fmt: skip
+    producer = Producer(producer_config(settings.bootstrap_servers))
+    producer.produce(settings.inbox, key=b"elsewhere", value=_raw_start(wfs[0], Trip()))
+    producer.produce(settings.inbox, value=_raw_start(wfs[1], Trip()), partition=elsewhere)
+    producer.flush(10)
+    for wf in wfs:
+        result = stack.client.get_handle(wf).result(TripResult, timeout=30)
+        assert len(result.refs) == 3
+        events = stack.history(wf)
+        assert [e.event_seq for e in events] == list(range(1, len(events) + 1))
+        assert stack.client.describe(wf).status == WorkflowStatus.COMPLETED
+    assert stack.node_counters().forwarded == 2
+
+
+@pytest.mark.parametrize(
+    "stack_settings", [{"kafka": {"message.max.bytes": "300000"}}], indirect=True
+)
+def test_a_record_whose_output_the_producer_refuses_is_dead_lettered_not_retried_forever(
+    stack: Stack,
+) -> None:
+    """The node's producer refuses the history event of a start (its input is over the
+    producer's message.max.bytes): the batch aborts once, then the start is dead-lettered with
+    a FAILED result, and the partition moves on (before: abort, re-read, abort, for ever)."""
+    settings = stack.settings
+    producer = Producer(producer_config(settings.bootstrap_servers))  # librdkafka's 1 MB limit
+    producer.produce(
+        settings.inbox, key=b"too-big", value=_raw_start("too-big", {"pad": "x" * 400_000})
+    )
+    producer.flush(10)
+    with pytest.raises(WorkflowFailedError) as failed:
+        stack.client.get_handle("too-big").result(TripResult, timeout=30)
+    assert failed.value.error_type == "ProduceFailed"
+    assert len(stack.run(Trip(), "beside-too-big").refs) == 3
+    letters = [d for d in stack.dead_letters() if d.error_type == "ProduceFailed"]
+    assert len(letters) == 1
+    assert letters[0].source_topic == settings.inbox
+    assert "MSG_SIZE_TOO_LARGE" in letters[0].reason or "too large" in letters[0].reason
