@@ -196,6 +196,7 @@ class Processor:
         # Inbox records (partition, offset) whose outputs the producer refused, with why: when
         # re-read after the abort they are dead-lettered instead of handled again.
         self._refused: dict[tuple[int, int], str] = {}
+        self._repairs: dict[int, list[bytes]] = {}  # partition -> history keys to repair
         # A dead letter copies its record, cut to fit what this node's producer may send.
         max_message = int(
             producer_config(settings.bootstrap_servers, extra=settings.client_extra()).get(
@@ -349,6 +350,8 @@ class Processor:
         )
         for part, report in zip(parts, reports, strict=True):
             self.counters.restores.append(report)
+            if report.skipped_keys:
+                self._repairs[part.number] = list(report.skipped_keys)
             if self.metrics is not None:
                 self.metrics.restored(report.events, report.seconds)
             self._partitions[part.number] = part
@@ -387,6 +390,7 @@ class Processor:
             self._handle(msg, batch, now)
         self._fire_timers(batch, now)
         self._expire_finished(batch, now)
+        self._repair_history(batch)
         if batch:
             self._commit(batch)
         if self.metrics is not None and time.monotonic() - self._last_lag >= 1.0:
@@ -609,6 +613,25 @@ class Processor:
                     part.forget(wf)
                     continue
                 self._record(part, cached, events, batch, now)
+
+    def _repair_history(self, batch: Batch) -> None:
+        """Undo records on the history topic that no node wrote (restore skipped them): the key
+        of an event we hold gets that event again (compaction keeps the latest value), any other
+        key a tombstone, so compaction removes them and no later restore meets them."""
+        for number in list(self._repairs):
+            part = self._partitions.get(number)
+            keys = self._repairs.pop(number)
+            if part is None:
+                continue
+            for key in keys:
+                workflow_id, _, seq = key.decode(errors="replace").rpartition("/")
+                value = None
+                if workflow_id and seq.isdigit():
+                    value = part.store.event_bytes(workflow_id, int(seq))
+                log.warning("history record %r on partition %d %s", key[:80], number,
+                            "re-written from the store" if value else "tombstoned")  # fmt: skip
+                batch.outputs.append(_Out(self.settings.history, key, value, number))
+            batch.store(number)  # the transaction carries this partition's fencing offset
 
     def _expire_finished(self, batch: Batch, now: int) -> None:
         """Tombstone the history of workflows that finished longer ago than the retention."""

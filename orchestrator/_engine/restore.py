@@ -44,6 +44,7 @@ class RestoreReport:
     tombstones: int
     seconds: float
     skipped: int = 0  # records that are not this workflow's next event: counted, logged, passed
+    skipped_keys: tuple[bytes, ...] = ()  # of records that are no history event at all
     rebuilt: bool = False  # the local state did not fit the topic and was rebuilt from scratch
 
     @property
@@ -60,6 +61,7 @@ class _Restorer:
         self.part = part
         self.from_scratch = from_scratch
         self.skipped = 0
+        self.skipped_keys: list[bytes] = []
         self.states: dict[str, WorkflowState] = {}
         self.old_due: dict[str, int | None] = {}
         self.batch = StoreBatch()
@@ -80,6 +82,7 @@ class _Restorer:
         the store was restored from a checkpoint (it, not the topic, is then suspect)."""
         workflow_id, _, seq = key.decode(errors="replace").rpartition("/")
         if not workflow_id or not seq.isdigit():
+            self.skipped_keys.append(key)
             return self.skip(where, f"key {key[:80]!r} is not <workflow id>/<seq>")
         if value is None:
             # Retention tombstoned this finished workflow: its events go, one key at a time.
@@ -92,8 +95,10 @@ class _Restorer:
         try:
             event = codec.decode_as(value, HistoryEvent)
         except CodecError as exc:
+            self.skipped_keys.append(key)
             return self.skip(where, f"not a history event ({exc})")
         if (event.workflow_id, event.event_seq) != (workflow_id, int(seq)):
+            self.skipped_keys.append(key)
             return self.skip(where, f"key {key[:80]!r} does not name its event")
         state = self.state(event.workflow_id)
         if event.event_seq <= state.last_seq:
@@ -218,7 +223,7 @@ def _restore(
     finally:
         reader.close()
     reports = [
-        RestoreReport(number, r.events, r.tombstones, 0.0, r.skipped)
+        RestoreReport(number, r.events, r.tombstones, 0.0, r.skipped, tuple(r.skipped_keys))
         for number, r in restorers.items()
         if by_number[number] not in gaps
     ]

@@ -132,6 +132,12 @@ class PartitionStore:
             for _, value in self._scan(_event_prefix(workflow_id))
         ]
 
+    def event_bytes(self, workflow_id: str, seq: int) -> bytes | None:
+        """The stored encoding of one event, as the history topic holds it."""
+        value = self._db.get(_event_key(workflow_id, seq))
+        assert value is None or isinstance(value, bytes)
+        return value
+
     def summary(self, workflow_id: str) -> WorkflowSummary | None:
         raw = self._db.get(b"w" + workflow_id.encode())
         return WorkflowSummary(**json.loads(raw)) if isinstance(raw, bytes) else None

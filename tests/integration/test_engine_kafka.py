@@ -379,3 +379,57 @@ def test_a_record_whose_output_the_producer_refuses_is_dead_lettered_not_retried
     assert len(letters) == 1
     assert letters[0].source_topic == settings.inbox
     assert "MSG_SIZE_TOO_LARGE" in letters[0].reason or "too large" in letters[0].reason
+
+
+def _latest_values(settings: Settings) -> dict[bytes, bytes | None]:
+    """The last value of every history key (None: a tombstone), read to the end."""
+    reader = Consumer(
+        consumer_config(
+            settings.bootstrap_servers,
+            f"latest.{time.monotonic_ns()}",
+            extra={"enable.partition.eof": True},
+        )
+    )
+    reader.subscribe([settings.history])
+    latest: dict[bytes, bytes | None] = {}
+    eofs: set[int] = set()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and len(eofs) < settings.partitions:
+        for msg in reader.consume(500, 0.2):
+            if msg.error() is not None:
+                eofs.add(msg.partition() or 0)
+            else:
+                latest[msg.key() or b""] = msg.value()
+    reader.close()
+    return latest
+
+
+def test_records_no_node_wrote_on_the_history_are_skipped_and_repaired(stack: Stack) -> None:
+    """A forged record under a key of its own and one under an existing event's key: a rebuild
+    skips both (before: `UnexpectedEnvelope` ended the node, at every restart), then the node
+    tombstones the first and writes the real event again under the second."""
+    settings = stack.settings
+    stack.run(Trip(), "victim")
+    victim_key = b"victim/2"
+    original = _latest_values(settings)[victim_key]
+    assert original is not None
+    home = partition_for("victim", settings.partitions)
+    forged = codec.encode(
+        ActivityReply(
+            workflow_id="victim", seq=1, attempt=1, idempotency_key="victim/1",
+            outcome=ReplyOutcome.SUCCESS, sent_at_ms=0,
+        )
+    )  # fmt: skip
+    producer = Producer(producer_config(settings.bootstrap_servers))
+    producer.produce(settings.history, key=b"forged", value=forged, partition=home)
+    producer.produce(settings.history, key=victim_key, value=forged, partition=home)
+    producer.flush(10)
+    stack.stop_node()
+    shutil.rmtree(Path(settings.state_dir) / settings.namespace)
+    node = stack.start_node()
+    _wait_for(lambda: len(node.counters.restores) == settings.partitions)
+    assert sum(r.skipped for r in node.counters.restores) == 2
+    assert len(stack.run(Trip(), "after-forgery").refs) == 3  # the node lives on
+    _wait_for(lambda: _latest_values(settings).get(b"forged", b"") is None)
+    assert _latest_values(settings)[victim_key] == original
+    assert stack.client.describe("victim").status == WorkflowStatus.COMPLETED
