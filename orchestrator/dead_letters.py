@@ -8,8 +8,7 @@ original too large for that is cut, the reason says so, and topic/partition/offs
 from __future__ import annotations
 
 import time
-
-from confluent_kafka import Message
+from typing import Protocol
 
 from contracts.envelopes import DeadLetter
 
@@ -20,8 +19,21 @@ default ``message.max.bytes`` (1,000,000) with room for the envelope, the record
 _REASON_MAX = 4_000
 
 
+class SourceRecord(Protocol):
+    """What a dead letter needs of the record it parks: a confluent-kafka ``Message`` has it."""
+
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def key(self) -> bytes | None: ...
+    def value(self) -> bytes | None: ...
+    def headers(
+        self,
+    ) -> dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]] | None: ...
+
+
 def dead_letter_of(
-    msg: Message, reason: str, error_type: str, *, max_bytes: int = DEAD_LETTER_MAX_BYTES
+    msg: SourceRecord, reason: str, error_type: str, *, max_bytes: int = DEAD_LETTER_MAX_BYTES
 ) -> DeadLetter:
     key, value = msg.key(), msg.value()
     reason = reason[:_REASON_MAX]

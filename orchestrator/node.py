@@ -18,7 +18,8 @@ from types import FrameType
 
 from opentelemetry.trace import TracerProvider
 
-from orchestrator._engine.processor import Counters, Processor
+from orchestrator._engine.decide import Counters
+from orchestrator._engine.processor import Processor
 from orchestrator.errors import NodeStopped
 from orchestrator.health import Health, HealthServer, serve_http
 from orchestrator.metrics import NodeMetrics

@@ -14,57 +14,29 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from contracts import codec
-from contracts.codec import CodecError
-from contracts.envelopes import (
-    ActivityAttemptFailed,
-    ActivityAttemptStarted,
-    ActivityCommand,
-    ActivityCompleted,
-    ActivityFailed,
-    ActivityReply,
-    ActivityScheduled,
-    CancelWorkflow,
-    ErrorInfo,
-    HistoryEvent,
-    ReplyOutcome,
-    SignalWorkflow,
-    StartWorkflow,
-    WorkflowCompleted,
-    WorkflowFailed,
-    WorkflowResult,
-    WorkflowStatus,
-)
 from orchestrator._deadline import DeadlineCaller, Stopping, Wedged, drop_in_background
-from orchestrator.dead_letters import DEAD_LETTER_MAX_BYTES, dead_letter_of
-from orchestrator.errors import NodeStopped, NonDeterminismError
+from orchestrator.dead_letters import DEAD_LETTER_MAX_BYTES
+from orchestrator.errors import NodeStopped
 from orchestrator.health import Health
 from orchestrator.kafka_config import admin_config, consumer_config, producer_config
 from orchestrator.metrics import NodeMetrics
-from orchestrator.partitioner import partition_for
-from orchestrator.payloads import PayloadError, from_payload
 from orchestrator.settings import Settings
-from orchestrator.tracing import WorkflowTracer, headers_of
+from orchestrator.tracing import WorkflowTracer
 from orchestrator.workflow import WorkflowRegistry
 
+from .decide import Batch, Counters, Decider, Out, now_ms
 from .membership import NodeClaim
-from .partition import Cached, Partition
-from .restore import RestoreReport, restore_partitions
-from .state import UnknownActivity
-from .store import StoreBatch
+from .partition import Partition
+from .restore import restore_partitions
 
 log = logging.getLogger(__name__)
 
-MAX_RECORD_BYTES = 512 * 1024
 _IDLE_POLL_MS = 100  # an idle node looks at its timers and retention at least this often
-MAX_WORKFLOW_ID = 256
-_FORWARDED_HEADERS = frozenset({"traceparent", "tracestate"})
 
 
 T = TypeVar("T")
@@ -92,14 +64,6 @@ def _crash_point(committed: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _as_start(value: bytes | None) -> StartWorkflow | None:
-    try:
-        envelope = codec.decode(value or b"")
-    except CodecError:
-        return None
-    return envelope if isinstance(envelope, StartWorkflow) else None
-
-
 def _fatal_reason(error: KafkaError) -> str:
     if error.code() in _FENCED or "fenced" in error.str().lower():
         return (
@@ -109,58 +73,14 @@ def _fatal_reason(error: KafkaError) -> str:
     return f"unrecoverable Kafka error: {error.str()}"
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-@dataclass
-class _Out:
-    topic: str
-    key: bytes
-    value: bytes | None
-    partition: int | None = None
-    headers: list[tuple[str, str | bytes | None]] | None = None
-    source: tuple[int, int] | None = None  # the inbox record (partition, offset) it answers
-
-
 class _Refused(Exception):
     """The producer refused one record outright (e.g. MSG_SIZE_TOO_LARGE): redoing the batch
     as it is would fail the same way for ever."""
 
-    def __init__(self, out: _Out, error: KafkaException) -> None:
+    def __init__(self, out: Out, error: KafkaException) -> None:
         super().__init__(str(error))
         self.out = out
         self.error = error
-
-
-@dataclass
-class Batch:
-    """Everything one transaction carries, and what to write locally once it commits."""
-
-    offsets: dict[int, int] = field(default_factory=dict)  # inbox partition -> next offset
-    outputs: list[_Out] = field(default_factory=list)
-    stores: dict[int, StoreBatch] = field(default_factory=dict)
-    touched: dict[tuple[int, str], Cached] = field(default_factory=dict)
-    removed: list[tuple[int, str]] = field(default_factory=list)
-
-    def store(self, partition: int) -> StoreBatch:
-        return self.stores.setdefault(partition, StoreBatch())
-
-    def __bool__(self) -> bool:
-        return bool(self.offsets or self.outputs or self.stores)
-
-
-@dataclass
-class Counters:
-    """Plain counts, read by the metrics exporter and by tests."""
-
-    started: int = 0
-    finished: dict[str, int] = field(default_factory=dict)
-    dead_letters: int = 0
-    forwarded: int = 0  # inbox records moved to their workflow's partition
-    transactions: int = 0
-    aborted_transactions: int = 0
-    restores: list[RestoreReport] = field(default_factory=list)
 
 
 class Processor:
@@ -193,18 +113,21 @@ class Processor:
         # group generation (KIP-447) once the partition has moved to another node.
         self._positions: dict[int, int] = {}
         self._stop = threading.Event()
-        # Inbox records (partition, offset) whose outputs the producer refused, with why: when
-        # re-read after the abort they are dead-lettered instead of handled again.
-        self._refused: dict[tuple[int, int], str] = {}
-        self._repairs: dict[int, list[bytes]] = {}  # partition -> history keys to repair
         # A dead letter copies its record, cut to fit what this node's producer may send.
         max_message = int(
             producer_config(settings.bootstrap_servers, extra=settings.client_extra()).get(
                 "message.max.bytes", 1_000_000
             )
         )
-        self._letter_max = min(DEAD_LETTER_MAX_BYTES, max_message - 16_384)
-        self._last_retention = 0.0
+        self._decider = Decider(
+            settings,
+            registry,
+            self.counters,
+            topic_exists=self._topic_exists,
+            tracer=tracer,
+            metrics=metrics,
+            letter_max=min(DEAD_LETTER_MAX_BYTES, max_message - 16_384),
+        )
         # Static membership: a node that restarts with the same node id takes its partitions
         # back at once instead of waiting for a rebalance. So one process per node id: the claim
         # refuses a second one before it could fence this one (membership.py).
@@ -350,8 +273,7 @@ class Processor:
         )
         for part, report in zip(parts, reports, strict=True):
             self.counters.restores.append(report)
-            if report.skipped_keys:
-                self._repairs[part.number] = list(report.skipped_keys)
+            self._decider.restored(report)
             if self.metrics is not None:
                 self.metrics.restored(report.events, report.seconds)
             self._partitions[part.number] = part
@@ -387,10 +309,12 @@ class Processor:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("inbox consumer error: %s", err)
                 continue
-            self._handle(msg, batch, now)
-        self._fire_timers(batch, now)
-        self._expire_finished(batch, now)
-        self._repair_history(batch)
+            part = self._partitions.get(msg.partition() or 0)
+            if part is not None:  # else revoked during the poll: the new owner handles it
+                self._decider.handle(part, msg, batch, now)
+        self._decider.fire_timers(self._partitions.values(), batch, now)
+        self._decider.expire_finished(self._partitions.values(), batch, now)
+        self._decider.repair_history(self._partitions, batch)
         if batch:
             self._commit(batch)
         if self.metrics is not None and time.monotonic() - self._last_lag >= 1.0:
@@ -448,329 +372,6 @@ class Processor:
         return wait_ms / 1000
 
     # ----------------------------------------------------------------- inbox records
-
-    def _handle(self, msg: Message, batch: Batch, now: int) -> None:
-        number, offset = msg.partition() or 0, msg.offset() or 0
-        batch.offsets[number] = offset + 1
-        part = self._partitions.get(number)
-        if part is None:  # revoked in the middle of a poll: the new owner will process it
-            batch.offsets.pop(number, None)
-            return
-        refused = self._refused.pop((number, offset), None)
-        if refused is not None:
-            # What this record led to was refused by the producer (batch aborted): park the
-            # record itself, so the partition moves on and the input is not lost; a start gets
-            # its FAILED result, so whoever waits for it is not left waiting.
-            start = _as_start(msg.value())
-            if start is not None:
-                return self._reject(batch, msg, start, "ProduceFailed", refused)
-            return self._dead_letter(batch, msg, refused, "ProduceFailed")
-        first = len(batch.outputs)
-        self._decide(part, msg, batch, now)
-        for out in batch.outputs[first:]:
-            out.source = (number, offset)
-
-    def _decide(self, part: Partition, msg: Message, batch: Batch, now: int) -> None:
-        value = msg.value()
-        if value is None:
-            return self._dead_letter(batch, msg, "the inbox record has no value", "EmptyRecord")
-        if len(value) > MAX_RECORD_BYTES:
-            return self._dead_letter(
-                batch, msg, f"record of {len(value)} bytes exceeds {MAX_RECORD_BYTES}", "Oversized"
-            )
-        try:
-            envelope = codec.decode(value)
-        except CodecError as exc:
-            return self._dead_letter(batch, msg, str(exc), type(exc).__name__)
-        wf = getattr(envelope, "workflow_id", "")
-        if not wf or len(wf) > MAX_WORKFLOW_ID or "\0" in wf:
-            return self._dead_letter(batch, msg, f"invalid workflow id {wf[:80]!r}", "InvalidId")
-        home = partition_for(wf, self.settings.partitions)
-        if home != part.number:
-            return self._forward(batch, msg, value, wf, home)
-        try:
-            if isinstance(envelope, StartWorkflow):
-                self._on_start(part, envelope, batch, msg, now)
-            elif isinstance(envelope, ActivityReply):
-                self._on_reply(part, envelope, batch, msg, now)
-            elif isinstance(envelope, SignalWorkflow | CancelWorkflow):
-                self._on_existing(part, envelope, batch, msg, now)
-            else:
-                self._dead_letter(
-                    batch,
-                    msg,
-                    f"{type(envelope).__name__} does not belong on the inbox",
-                    "WrongTopic",
-                )
-        except NonDeterminismError as exc:
-            part.forget(wf)
-            self._dead_letter(batch, msg, str(exc), "NonDeterminismError")
-
-    def _on_start(
-        self, part: Partition, msg_env: StartWorkflow, batch: Batch, msg: Message, now: int
-    ) -> None:
-        wf = msg_env.workflow_id
-        existing = part.get(wf)
-        if existing is not None:
-            state = existing.run.state
-            if state.workflow_type == msg_env.workflow_type and state.input == msg_env.input:
-                return  # the same start again: the workflow that runs is the answer
-            return self._reject(
-                batch, msg, msg_env, "WorkflowIdConflict",
-                f"workflow {wf} exists as {state.workflow_type} with other input",
-            )  # fmt: skip
-        definition = self.registry.get(msg_env.workflow_type)
-        if definition is None:
-            return self._reject(
-                batch, msg, msg_env, "UnknownWorkflowType",
-                f"unknown workflow type {msg_env.workflow_type!r}; this node runs: "
-                + ", ".join(self.registry.names()),
-            )  # fmt: skip
-        try:
-            from_payload(msg_env.input, definition.input_type)
-        except PayloadError as exc:
-            return self._reject(batch, msg, msg_env, "InvalidInput", str(exc))
-        cached = part.new(wf)
-        trace = msg_env.trace
-        if self.tracer is not None:
-            trace = self.tracer.root(msg_env.workflow_type, wf, trace, now)
-        events = cached.run.start(msg_env, now, trace)
-        self.counters.started += 1
-        if self.metrics is not None:
-            self.metrics.workflows_started.inc()
-        self._record(part, cached, events, batch, now)
-
-    def _reject(
-        self, batch: Batch, msg: Message, start: StartWorkflow, error_type: str, reason: str
-    ) -> None:
-        self._dead_letter(batch, msg, reason, error_type)
-        result = WorkflowResult(
-            workflow_id=start.workflow_id,
-            status=WorkflowStatus.FAILED,
-            finished_at_ms=now_ms(),
-            error=ErrorInfo(type=error_type, message=reason),
-            request_id=start.request_id,
-        )
-        batch.outputs.append(
-            _Out(self.settings.results, start.workflow_id.encode(), codec.encode(result))
-        )
-
-    def _on_reply(
-        self, part: Partition, reply: ActivityReply, batch: Batch, msg: Message, now: int
-    ) -> None:
-        cached = part.get(reply.workflow_id)
-        if cached is None:
-            return self._dead_letter(
-                batch, msg, f"reply for unknown workflow {reply.workflow_id}", "UnknownWorkflow"
-            )
-        try:
-            events = cached.run.on_reply(reply, now)
-        except UnknownActivity as exc:
-            return self._dead_letter(batch, msg, str(exc), "UnknownActivity")
-        self._record(part, cached, events, batch, now)
-
-    def _on_existing(
-        self,
-        part: Partition,
-        envelope: SignalWorkflow | CancelWorkflow,
-        batch: Batch,
-        msg: Message,
-        now: int,
-    ) -> None:
-        wf = envelope.workflow_id
-        kind = "signal" if isinstance(envelope, SignalWorkflow) else "cancel"
-        cached = part.get(wf)
-        if cached is None:
-            return self._dead_letter(
-                batch, msg, f"{kind} for unknown workflow {wf}", "UnknownWorkflow"
-            )
-        run = cached.run
-        if isinstance(envelope, SignalWorkflow):
-            if run.finished:
-                return self._dead_letter(
-                    batch, msg, f"signal {envelope.signal_name!r} for finished workflow {wf}",
-                    "WorkflowFinished",
-                )  # fmt: skip
-            events = run.on_signal(envelope.signal_name, envelope.payload, envelope.request_id, now)
-        else:
-            events = run.on_cancel(envelope.reason, envelope.request_id, now)
-        self._record(part, cached, events, batch, now)
-
-    # ----------------------------------------------------------------- timers and retention
-
-    def _fire_timers(self, batch: Batch, now: int) -> None:
-        budget = self.settings.max_batch
-        for part in list(self._partitions.values()):
-            while budget > 0 and (wf := part.pop_due(now)) is not None:
-                budget -= 1
-                try:
-                    cached = part.get(wf)
-                    if cached is None:
-                        continue
-                    events = cached.run.on_timers(now)
-                except NonDeterminismError as exc:
-                    log.error("timer of %s not fired: %s", wf, exc)
-                    part.forget(wf)
-                    continue
-                self._record(part, cached, events, batch, now)
-
-    def _repair_history(self, batch: Batch) -> None:
-        """Undo records on the history topic that no node wrote (restore skipped them): the key
-        of an event we hold gets that event again (compaction keeps the latest value), any other
-        key a tombstone, so compaction removes them and no later restore meets them."""
-        for number in list(self._repairs):
-            part = self._partitions.get(number)
-            keys = self._repairs.pop(number)
-            if part is None:
-                continue
-            for key in keys:
-                workflow_id, _, seq = key.decode(errors="replace").rpartition("/")
-                value = None
-                if workflow_id and seq.isdigit():
-                    value = part.store.event_bytes(workflow_id, int(seq))
-                log.warning("history record %r on partition %d %s", key[:80], number,
-                            "re-written from the store" if value else "tombstoned")  # fmt: skip
-                batch.outputs.append(_Out(self.settings.history, key, value, number))
-            batch.store(number)  # the transaction carries this partition's fencing offset
-
-    def _expire_finished(self, batch: Batch, now: int) -> None:
-        """Tombstone the history of workflows that finished longer ago than the retention."""
-        if time.monotonic() - self._last_retention < 5.0:
-            return
-        self._last_retention = time.monotonic()
-        cutoff = now - self.settings.retention_ms
-        for part in self._partitions.values():
-            for summary in part.store.summaries():
-                if summary.finished_at_ms is None or summary.finished_at_ms > cutoff:
-                    continue
-                wf = summary.workflow_id
-                for seq in range(1, summary.last_seq + 1):
-                    batch.outputs.append(
-                        _Out(self.settings.history, f"{wf}/{seq}".encode(), None, part.number)
-                    )
-                batch.store(part.number).remove_workflow(wf, summary.last_seq, summary.next_due_ms)
-                batch.removed.append((part.number, wf))
-                if len(batch.outputs) > self.settings.max_batch:
-                    return
-
-    # ----------------------------------------------------------------- effects of events
-
-    def _record(
-        self, part: Partition, cached: Cached, events: list[HistoryEvent], batch: Batch, now: int
-    ) -> None:
-        if not events:
-            return
-        store = batch.store(part.number)
-        run = cached.run
-        if self.tracer is not None:
-            state = run.state
-            self.tracer.step(
-                state.workflow_type, state.workflow_id, state.trace, events, time.time_ns()
-            )
-        for event in events:
-            encoded = codec.encode(event)
-            key = f"{event.workflow_id}/{event.event_seq}".encode()
-            batch.outputs.append(_Out(self.settings.history, key, encoded, part.number))
-            store.add_event(event, encoded)
-            body = event.event
-            if isinstance(body, ActivityScheduled | ActivityAttemptStarted):
-                self._send_command(part, cached, body.seq, batch, now)
-            elif isinstance(body, WorkflowCompleted | WorkflowFailed):
-                self._send_result(cached, batch)
-            elif self.metrics is not None and isinstance(
-                body, ActivityCompleted | ActivityFailed | ActivityAttemptFailed
-            ):
-                act = run.state.activities.get(body.seq)
-                if act is not None and act.attempt == body.attempt:
-                    seconds = (event.recorded_at_ms - act.attempt_started_ms) / 1000
-                    self.metrics.step(act.name, body.kind, seconds)
-        batch.touched[(part.number, run.state.workflow_id)] = cached
-
-    def _send_command(
-        self, part: Partition, cached: Cached, seq: int, batch: Batch, now: int
-    ) -> None:
-        run = cached.run
-        act = run.state.activities[seq]
-        if not self._topic_exists(act.topic):
-            # Producing to a missing topic would fail the transaction again and again: the
-            # attempt fails instead, and the retry policy decides what happens next.
-            reply = ActivityReply(
-                workflow_id=run.state.workflow_id,
-                seq=seq,
-                attempt=act.attempt,
-                idempotency_key=act.idempotency_key,
-                outcome=ReplyOutcome.RETRYABLE_FAILURE,
-                sent_at_ms=now,
-                error=ErrorInfo(type="UnknownTopic", message=f"topic {act.topic} does not exist"),
-            )
-            self._record(part, cached, run.on_reply(reply, now), batch, now)
-            return
-        deadline = (
-            act.attempt_started_ms + act.attempt_timeout_ms if act.attempt_timeout_ms else None
-        )
-        command = ActivityCommand(
-            workflow_id=run.state.workflow_id,
-            activity_name=act.name,
-            seq=seq,
-            attempt=act.attempt,
-            idempotency_key=act.idempotency_key,
-            is_compensation=act.is_compensation,
-            input=act.input,
-            reply_topic=self.settings.inbox,
-            sent_at_ms=now,
-            deadline_ms=deadline,
-            trace=run.state.trace,
-        )
-        if self.tracer is not None:  # the command's own span: the service's span is its child
-            command = command.model_copy(update={"trace": self.tracer.command(command, act.topic)})
-        if self.metrics is not None:
-            self.metrics.attempt(act.name, act.is_compensation)
-        headers = headers_of(command.trace)
-        batch.outputs.append(
-            _Out(act.topic, run.state.workflow_id.encode(), codec.encode(command), None, headers)
-        )
-
-    def _send_result(self, cached: Cached, batch: Batch) -> None:
-        state = cached.run.state
-        status = state.status or WorkflowStatus.FAILED
-        self.counters.finished[status.value] = self.counters.finished.get(status.value, 0) + 1
-        if self.metrics is not None:
-            self.metrics.finished(status.value)
-        result = WorkflowResult(
-            workflow_id=state.workflow_id,
-            status=status,
-            finished_at_ms=state.finished_at_ms or now_ms(),
-            result=state.result,
-            error=state.error,
-            request_id=state.request_id,
-        )
-        batch.outputs.append(
-            _Out(self.settings.results, state.workflow_id.encode(), codec.encode(result))
-        )
-
-    def _forward(self, batch: Batch, msg: Message, value: bytes, wf: str, home: int) -> None:
-        """A record on another partition than its workflow's (a null key, or a key other than
-        its workflow id): handled there would split the workflow's history from its replies,
-        so it goes, in this transaction, to the partition that owns the workflow."""
-        self.counters.forwarded += 1
-        log.warning(
-            "inbox record %s[%s]@%s for workflow %s belongs on partition %d (key %r): forwarded",
-            msg.topic(), msg.partition(), msg.offset(), wf, home, (msg.key() or b"")[:80],
-        )  # fmt: skip
-        headers: list[tuple[str, str | bytes | None]] = [
-            (h[0], h[1]) for h in msg.headers() or [] if h[0] in _FORWARDED_HEADERS
-        ]
-        batch.outputs.append(_Out(self.settings.inbox, wf.encode(), value, home, headers or None))
-
-    def _dead_letter(self, batch: Batch, msg: Message, reason: str, error_type: str) -> None:
-        self.counters.dead_letters += 1
-        if self.metrics is not None:
-            self.metrics.dead_letters.inc()
-        log.warning(
-            "dead letter from %s[%s]@%s: %s", msg.topic(), msg.partition(), msg.offset(), reason
-        )
-        record = dead_letter_of(msg, reason, error_type, max_bytes=self._letter_max)
-        batch.outputs.append(_Out(self.settings.dlq, record.key or b"", codec.encode(record)))
 
     def _topic_exists(self, topic: str) -> bool:
         """Whether a command topic exists: a yes is kept, a no is asked again after 5 s."""
@@ -878,7 +479,7 @@ class Processor:
             if o >= 0 or p in self._positions
         ]
 
-    def _produce(self, out: _Out) -> None:
+    def _produce(self, out: Out) -> None:
         on_delivery = self._on_history_delivery if out.topic == self.settings.history else None
         while True:
             try:
@@ -907,7 +508,7 @@ class Processor:
             log.error("%s (from a timer or retention)", what)
             return
         log.error("%s; its input %s[%d]@%d goes to the DLQ", what, self.settings.inbox, *out.source)
-        self._refused[out.source] = what
+        self._decider.refuse(out.source, what)
 
     def _on_history_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:

@@ -24,7 +24,7 @@ from contracts.envelopes import (
     WorkflowStatus,
 )
 from orchestrator import workflow
-from orchestrator._engine.processor import Counters
+from orchestrator._engine.decide import Counters
 from orchestrator.client import Client
 from orchestrator.errors import WorkflowFailedError
 from orchestrator.kafka_config import consumer_config, producer_config

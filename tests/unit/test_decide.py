@@ -1,0 +1,298 @@
+"""The node's decisions without Kafka: every path of ``Decider`` on a store in a temp dir."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from contracts import codec
+from contracts.envelopes import (
+    ActivityCommand,
+    ActivityReply,
+    DeadLetter,
+    HistoryEvent,
+    ReplyOutcome,
+    SignalWorkflow,
+    StartWorkflow,
+    WorkflowResult,
+    WorkflowStatus,
+)
+from orchestrator._engine.decide import MAX_RECORD_BYTES, Batch, Counters, Decider, Out
+from orchestrator._engine.partition import Partition
+from orchestrator._engine.restore import RestoreReport
+from orchestrator.partitioner import partition_for
+from orchestrator.payloads import to_payload
+from orchestrator.settings import Settings
+from orchestrator.workflow import WorkflowRegistry
+
+from .sagas import Step, ThreeSteps, Trip, WaitsForSignal
+
+PARTITIONS = 3
+NOW = 1_700_000_000_000
+
+
+@dataclass
+class Record:
+    """An inbox record as a consumer hands it over (the parts the decider reads)."""
+
+    _value: bytes | None
+    _key: bytes | None
+    _partition: int
+    _offset: int = 0
+
+    def topic(self) -> str:
+        return "ns.inbox"
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def headers(self) -> list[tuple[str, str | bytes | None]]:
+        return [("traceparent", b"00-abc")]
+
+
+class Core:
+    """A decider, one partition per number, and a fresh batch per call."""
+
+    def __init__(self, tmp: Path, missing_topics: frozenset[str] = frozenset()) -> None:
+        self.settings = Settings(namespace="ns", partitions=PARTITIONS, state_dir=tmp)
+        registry = WorkflowRegistry([ThreeSteps, WaitsForSignal])
+        self.parts = {n: Partition(n, tmp / f"p{n}", registry) for n in range(PARTITIONS)}
+        self.counters = Counters()
+        self.decider = Decider(
+            self.settings,
+            registry,
+            self.counters,
+            topic_exists=lambda topic: topic not in missing_topics,
+        )
+        self._offset = 0
+
+    def close(self) -> None:
+        for part in self.parts.values():
+            part.close()
+
+    def feed(self, value: bytes | None, key: bytes | None, partition: int | None = None) -> Batch:
+        """One inbox record, on the workflow's partition unless ``partition`` says otherwise."""
+        if partition is None:
+            partition = partition_for(key or b"", PARTITIONS)
+        self._offset += 1
+        batch = Batch()
+        record = Record(value, key, partition, self._offset)
+        self.decider.handle(self.parts[partition], record, batch, NOW)
+        return batch
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Iterator[Core]:
+    c = Core(tmp_path)
+    yield c
+    c.close()
+
+
+def start(wf: str, kind: str = "three-steps", payload: object = None) -> bytes:
+    return codec.encode(
+        StartWorkflow(
+            workflow_id=wf,
+            workflow_type=kind,
+            request_id=f"r-{wf}",
+            input=to_payload(Trip() if payload is None else payload),
+            sent_at_ms=NOW,
+        )
+    )
+
+
+def on(batch: Batch, topic: str) -> list[Out]:
+    return [out for out in batch.outputs if out.topic == topic]
+
+
+def letters(batch: Batch) -> list[DeadLetter]:
+    return [codec.decode_as(o.value or b"", DeadLetter) for o in on(batch, "ns.dlq")]
+
+
+def results(batch: Batch) -> list[WorkflowResult]:
+    return [codec.decode_as(o.value or b"", WorkflowResult) for o in on(batch, "ns.results")]
+
+
+def test_a_start_writes_its_first_events_and_sends_the_first_command(core: Core) -> None:
+    batch = core.feed(start("wf-1"), b"wf-1")
+    history = [codec.decode_as(o.value or b"", HistoryEvent) for o in on(batch, "ns.history")]
+    assert [e.event.kind for e in history] == ["WorkflowStarted", "ActivityScheduled"]
+    assert {o.partition for o in on(batch, "ns.history")} == {partition_for("wf-1", PARTITIONS)}
+    (command,) = on(batch, "svc-a.commands")
+    assert codec.decode_as(command.value or b"", ActivityCommand).reply_topic == "ns.inbox"
+    assert batch.offsets == {partition_for("wf-1", PARTITIONS): 2}
+    assert core.counters.started == 1
+
+
+def test_the_same_start_again_is_answered_by_the_running_workflow(core: Core) -> None:
+    core.feed(start("wf-1"), b"wf-1")
+    assert core.feed(start("wf-1"), b"wf-1").outputs == []
+
+
+@pytest.mark.parametrize(
+    ("value", "error_type"),
+    [
+        (start("wf-1", payload=Trip(fail_at=2)), "WorkflowIdConflict"),
+        (start("wf-1", kind="no-such-type"), "UnknownWorkflowType"),
+        (start("wf-1", payload={"fail_at": "not a number"}), "InvalidInput"),
+    ],
+)
+def test_a_rejected_start_gets_a_dead_letter_and_a_failed_result(
+    core: Core, value: bytes, error_type: str
+) -> None:
+    if error_type == "WorkflowIdConflict":
+        core.feed(start("wf-1"), b"wf-1")
+    batch = core.feed(value, b"wf-1")
+    assert [d.error_type for d in letters(batch)] == [error_type]
+    (result,) = results(batch)
+    assert result.status == WorkflowStatus.FAILED and result.error is not None
+    assert result.error.type == error_type
+    assert on(batch, "ns.history") == []
+
+
+@pytest.mark.parametrize(
+    ("value", "error_type"),
+    [
+        (None, "EmptyRecord"),
+        (b"\x00random bytes", "BadMagic"),
+        (start("wf-1")[:-5], None),  # truncated: the codec names it
+        (b"\xc3\x01" + b"\x00" * (MAX_RECORD_BYTES + 1), "Oversized"),
+        (start("x" * 300), "InvalidId"),
+        (start("a\0b"), "InvalidId"),
+        (
+            codec.encode(
+                ActivityCommand(
+                    workflow_id="wf-1",
+                    activity_name="a.do",
+                    seq=1,
+                    attempt=1,
+                    idempotency_key="k",
+                    is_compensation=False,
+                    input=to_payload(Step(n=1)),
+                    reply_topic="ns.inbox",
+                    sent_at_ms=NOW,
+                )
+            ),
+            "WrongTopic",
+        ),
+        (
+            codec.encode(
+                ActivityReply(
+                    workflow_id="nobody",
+                    seq=1,
+                    attempt=1,
+                    idempotency_key="nobody/1",
+                    outcome=ReplyOutcome.SUCCESS,
+                    sent_at_ms=NOW,
+                )
+            ),
+            "UnknownWorkflow",
+        ),
+        (
+            codec.encode(
+                SignalWorkflow(
+                    workflow_id="nobody",
+                    signal_name="approve",
+                    request_id="r",
+                    payload=to_payload(Step(n=1)),
+                    sent_at_ms=NOW,
+                )
+            ),
+            "UnknownWorkflow",
+        ),
+    ],
+)
+def test_bad_records_are_dead_lettered_with_their_reason(
+    core: Core, value: bytes | None, error_type: str | None
+) -> None:
+    # Keyed by the workflow the record names, so that it is decided here, not forwarded.
+    key = b"nobody" if value is not None and b"nobody" in value else b"wf-1"
+    batch = core.feed(value, key)
+    (letter,) = letters(batch)
+    assert letter.source_topic == "ns.inbox" and letter.reason
+    if error_type is not None:
+        assert letter.error_type == error_type, letter.reason
+    assert on(batch, "ns.history") == []
+    assert batch.offsets  # consumed: the partition moves on
+
+
+def test_a_record_on_another_partition_than_its_workflow_is_forwarded(core: Core) -> None:
+    home = partition_for("wf-1", PARTITIONS)
+    elsewhere = (home + 1) % PARTITIONS
+    batch = core.feed(start("wf-1"), None, partition=elsewhere)
+    (forward,) = batch.outputs
+    assert (forward.topic, forward.key, forward.partition) == ("ns.inbox", b"wf-1", home)
+    assert forward.headers == [("traceparent", b"00-abc")]
+    assert batch.offsets == {elsewhere: 2}
+    assert core.counters.forwarded == 1
+    assert core.parts[elsewhere].get("wf-1") is None  # nothing started on the wrong partition
+
+
+def test_a_signal_for_a_finished_workflow_is_dead_lettered(core: Core) -> None:
+    wf = "waiter"
+    core.feed(start(wf, kind="waits-for-signal", payload=Step(n=1)), wf.encode())
+    signal = codec.encode(
+        SignalWorkflow(
+            workflow_id=wf,
+            signal_name="approve",
+            request_id="s1",
+            payload=to_payload(Step(n=2)),
+            sent_at_ms=NOW,
+        )
+    )
+    done = core.feed(signal, wf.encode())
+    assert [r.status for r in results(done)] == [WorkflowStatus.COMPLETED]
+    again = codec.encode(
+        SignalWorkflow(
+            workflow_id=wf,
+            signal_name="approve",
+            request_id="s2",
+            payload=to_payload(Step(n=3)),
+            sent_at_ms=NOW,
+        )
+    )
+    assert [d.error_type for d in letters(core.feed(again, wf.encode()))] == ["WorkflowFinished"]
+
+
+def test_a_missing_command_topic_fails_the_attempt_instead_of_sending(tmp_path: Path) -> None:
+    core = Core(tmp_path, missing_topics=frozenset({"svc-a.commands"}))
+    try:
+        batch = core.feed(start("wf-1"), b"wf-1")
+    finally:
+        core.close()
+    assert on(batch, "svc-a.commands") == []
+    history = [codec.decode_as(o.value or b"", HistoryEvent) for o in on(batch, "ns.history")]
+    failed = [e.event for e in history if e.event.kind == "ActivityAttemptFailed"]
+    assert failed and "does not exist" in str(failed[0])
+
+
+def test_a_record_whose_outputs_were_refused_is_dead_lettered_when_read_again(
+    core: Core,
+) -> None:
+    home = partition_for("wf-1", PARTITIONS)
+    core.decider.refuse((home, 1), "ns.history record of 2000000 bytes refused")
+    batch = core.feed(start("wf-1"), b"wf-1")
+    assert [d.error_type for d in letters(batch)] == ["ProduceFailed"]
+    assert [r.error.type for r in results(batch) if r.error] == ["ProduceFailed"]
+    assert on(batch, "ns.history") == []
+
+
+def test_history_records_skipped_by_a_restore_are_tombstoned(core: Core) -> None:
+    core.decider.restored(RestoreReport(1, 0, 0, 0.0, 1, (b"forged",)))
+    batch = Batch()
+    core.decider.repair_history(core.parts, batch)
+    assert [(o.topic, o.key, o.value, o.partition) for o in batch.outputs] == [
+        ("ns.history", b"forged", None, 1)
+    ]
+    assert 1 in batch.stores  # the transaction carries the partition's fencing offset
