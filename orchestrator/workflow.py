@@ -142,8 +142,31 @@ class WorkflowRegistry:
         return sorted(self._by_name)
 
 
+@dataclass(frozen=True)
+class Compensation:
+    """What undoes a step: ``activity(arg)``, retried by ``retry`` (default: 20 attempts).
+
+    Given to ``ctx.call(..., compensate=...)`` (or built there from the step's result by a
+    function), or registered with :meth:`Saga.on_failure`.
+    """
+
+    activity: ActivityContract[Any, Any]
+    arg: BaseModel
+    retry: RetryPolicy | None = None
+    timeout: timedelta | None = None
+
+    def __post_init__(self) -> None:
+        # Checked here, in the workflow's own code, rather than when the compensation runs.
+        if not isinstance(self.arg, self.activity.input):
+            raise TypeError(
+                f"{self.activity.name} takes {self.activity.input.__name__}, "
+                f"got {type(self.arg).__name__}"
+            )
+
+
 class Saga(ABC):
-    """Compensations registered while a saga block runs; on failure they run in reverse order."""
+    """Compensations of the steps a saga block completed; on failure or cancel they run one at a
+    time, in reverse order of completion (see docs/workflows.md, "Saga semantics")."""
 
     @abstractmethod
     def on_failure(
@@ -179,12 +202,18 @@ class WorkflowContext(ABC):
         retry: RetryPolicy | None = None,
         timeout: timedelta | None = None,
         overall_timeout: timedelta | None = None,
+        compensate: Compensation | Callable[[OutT], Compensation] | None = None,
     ) -> Awaitable[OutT]:
         """Schedule an activity at once and return an awaitable of its result.
 
         ``timeout`` bounds each attempt, ``overall_timeout`` all attempts together. A business
         failure or the end of retries raises :class:`~orchestrator.errors.ActivityError`.
         Several calls may be scheduled before awaiting them (see :meth:`gather`).
+
+        ``compensate`` registers the step's compensation with the innermost ``ctx.saga()``
+        before the command is sent: a :class:`Compensation`, or a function that builds it from
+        the result. If the saga fails or the workflow is cancelled while this step is in
+        flight, the saga waits for its outcome and compensates it if it succeeded.
         """
 
     @abstractmethod
@@ -197,7 +226,15 @@ class WorkflowContext(ABC):
 
     @abstractmethod
     def gather(self, *awaitables: Awaitable[Any]) -> Awaitable[list[Any]]:
-        """Wait for all; the first failure (in argument order) is raised."""
+        """Run in parallel and wait for all; then raise the first failure (in argument order).
+
+        Takes what ``ctx.call``, ``ctx.sleep``, ``ctx.wait_signal`` and ``ctx.gather`` return,
+        and coroutines (``branch(...)`` of an ``async def branch``): each coroutine is a branch
+        with steps of its own. A failing branch does not stop its siblings: every branch runs
+        to its end first, so that each step a branch completed is known to the saga.
+        ``asyncio.gather`` does not work in workflow code (it is refused before anything is
+        sent).
+        """
 
     @abstractmethod
     def saga(self) -> Saga:
