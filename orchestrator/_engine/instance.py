@@ -133,13 +133,15 @@ class _Task(_Future[Any]):
 
     Resolved with the coroutine's return value (or failed with what it raised) when it ends."""
 
-    __slots__ = ("blocked", "coro", "sagas", "shield", "throw")
+    __slots__ = ("blocked", "cancel", "coro", "sagas", "shield", "throw")
 
     def __init__(self, coro: Coroutine[Any, Any, Any], sagas: list[_SagaImpl]) -> None:
         super().__init__()
         self.coro = coro
         self.blocked: _Future[Any] | None = None
         self.throw: BaseException | None = None
+        # A cancel that waits until this task's branches have ended, then is thrown here.
+        self.cancel: WorkflowCancelled | None = None
         # The saga blocks open around this coroutine, innermost last; a branch starts inside
         # its parent's, so that compensate= in a branch registers with the gather's saga.
         self.sagas = sagas
@@ -575,9 +577,13 @@ class WorkflowRun:
             self._deliver_signal(body)
         elif isinstance(body, CancelRequested):
             for task in self._tasks:
-                # A task waiting for its branches hears of the cancel through them: its saga
-                # must see how each branch ended before it compensates.
-                if task.shield == 0 and not task.waits_for_branches():
+                if task.shield > 0:
+                    continue
+                if task.waits_for_branches():
+                    # Its saga must see how each branch ended before it compensates: the
+                    # branches hear of the cancel now, this task once they have ended.
+                    task.cancel = WorkflowCancelled(body.reason)
+                else:
                     task.throw = WorkflowCancelled(body.reason)
         elif isinstance(body, ActivityAttemptStarted | ActivityAttemptFailed | LateReplyIgnored):
             return  # engine bookkeeping; the code does not see attempts
@@ -647,6 +653,8 @@ class WorkflowRun:
         advanced = False
         try:
             while True:
+                if task.cancel is not None and not task.waits_for_branches():
+                    task.throw, task.cancel = task.cancel, None
                 try:
                     if task.throw is not None:
                         error, task.throw = task.throw, None
