@@ -6,21 +6,24 @@ coroutine: it resumes it whenever something it awaits has happened, and rebuilds
 restart by replaying the workflow's history. Everything nondeterministic goes through ``ctx``::
 
     from datetime import timedelta
-    from orchestrator import workflow, WorkflowContext, RetryPolicy
+    from orchestrator import workflow, Compensation, WorkflowContext, RetryPolicy
 
     @workflow.defn(name="place-order")
     class PlaceOrder:
         @workflow.run
         async def run(self, ctx: WorkflowContext, order: Order) -> Receipt:
-            async with ctx.saga() as saga:   # compensations run in reverse on failure
-                hold = await ctx.call(reserve, Reserve(sku=order.sku, qty=order.qty),
-                                      retry=RetryPolicy(max_attempts=5))
-                saga.on_failure(release, Release(hold_id=hold.hold_id))
-                paid = await ctx.call(charge, Charge(amount=order.total),
-                                      timeout=timedelta(seconds=30))
-                saga.on_failure(refund, Refund(payment_id=paid.payment_id))
+            async with ctx.saga():   # on failure or cancel: undo what completed, last first
+                hold = await ctx.call(
+                    reserve, Reserve(sku=order.sku, qty=order.qty),
+                    retry=RetryPolicy(max_attempts=5),
+                    compensate=lambda h: Compensation(release, Release(hold_id=h.hold_id)))
+                paid = await ctx.call(
+                    charge, Charge(amount=order.total), timeout=timedelta(seconds=30),
+                    compensate=lambda p: Compensation(refund, Refund(payment_id=p.payment_id)))
                 await ctx.sleep(timedelta(days=3))          # durable
             return Receipt(...)
+
+Saga semantics (order, parallel branches, cancel): docs/workflows.md.
 
 Rules for workflow code: await only what ``ctx`` gives you (no asyncio, no I/O), read time and
 randomness from ``ctx.now()``, ``ctx.random()`` and ``ctx.uuid()``, and keep the order of calls
