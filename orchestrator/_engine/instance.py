@@ -148,10 +148,13 @@ class _Task(_Future[Any]):
         self.shield = 0  # > 0 while one of its sagas compensates: a cancel must not cut that
 
     def waits_for_branches(self) -> bool:
-        blocked = self.blocked
-        return isinstance(blocked, _Gather) and any(
-            isinstance(p, _Task) and not p.done for p in blocked._parts
-        )
+        return self.blocked is not None and _has_live_branch(self.blocked)
+
+
+def _has_live_branch(future: _Future[Any]) -> bool:
+    if isinstance(future, _Task):
+        return not future.done
+    return isinstance(future, _Gather) and any(_has_live_branch(p) for p in future._parts)
 
 
 @dataclass
@@ -437,6 +440,7 @@ class WorkflowRun:
         self._tasks: list[_Task] = []  # live coroutines, in order of creation
         self._main: _Task | None = None
         self._current: _Task | None = None  # the task whose code runs now
+        self._task_changes = 0  # tasks started + ended: see _resume
         self._no_loop = _NoEventLoop(self)
         self._pending: deque[_Pending] = deque()
         self._activities: dict[int, _ActivityCall] = {}
@@ -633,24 +637,27 @@ class WorkflowRun:
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> _Task:
         task = _Task(coro, list(self._task().sagas))
         self._tasks.append(task)
+        self._task_changes += 1
         return task
 
     def _resume(self) -> None:
         """Run every task that can go on, in order of creation, until all of them wait.
 
         The order is a function of the events alone, so replay resumes them the same way."""
-        advanced = True
-        while advanced and self._tasks:
-            advanced = False
+        while self._tasks:
+            # Only a task that starts or ends can unblock another (a branch's end resolves its
+            # gather): without either, one pass is enough.
+            seen = self._task_changes
             for task in list(self._tasks):
-                if task in self._tasks and self._step(task):
-                    advanced = True
+                if task in self._tasks:
+                    self._step(task)
+            if self._task_changes == seen:
+                return
 
-    def _step(self, task: _Task) -> bool:
+    def _step(self, task: _Task) -> None:
         outer = asyncio.events._get_running_loop()
         asyncio.events._set_running_loop(cast(asyncio.AbstractEventLoop, self._no_loop))
         self._current = task
-        advanced = False
         try:
             while True:
                 if task.cancel is not None and not task.waits_for_branches():
@@ -662,14 +669,13 @@ class WorkflowRun:
                     elif task.blocked is None or task.blocked.done:
                         yielded = task.coro.send(None)
                     else:
-                        return advanced
+                        return
                 except StopIteration as stop:
                     self._end(task, stop.value, None)
-                    return True
+                    return
                 except Exception as exc:
                     self._end(task, None, exc)
-                    return True
-                advanced = True
+                    return
                 if not isinstance(yielded, _Future):
                     task.coro.close()
                     self._end(
@@ -681,7 +687,7 @@ class WorkflowRun:
                             "(no asyncio or I/O in workflows)"
                         ),
                     )
-                    return True
+                    return
                 task.blocked = yielded
         finally:
             self._current = None
@@ -689,6 +695,7 @@ class WorkflowRun:
 
     def _end(self, task: _Task, value: Any, error: BaseException | None) -> None:
         self._tasks.remove(task)
+        self._task_changes += 1
         if task is not self._main:
             if error is not None:
                 task.fail(error)

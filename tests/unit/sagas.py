@@ -163,3 +163,22 @@ class UsesAsyncio:
             saga.on_failure(undo_a, Step(n=1))
             b, _ = await asyncio.gather(ctx.call(step_b, Step(n=2)), ctx.call(step_c, Step(n=3)))
         return b
+
+
+@workflow.defn(name="misuses")
+class Misuses:
+    """Workflow code that gets the API wrong in one of several ways, after one step."""
+
+    @workflow.run
+    async def run(self, ctx: WorkflowContext, step: Step) -> Done:
+        async with ctx.saga() as saga:
+            await ctx.call(step_a, Step(n=1))
+            saga.on_failure(undo_a, Step(n=1))
+            pending = ctx.call(step_b, Step(n=2))  # asked for just before the mistake
+            if step.n == 1:
+                await ctx.gather(pending, 42)  # type: ignore[arg-type]
+            elif step.n == 2:
+                await asyncio.sleep(1)
+        if step.n == 3:
+            await ctx.call(step_c, Step(n=3), compensate=workflow.Compensation(undo_c, Step(n=3)))
+        return await pending

@@ -37,6 +37,7 @@ from orchestrator.workflow import WorkflowRegistry
 from .sagas import (
     Done,
     Group,
+    Misuses,
     ParallelCalls,
     Plan,
     Planned,
@@ -47,7 +48,7 @@ from .sagas import (
     UsesAsyncio,
 )
 
-REGISTRY = WorkflowRegistry([ThreeSteps, ParallelCalls, Planned, UsesAsyncio])
+REGISTRY = WorkflowRegistry([ThreeSteps, ParallelCalls, Planned, UsesAsyncio, Misuses])
 OK, FAIL = ReplyOutcome.SUCCESS, ReplyOutcome.BUSINESS_FAILURE
 
 
@@ -171,6 +172,36 @@ def test_asyncio_gather_is_refused_before_anything_is_sent() -> None:
     assert sim.run.state.status is WorkflowStatus.COMPENSATED
     error = sim.run.state.error
     assert error is not None and "ctx.gather" in error.message, error
+
+
+@pytest.mark.parametrize(
+    ("mistake", "sent", "error"),
+    [
+        (1, ["a.do(1)", "b.do(2)", "a.undo(1)"], "ctx.gather takes coroutines"),
+        (2, ["a.do(1)", "a.undo(1)"], "ctx.gather"),  # asyncio: b is dropped before it is sent
+    ],
+    ids=["gather-of-an-int", "asyncio-sleep"],
+)
+def test_misused_api_fails_in_the_code_and_the_saga_compensates(
+    mistake: int, sent: list[str], error: str
+) -> None:
+    sim = Sim("misuses", Step(n=mistake))
+    sim.answer("a.do", 1)
+    sim.settle()
+    assert sim.names() == sent
+    assert sim.run.state.status is WorkflowStatus.COMPENSATED
+    assert sim.run.state.error is not None and error in sim.run.state.error.message
+
+
+def test_compensate_outside_a_saga_is_refused_before_the_call_is_sent() -> None:
+    sim = Sim("misuses", Step(n=3))
+    sim.answer("a.do", 1)
+    sim.answer("b.do", 2)
+    assert sim.names() == ["a.do(1)", "b.do(2)"]
+    assert sim.run.state.status is WorkflowStatus.FAILED
+    assert sim.run.state.error is not None and "outside `async with ctx.saga()`" in (
+        sim.run.state.error.message
+    )
 
 
 # --------------------------------------------------------------------------- 2. cancel in flight
