@@ -183,6 +183,12 @@ class Saga(ABC):
         """Register ``activity(arg)`` to run if the block fails or the workflow is cancelled."""
 
     @abstractmethod
+    def pivot(self) -> None:
+        """The point of no return: the steps this saga knows so far (completed, or sent with
+        ``compensate=`` and still in flight) are never compensated, whatever happens later.
+        Steps after it are compensated as usual."""
+
+    @abstractmethod
     async def __aenter__(self) -> Saga: ...
 
     @abstractmethod

@@ -231,6 +231,10 @@ class _SagaImpl(Saga):
         if self._open:
             self._done.append(Compensation(activity, arg, retry, timeout))
 
+    def pivot(self) -> None:
+        self._done.clear()
+        self._inflight.clear()  # so their ends no longer add them to _done
+
     async def __aenter__(self) -> Saga:
         self._ctx._run._task().sagas.append(self)
         return self

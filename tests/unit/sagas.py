@@ -103,6 +103,7 @@ class Group(BaseModel):
 
     branches: list[list[PlanStep]]
     calls: bool = False
+    pivot: bool = False  # saga.pivot() once the group is done
 
 
 class Plan(BaseModel):
@@ -149,6 +150,8 @@ class Planned:
                     done += await branch(group.branches[0])
                 else:
                     done += sum(await ctx.gather(*(branch(b) for b in group.branches)))
+                if group.pivot:
+                    saga.pivot()
         return Done(n=done)
 
 

@@ -234,6 +234,23 @@ def test_a_cancel_reaches_every_branch_and_waits_for_their_steps() -> None:
     assert "s.do(2)" in sim.names() and sim.names().count("s.do(2)") == 1
 
 
+def test_after_a_pivot_a_failure_compensates_only_the_steps_after_it() -> None:
+    plan = Plan(
+        groups=[
+            Group(branches=[[_step(1)], [_step(2, "after")]], pivot=True),
+            Group(branches=[[_step(3), _step(4)]]),
+        ]
+    )
+    sim = Sim("planned", plan)
+    sim.answer("s.do", 1)
+    sim.answer("s.do", 2)
+    sim.answer("s.do", 3)
+    sim.answer("s.do", 4, FAIL)
+    sim.settle()
+    assert sim.undone() == [3]
+    assert sim.run.state.status is WorkflowStatus.COMPENSATED
+
+
 # --------------------------------------------------------------------------- 3. after the end
 
 
@@ -298,7 +315,7 @@ def plans(draw: st.DrawFn) -> Plan:
             ]
             for _ in range(draw(st.integers(1, 3)))
         ]
-        groups.append(Group(branches=branches, calls=calls))
+        groups.append(Group(branches=branches, calls=calls, pivot=draw(st.booleans())))
     return Plan(groups=groups)
 
 
@@ -339,11 +356,26 @@ def test_exactly_the_completed_steps_are_compensated_once_each_in_reverse_order(
     ]
     # A step's compensation is known once it completed if it came with the call; registered
     # after the call returned, it is known only if its branch went on (no cancel cut it first).
+    # A pivot commits the steps before it, if the code got there: every step of the groups up to
+    # it completed, and before a cancel (which stops the code at the gather or call it waits on).
+    when = dict(completed)
+    committed: set[int] = set()
+    before: set[int] = set()
+    for group in plan.groups:
+        before |= {s.n for b in group.branches for s in b}
+        reached = all(n in when and (cancel_at is None or when[n] < cancel_at) for n in before)
+        if not reached:
+            break
+        if group.pivot:
+            committed = set(before)
     known = [
         n
         for n, at in completed
-        if modes[n] == "with-call"
-        or (modes[n] == "after" and (cancel_at is None or at < cancel_at))
+        if n not in committed
+        and (
+            modes[n] == "with-call"
+            or (modes[n] == "after" and (cancel_at is None or at < cancel_at))
+        )
     ]
     if state.status is WorkflowStatus.COMPLETED:
         assert sim.undone() == []
