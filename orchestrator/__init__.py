@@ -34,7 +34,7 @@ from orchestrator.errors import (
 from orchestrator.node import OrchestratorNode
 from orchestrator.service import CommandInfo, Service
 from orchestrator.settings import Settings
-from orchestrator.workflow import Saga, WorkflowContext, WorkflowRegistry
+from orchestrator.workflow import Compensation, Saga, WorkflowContext, WorkflowRegistry
 
 __all__ = [
     "ActivityContract",
@@ -42,6 +42,7 @@ __all__ = [
     "BusinessError",
     "Client",
     "CommandInfo",
+    "Compensation",
     "CompensationFailed",
     "NonDeterminismError",
     "OrchestratorNode",

@@ -84,6 +84,16 @@ class CompensationFailed(Exception):
         self.failures = list(failures)
 
 
+class AsyncioInWorkflow(TypeError, RuntimeError):
+    """Workflow code used asyncio (``asyncio.gather``, ``asyncio.sleep``, a task...).
+
+    The engine, not an event loop, runs workflow code: ``ctx.gather`` and ``ctx.sleep`` do what
+    those would. Raised where the code asked asyncio for its loop; the commands the same code
+    asked for just before (the calls handed to ``asyncio.gather``) are not sent. A
+    ``RuntimeError`` too, so that asyncio closes the coroutines it was given.
+    """
+
+
 class NonDeterminismError(Exception):
     """Replaying a workflow's history produced different commands than the history holds."""
 

@@ -6,21 +6,24 @@ coroutine: it resumes it whenever something it awaits has happened, and rebuilds
 restart by replaying the workflow's history. Everything nondeterministic goes through ``ctx``::
 
     from datetime import timedelta
-    from orchestrator import workflow, WorkflowContext, RetryPolicy
+    from orchestrator import workflow, Compensation, WorkflowContext, RetryPolicy
 
     @workflow.defn(name="place-order")
     class PlaceOrder:
         @workflow.run
         async def run(self, ctx: WorkflowContext, order: Order) -> Receipt:
-            async with ctx.saga() as saga:   # compensations run in reverse on failure
-                hold = await ctx.call(reserve, Reserve(sku=order.sku, qty=order.qty),
-                                      retry=RetryPolicy(max_attempts=5))
-                saga.on_failure(release, Release(hold_id=hold.hold_id))
-                paid = await ctx.call(charge, Charge(amount=order.total),
-                                      timeout=timedelta(seconds=30))
-                saga.on_failure(refund, Refund(payment_id=paid.payment_id))
+            async with ctx.saga():   # on failure or cancel: undo what completed, last first
+                hold = await ctx.call(
+                    reserve, Reserve(sku=order.sku, qty=order.qty),
+                    retry=RetryPolicy(max_attempts=5),
+                    compensate=lambda h: Compensation(release, Release(hold_id=h.hold_id)))
+                paid = await ctx.call(
+                    charge, Charge(amount=order.total), timeout=timedelta(seconds=30),
+                    compensate=lambda p: Compensation(refund, Refund(payment_id=p.payment_id)))
                 await ctx.sleep(timedelta(days=3))          # durable
             return Receipt(...)
+
+Saga semantics (order, parallel branches, cancel): docs/workflows.md.
 
 Rules for workflow code: await only what ``ctx`` gives you (no asyncio, no I/O), read time and
 randomness from ``ctx.now()``, ``ctx.random()`` and ``ctx.uuid()``, and keep the order of calls
@@ -142,8 +145,31 @@ class WorkflowRegistry:
         return sorted(self._by_name)
 
 
+@dataclass(frozen=True)
+class Compensation:
+    """What undoes a step: ``activity(arg)``, retried by ``retry`` (default: 20 attempts).
+
+    Given to ``ctx.call(..., compensate=...)`` (or built there from the step's result by a
+    function), or registered with :meth:`Saga.on_failure`.
+    """
+
+    activity: ActivityContract[Any, Any]
+    arg: BaseModel
+    retry: RetryPolicy | None = None
+    timeout: timedelta | None = None
+
+    def __post_init__(self) -> None:
+        # Checked here, in the workflow's own code, rather than when the compensation runs.
+        if not isinstance(self.arg, self.activity.input):
+            raise TypeError(
+                f"{self.activity.name} takes {self.activity.input.__name__}, "
+                f"got {type(self.arg).__name__}"
+            )
+
+
 class Saga(ABC):
-    """Compensations registered while a saga block runs; on failure they run in reverse order."""
+    """Compensations of the steps a saga block completed; on failure or cancel they run one at a
+    time, in reverse order of completion (see docs/workflows.md, "Saga semantics")."""
 
     @abstractmethod
     def on_failure(
@@ -155,6 +181,12 @@ class Saga(ABC):
         timeout: timedelta | None = None,
     ) -> None:
         """Register ``activity(arg)`` to run if the block fails or the workflow is cancelled."""
+
+    @abstractmethod
+    def pivot(self) -> None:
+        """The point of no return: the steps this saga knows so far (completed, or sent with
+        ``compensate=`` and still in flight) are never compensated, whatever happens later.
+        Steps after it are compensated as usual."""
 
     @abstractmethod
     async def __aenter__(self) -> Saga: ...
@@ -179,12 +211,18 @@ class WorkflowContext(ABC):
         retry: RetryPolicy | None = None,
         timeout: timedelta | None = None,
         overall_timeout: timedelta | None = None,
+        compensate: Compensation | Callable[[OutT], Compensation] | None = None,
     ) -> Awaitable[OutT]:
         """Schedule an activity at once and return an awaitable of its result.
 
         ``timeout`` bounds each attempt, ``overall_timeout`` all attempts together. A business
         failure or the end of retries raises :class:`~orchestrator.errors.ActivityError`.
         Several calls may be scheduled before awaiting them (see :meth:`gather`).
+
+        ``compensate`` registers the step's compensation with the innermost ``ctx.saga()``
+        before the command is sent: a :class:`Compensation`, or a function that builds it from
+        the result. If the saga fails or the workflow is cancelled while this step is in
+        flight, the saga waits for its outcome and compensates it if it succeeded.
         """
 
     @abstractmethod
@@ -197,7 +235,15 @@ class WorkflowContext(ABC):
 
     @abstractmethod
     def gather(self, *awaitables: Awaitable[Any]) -> Awaitable[list[Any]]:
-        """Wait for all; the first failure (in argument order) is raised."""
+        """Run in parallel and wait for all; then raise the first failure (in argument order).
+
+        Takes what ``ctx.call``, ``ctx.sleep``, ``ctx.wait_signal`` and ``ctx.gather`` return,
+        and coroutines (``branch(...)`` of an ``async def branch``): each coroutine is a branch
+        with steps of its own. A failing branch does not stop its siblings: every branch runs
+        to its end first, so that each step a branch completed is known to the saga.
+        ``asyncio.gather`` does not work in workflow code (it is refused before anything is
+        sent).
+        """
 
     @abstractmethod
     def saga(self) -> Saga:

@@ -9,15 +9,18 @@ history, and must match what the code asks for now: a mismatch is a NonDetermini
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import inspect
 import random
 import sys
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Coroutine, Generator, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from pydantic import BaseModel
 
@@ -48,6 +51,7 @@ from contracts.envelopes import (
 )
 from orchestrator.errors import (
     ActivityError,
+    AsyncioInWorkflow,
     CompensationFailed,
     NonDeterminismError,
     WorkflowCancelled,
@@ -55,6 +59,7 @@ from orchestrator.errors import (
 from orchestrator.payloads import PayloadError, from_payload, to_payload
 from orchestrator.workflow import (
     DEFAULT_COMPENSATION_RETRY,
+    Compensation,
     Saga,
     WorkflowContext,
     WorkflowRegistry,
@@ -123,12 +128,42 @@ class _Gather(_Future[list[Any]]):
         return self._value  # type: ignore[no-any-return]
 
 
+class _Task(_Future[Any]):
+    """A coroutine the engine drives: the workflow's run method, or a branch of ``ctx.gather``.
+
+    Resolved with the coroutine's return value (or failed with what it raised) when it ends."""
+
+    __slots__ = ("blocked", "cancel", "coro", "sagas", "shield", "throw")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], sagas: list[_SagaImpl]) -> None:
+        super().__init__()
+        self.coro = coro
+        self.blocked: _Future[Any] | None = None
+        self.throw: BaseException | None = None
+        # A cancel that waits until this task's branches have ended, then is thrown here.
+        self.cancel: WorkflowCancelled | None = None
+        # The saga blocks open around this coroutine, innermost last; a branch starts inside
+        # its parent's, so that compensate= in a branch registers with the gather's saga.
+        self.sagas = sagas
+        self.shield = 0  # > 0 while one of its sagas compensates: a cancel must not cut that
+
+    def waits_for_branches(self) -> bool:
+        return self.blocked is not None and _has_live_branch(self.blocked)
+
+
+def _has_live_branch(future: _Future[Any]) -> bool:
+    if isinstance(future, _Task):
+        return not future.done
+    return isinstance(future, _Gather) and any(_has_live_branch(p) for p in future._parts)
+
+
 @dataclass
 class _Pending:
     """A command the code asked for, awaiting its event; ``where`` names the code line."""
 
     body: EventBody
     where: str
+    task: _Task | None = None
 
 
 @dataclass
@@ -136,6 +171,33 @@ class _ActivityCall:
     future: _Future[Any]
     output_type: Any
     name: str
+    undo: _StepUndo | None = None
+
+
+@dataclass(eq=False)
+class _StepUndo:
+    """A compensation given with its call: known before the step is sent, due once it
+    succeeded. The saga keeps it in flight until the step ends, and waits for that on failure."""
+
+    saga: _SagaImpl
+    future: _Future[Any]
+    compensate: Compensation | Callable[[Any], Compensation]
+    name: str
+    seq: int
+
+    def ended(self, succeeded: bool) -> None:
+        saga = self.saga
+        if self in saga._inflight:
+            saga._inflight.remove(self)
+            if succeeded and saga._open:
+                saga._done.append(self)
+
+    def resolve(self) -> Compensation:
+        if isinstance(self.compensate, Compensation):
+            return self.compensate
+        if self.future._error is not None:  # the service's result could not be read
+            raise self.future._error
+        return self.compensate(self.future._value)
 
 
 def _call_site() -> str:
@@ -152,9 +214,11 @@ _ENGINE_FILES = {__file__}
 class _SagaImpl(Saga):
     def __init__(self, ctx: _Context) -> None:
         self._ctx = ctx
-        self._steps: list[
-            tuple[ActivityContract[Any, Any], Any, RetryPolicy, timedelta | None]
-        ] = []
+        # In order of completion: registered by on_failure (after its step returned), or a
+        # compensate= step whose ActivityCompleted was applied.
+        self._done: list[Compensation | _StepUndo] = []
+        self._inflight: list[_StepUndo] = []  # compensate= steps sent that have not ended
+        self._open = True
 
     def on_failure(
         self,
@@ -164,30 +228,70 @@ class _SagaImpl(Saga):
         retry: RetryPolicy | None = None,
         timeout: timedelta | None = None,
     ) -> None:
-        self._steps.append((activity, arg, retry or DEFAULT_COMPENSATION_RETRY, timeout))
+        if self._open:
+            self._done.append(Compensation(activity, arg, retry, timeout))
+
+    def pivot(self) -> None:
+        self._done.clear()
+        self._inflight.clear()  # so their ends no longer add them to _done
 
     async def __aenter__(self) -> Saga:
+        self._ctx._run._task().sagas.append(self)
         return self
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None or not isinstance(exc, Exception):
-            return False
         run = self._ctx._run
-        run._shield += 1  # a cancel must not interrupt the compensations
+        current = run._current  # None when a coroutine left suspended is garbage-collected
+        if current is not None and self in current.sagas:
+            current.sagas.remove(self)
+        if exc is None or not isinstance(exc, Exception):
+            self._open = False
+            return False
+        task = run._task()
+        task.shield += 1  # a cancel must not interrupt the compensations
         failures: list[ActivityError] = []
         try:
-            for activity, arg, retry, timeout in reversed(self._steps):
+            # A step still in flight may yet succeed: its outcome decides whether it is undone,
+            # and its completion sets its place in the order.
+            while self._inflight:
+                step = self._inflight[0]
+                with suppress(Exception):
+                    await step.future
+                if step in self._inflight:
+                    self._inflight.remove(step)
+            self._open = False
+            undos = list(reversed(self._done))
+            for undo in undos:
+                try:
+                    comp = undo if isinstance(undo, Compensation) else undo.resolve()
+                except Exception as err:
+                    assert isinstance(undo, _StepUndo)
+                    failures.append(
+                        ActivityError(
+                            undo.name,
+                            undo.seq,
+                            type(err).__name__,
+                            f"its compensation could not be built: {err}",
+                            business=False,
+                        )
+                    )
+                    continue
                 try:
                     await self._ctx._schedule(
-                        activity, arg, retry, timeout, None, compensation=True
+                        comp.activity,
+                        comp.arg,
+                        comp.retry or DEFAULT_COMPENSATION_RETRY,
+                        comp.timeout,
+                        None,
+                        compensation=True,
                     )
                 except ActivityError as err:
                     failures.append(err)
         finally:
-            run._shield -= 1
+            task.shield -= 1
         if failures:
             raise CompensationFailed(failures) from exc
-        run._compensated += len(self._steps)
+        run._compensated += len(undos)
         return False
 
 
@@ -208,8 +312,21 @@ class _Context(WorkflowContext):
         retry: RetryPolicy | None = None,
         timeout: timedelta | None = None,
         overall_timeout: timedelta | None = None,
+        compensate: Compensation | Callable[[OutT], Compensation] | None = None,
     ) -> Awaitable[OutT]:
-        return self._schedule(activity, arg, retry or _DEFAULT_RETRY, timeout, overall_timeout)
+        saga: _SagaImpl | None = None
+        if compensate is not None:
+            sagas = self._run._task().sagas
+            if not sagas:
+                raise TypeError(
+                    f"ctx.call({activity.name}, compensate=...) outside `async with ctx.saga()`: "
+                    "no saga would run the compensation"
+                )
+            saga = sagas[-1]
+        return self._schedule(
+            activity, arg, retry or _DEFAULT_RETRY, timeout, overall_timeout,
+            undo=(saga, compensate) if saga is not None and compensate is not None else None,
+        )  # fmt: skip
 
     def _schedule(
         self,
@@ -220,6 +337,7 @@ class _Context(WorkflowContext):
         overall_timeout: timedelta | None,
         *,
         compensation: bool = False,
+        undo: tuple[_SagaImpl, Compensation | Callable[[OutT], Compensation]] | None = None,
     ) -> _Future[OutT]:
         if not isinstance(arg, activity.input):
             raise TypeError(
@@ -228,7 +346,11 @@ class _Context(WorkflowContext):
         run = self._run
         seq = run._next_command_seq()
         future: _Future[OutT] = _Future()
-        run._activities[seq] = _ActivityCall(future, activity.output, activity.name)
+        call = run._activities[seq] = _ActivityCall(future, activity.output, activity.name)
+        if undo is not None:
+            saga, compensate = undo
+            call.undo = _StepUndo(saga, future, compensate, activity.name, seq)
+            saga._inflight.append(call.undo)
         run._command(
             ActivityScheduled(
                 seq=seq,
@@ -264,13 +386,22 @@ class _Context(WorkflowContext):
         return future
 
     def gather(self, *awaitables: Awaitable[Any]) -> Awaitable[list[Any]]:
-        parts: list[_Future[Any]] = []
-        for item in awaitables:
-            if not isinstance(item, _Future):
-                raise TypeError(
-                    "ctx.gather takes what ctx.call, ctx.sleep and ctx.wait_signal return"
-                )
-            parts.append(item)
+        strangers = [
+            a for a in awaitables if not isinstance(a, _Future) and not inspect.iscoroutine(a)
+        ]
+        if strangers:
+            for item in awaitables:
+                if inspect.iscoroutine(item):
+                    item.close()  # never started: nothing of it ran
+            raise TypeError(
+                "ctx.gather takes coroutines and what ctx.call, ctx.sleep, ctx.wait_signal and "
+                f"ctx.gather return, not {', '.join(type(a).__name__ for a in strangers)}"
+            )
+        run = self._run
+        parts: list[_Future[Any]] = [
+            a if isinstance(a, _Future) else run._spawn(cast(Coroutine[Any, Any, Any], a))
+            for a in awaitables
+        ]
         return _Gather(parts)
 
     def saga(self) -> Saga:
@@ -310,9 +441,11 @@ class WorkflowRun:
     def __init__(self, workflow_id: str, registry: WorkflowRegistry) -> None:
         self.state = WorkflowState(workflow_id)
         self._registry = registry
-        self._coro: Coroutine[Any, Any, Any] | None = None
-        self._blocked: _Future[Any] | None = None
-        self._throw: BaseException | None = None
+        self._tasks: list[_Task] = []  # live coroutines, in order of creation
+        self._main: _Task | None = None
+        self._current: _Task | None = None  # the task whose code runs now
+        self._task_changes = 0  # tasks started + ended: see _resume
+        self._no_loop = _NoEventLoop(self)
         self._pending: deque[_Pending] = deque()
         self._activities: dict[int, _ActivityCall] = {}
         self._timers: dict[int, _Future[None]] = {}
@@ -320,7 +453,6 @@ class WorkflowRun:
         self._signal_waiters: dict[str, deque[tuple[_Future[Any], Any]]] = {}
         self._command_seq = 0
         self._now_ms = 0
-        self._shield = 0
         self._compensated = 0
         self._rng: random.Random | None = None  # retry jitter; see _jitter
 
@@ -429,6 +561,8 @@ class WorkflowRun:
             call = self._activities.get(body.seq)
             if call is not None:
                 _resolve_payload(call.future, body.result, call.output_type)
+                if call.undo is not None:
+                    call.undo.ended(succeeded=True)
         elif isinstance(body, ActivityFailed):
             call = self._activities.get(body.seq)
             if call is not None:
@@ -441,6 +575,8 @@ class WorkflowRun:
                         business=body.business,
                     )
                 )
+                if call.undo is not None:
+                    call.undo.ended(succeeded=False)
         elif isinstance(body, TimerFired):
             timer = self._timers.get(body.seq)
             if timer is not None:
@@ -448,8 +584,15 @@ class WorkflowRun:
         elif isinstance(body, SignalReceived):
             self._deliver_signal(body)
         elif isinstance(body, CancelRequested):
-            if self._shield == 0:
-                self._throw = WorkflowCancelled(body.reason)
+            for task in self._tasks:
+                if task.shield > 0:
+                    continue
+                if task.waits_for_branches():
+                    # Its saga must see how each branch ended before it compensates: the
+                    # branches hear of the cancel now, this task once they have ended.
+                    task.cancel = WorkflowCancelled(body.reason)
+                else:
+                    task.throw = WorkflowCancelled(body.reason)
         elif isinstance(body, ActivityAttemptStarted | ActivityAttemptFailed | LateReplyIgnored):
             return  # engine bookkeeping; the code does not see attempts
         self._resume()
@@ -487,38 +630,108 @@ class WorkflowRun:
         except PayloadError as exc:
             self._finish_error(exc)
             return
-        self._coro = getattr(instance, definition.run_name)(ctx, arg)
+        self._main = _Task(getattr(instance, definition.run_name)(ctx, arg), [])
+        self._tasks.append(self._main)
+
+    def _task(self) -> _Task:
+        if self._current is None:
+            raise RuntimeError("ctx is used outside the workflow's code")
+        return self._current
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> _Task:
+        task = _Task(coro, list(self._task().sagas))
+        self._tasks.append(task)
+        self._task_changes += 1
+        return task
 
     def _resume(self) -> None:
-        coro = self._coro
-        while coro is not None:
-            try:
-                if self._throw is not None:
-                    error, self._throw = self._throw, None
-                    yielded = coro.throw(error)
-                elif self._blocked is None or self._blocked.done:
-                    yielded = coro.send(None)
-                else:
+        """Run every task that can go on, in order of creation, until all of them wait.
+
+        The order is a function of the events alone, so replay resumes them the same way."""
+        while self._tasks:
+            # Only a task that starts or ends can unblock another (a branch's end resolves its
+            # gather): without either, one pass is enough.
+            seen = self._task_changes
+            for task in list(self._tasks):
+                if task in self._tasks:
+                    self._step(task)
+            if self._task_changes == seen:
+                return
+
+    def _step(self, task: _Task) -> None:
+        outer = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(cast(asyncio.AbstractEventLoop, self._no_loop))
+        self._current = task
+        try:
+            while True:
+                if task.cancel is not None and not task.waits_for_branches():
+                    task.throw, task.cancel = task.cancel, None
+                try:
+                    if task.throw is not None:
+                        error, task.throw = task.throw, None
+                        yielded = task.coro.throw(error)
+                    elif task.blocked is None or task.blocked.done:
+                        yielded = task.coro.send(None)
+                    else:
+                        return
+                except StopIteration as stop:
+                    self._end(task, stop.value, None)
                     return
-            except StopIteration as stop:
-                self._coro = None
-                self._finish_ok(stop.value)
-                return
-            except Exception as exc:
-                self._coro = None
-                self._finish_error(exc)
-                return
-            if not isinstance(yielded, _Future):
-                coro.close()
-                self._coro = None
-                self._finish_error(
-                    TypeError(
-                        f"workflow code awaited {yielded!r}; await only what ctx gives "
-                        "(no asyncio or I/O in workflows)"
+                except Exception as exc:
+                    self._end(task, None, exc)
+                    return
+                if not isinstance(yielded, _Future):
+                    task.coro.close()
+                    self._end(
+                        task,
+                        None,
+                        TypeError(
+                            f"workflow code awaited {yielded!r}; await only what ctx gives: "
+                            "ctx.gather for parallel steps, ctx.sleep for timers "
+                            "(no asyncio or I/O in workflows)"
+                        ),
                     )
-                )
-                return
-            self._blocked = yielded
+                    return
+                task.blocked = yielded
+        finally:
+            self._current = None
+            asyncio.events._set_running_loop(outer)
+
+    def _end(self, task: _Task, value: Any, error: BaseException | None) -> None:
+        self._tasks.remove(task)
+        self._task_changes += 1
+        if task is not self._main:
+            if error is not None:
+                task.fail(error)
+            else:
+                task.resolve(value)
+            return
+        self._main = None
+        for orphan in self._tasks:  # branches of a gather nobody awaits any more
+            with suppress(RuntimeError):
+                orphan.coro.close()
+        self._tasks.clear()
+        if error is not None:
+            self._finish_error(error)
+        else:
+            self._finish_ok(value)
+
+    def _drop_unsent(self) -> None:
+        """Forget the commands the running task asked for since it last waited: none of them
+        has become an event (nor been sent) yet."""
+        task = self._current
+        kept: deque[_Pending] = deque()
+        for pending in self._pending:
+            body = pending.body
+            if pending.task is not task:
+                kept.append(pending)
+            elif isinstance(body, ActivityScheduled):
+                call = self._activities.pop(body.seq, None)
+                if call is not None and call.undo is not None:
+                    call.undo.ended(succeeded=False)
+            elif isinstance(body, TimerStarted):
+                self._timers.pop(body.seq, None)
+        self._pending = kept
 
     def _finish_ok(self, value: Any) -> None:
         try:
@@ -543,7 +756,7 @@ class WorkflowRun:
         )
 
     def _command(self, body: EventBody) -> None:
-        self._pending.append(_Pending(body, _call_site()))
+        self._pending.append(_Pending(body, _call_site(), self._current))
 
     def _next_command_seq(self) -> int:
         self._command_seq += 1
@@ -552,6 +765,25 @@ class WorkflowRun:
     @property
     def finished(self) -> bool:
         return self.state.finished
+
+
+class _NoEventLoop:
+    """Stands in for asyncio's running loop while workflow code runs.
+
+    ``asyncio.gather(ctx.call(a), ctx.call(b))`` asks for the running loop before it waits, so
+    it fails here, in the code, before the two calls it was handed become events and are sent.
+    """
+
+    def __init__(self, run: WorkflowRun) -> None:
+        self._run = run
+
+    def __getattr__(self, name: str) -> Any:
+        self._run._drop_unsent()
+        raise AsyncioInWorkflow(
+            f"workflow code used asyncio (it asked the event loop for {name}); workflows run "
+            "without asyncio: use ctx.gather(...) for parallel steps and ctx.sleep(...) for "
+            "timers"
+        )
 
 
 def _same_command(expected: EventBody, actual: EventBody) -> bool:

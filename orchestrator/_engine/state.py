@@ -307,7 +307,9 @@ def decide_reply(
             f"workflow {state.workflow_id} has no activity #{reply.seq} "
             f"with idempotency key {reply.idempotency_key!r}"
         )
-    if act.done or not act.attempt_open or reply.attempt != act.attempt:
+    # A finished workflow's state never changes again: a reply to a step it stopped waiting
+    # for (a plain call in flight at a cancel, a branch nobody awaits) is recorded as ignored.
+    if state.finished or act.done or not act.attempt_open or reply.attempt != act.attempt:
         return [LateReplyIgnored(seq=act.seq, attempt=reply.attempt, outcome=reply.outcome)]
     if reply.outcome is ReplyOutcome.SUCCESS:
         return [

@@ -32,6 +32,7 @@ class Step(BaseModel):
     fail: bool = False  # a business failure
     flaky: int = 0  # retryable failures before the first success
     silent: int = 0  # attempts that get no reply (attempt timeouts)
+    slow_ms: int = 0  # how long the service works on it before it answers
 
 
 class Done(BaseModel):
@@ -225,6 +226,8 @@ def _handler(kit: Kit, activity: str) -> Any:
             raise RetryableError(f"{activity} answered too late (attempt {attempt})")
         if attempt <= arg.silent + arg.flaky:
             raise RetryableError(f"{activity} is flaky (attempt {attempt})")
+        if arg.slow_ms:
+            time.sleep(arg.slow_ms / 1000)
         if arg.fail:
             raise BusinessError(f"{activity} refused", error_type="Refused")
         with kit.lock:

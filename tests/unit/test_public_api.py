@@ -12,6 +12,7 @@ def test_the_exported_names_are_pinned() -> None:
         "BusinessError",
         "Client",
         "CommandInfo",
+        "Compensation",
         "CompensationFailed",
         "NonDeterminismError",
         "OrchestratorNode",
