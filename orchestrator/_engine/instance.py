@@ -55,6 +55,8 @@ from orchestrator.errors import (
 from orchestrator.payloads import PayloadError, from_payload, to_payload
 from orchestrator.workflow import (
     DEFAULT_COMPENSATION_RETRY,
+    NODE_DEFAULT,
+    AttemptTimeout,
     Saga,
     WorkflowContext,
     WorkflowRegistry,
@@ -152,9 +154,7 @@ _ENGINE_FILES = {__file__}
 class _SagaImpl(Saga):
     def __init__(self, ctx: _Context) -> None:
         self._ctx = ctx
-        self._steps: list[
-            tuple[ActivityContract[Any, Any], Any, RetryPolicy, timedelta | None]
-        ] = []
+        self._steps: list[tuple[ActivityContract[Any, Any], Any, RetryPolicy, AttemptTimeout]] = []
 
     def on_failure(
         self,
@@ -162,7 +162,7 @@ class _SagaImpl(Saga):
         arg: InT,
         *,
         retry: RetryPolicy | None = None,
-        timeout: timedelta | None = None,
+        timeout: AttemptTimeout = NODE_DEFAULT,
     ) -> None:
         self._steps.append((activity, arg, retry or DEFAULT_COMPENSATION_RETRY, timeout))
 
@@ -206,7 +206,7 @@ class _Context(WorkflowContext):
         arg: InT,
         *,
         retry: RetryPolicy | None = None,
-        timeout: timedelta | None = None,
+        timeout: AttemptTimeout = NODE_DEFAULT,
         overall_timeout: timedelta | None = None,
     ) -> Awaitable[OutT]:
         return self._schedule(activity, arg, retry or _DEFAULT_RETRY, timeout, overall_timeout)
@@ -216,7 +216,7 @@ class _Context(WorkflowContext):
         activity: ActivityContract[InT, OutT],
         arg: InT,
         retry: RetryPolicy,
-        timeout: timedelta | None,
+        timeout: AttemptTimeout,
         overall_timeout: timedelta | None,
         *,
         compensation: bool = False,
@@ -229,6 +229,10 @@ class _Context(WorkflowContext):
         seq = run._next_command_seq()
         future: _Future[OutT] = _Future()
         run._activities[seq] = _ActivityCall(future, activity.output, activity.name)
+        if timeout is NODE_DEFAULT:
+            # Resolved now and recorded in ActivityScheduled: the attempt keeps the timeout it was
+            # scheduled with, even when a later deploy changes the node's setting.
+            timeout = run._registry.activity_timeout
         run._command(
             ActivityScheduled(
                 seq=seq,
@@ -555,6 +559,9 @@ class WorkflowRun:
 
 
 def _same_command(expected: EventBody, actual: EventBody) -> bool:
+    """Whether the code asks for what the history recorded. Retry policies and timeouts are not
+    compared: the recorded ones apply, so a changed default (or retry) setting between deploys
+    does not break the workflows in flight."""
     if type(expected) is not type(actual):
         return False
     if isinstance(expected, ActivityScheduled) and isinstance(actual, ActivityScheduled):

@@ -64,3 +64,12 @@ class WaitsForSignal:
     async def run(self, ctx: WorkflowContext, step: Step) -> Done:
         approved = await ctx.wait_signal("approve", Step)
         return Done(n=approved.n + step.n)
+
+
+@workflow.defn(name="unbounded")
+class Unbounded:
+    """One call that opts out of any attempt timeout (``timeout=None``)."""
+
+    @workflow.run
+    async def run(self, ctx: WorkflowContext, step: Step) -> Done:
+        return await ctx.call(step_a, step, timeout=None)
