@@ -60,6 +60,7 @@ _SOURCES = {
     "state_dir": "--state-dir or SAGA_STATE_DIR",
     "node_id": "--node-id or SAGA_NODE_ID",
     "kafka": "SAGA_KAFKA__<KEY>",
+    "activity_timeout_ms": "SAGA_ACTIVITY_TIMEOUT",
 }
 
 

@@ -57,7 +57,8 @@ class OrchestratorNode:
         with ``/healthz`` and ``/ready`` (:attr:`health`); ``with_metrics=False`` keeps no
         metrics at all (the benchmark measures what they cost)."""
         self.settings = settings
-        self.registry = registry
+        # The node's setting is the default attempt timeout of every activity its workflows call.
+        self.registry = registry.with_activity_timeout(settings.activity_timeout)
         self.tracer_provider = tracer_provider
         self.metrics: NodeMetrics | None = None
         if with_metrics:

@@ -15,6 +15,7 @@
 | health_stale_ms        | SAGA_HEALTH_STALE_MS        | 60000                    |
 | traces_file            | SAGA_TRACES_FILE            | none (JSON-lines spans)  |
 | reply_topics           | SAGA_REPLY_TOPICS           | none (any ``*.inbox``)   |
+| activity_timeout_ms    | SAGA_ACTIVITY_TIMEOUT       | 5 minutes                |
 
 ``docs/configuration.md`` explains each one.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import re
 import socket
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,8 +34,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from orchestrator.kafka_config import check_client_settings, is_secret_key, librdkafka_key
 from orchestrator.topics import NamespaceTopics
+from orchestrator.workflow import DEFAULT_ACTIVITY_TIMEOUT
 
 _NAME = re.compile(r"^[a-zA-Z0-9._-]+$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
 class Settings(BaseSettings):
@@ -88,6 +93,15 @@ class Settings(BaseSettings):
         default=None,
         description="the only topics a service replies to; unset: any topic ending in .inbox",
     )
+    activity_timeout_ms: int = Field(
+        default=int(DEFAULT_ACTIVITY_TIMEOUT.total_seconds() * 1000),
+        ge=1,
+        validation_alias=AliasChoices(
+            "activity_timeout_ms", "SAGA_ACTIVITY_TIMEOUT", "SAGA_ACTIVITY_TIMEOUT_MS"
+        ),
+        description="how long each attempt of an activity (or compensation) waits for a reply "
+        "unless the workflow code passes timeout=; milliseconds, or a duration: 30s, 5m, 1h",
+    )
     sasl_password: SecretStr | None = Field(default=None, description="for SASL clusters")
     kafka: Mapping[str, str | SecretStr] = Field(
         default_factory=dict,
@@ -125,6 +139,11 @@ class Settings(BaseSettings):
             return tuple(name.strip() for name in value.split(",") if name.strip())
         return value
 
+    @field_validator("activity_timeout_ms", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration_ms(value) if isinstance(value, str) else value
+
     @field_validator("bootstrap_servers")
     @classmethod
     def _hosts(cls, value: str) -> str:
@@ -140,6 +159,10 @@ class Settings(BaseSettings):
         if self.sasl_password is not None:
             extra["sasl.password"] = self.sasl_password.get_secret_value()
         return extra
+
+    @property
+    def activity_timeout(self) -> timedelta:
+        return timedelta(milliseconds=self.activity_timeout_ms)
 
     @property
     def topics(self) -> NamespaceTopics:
@@ -160,6 +183,19 @@ class Settings(BaseSettings):
     @property
     def dlq(self) -> str:
         return self.topics.dlq
+
+
+def parse_duration_ms(text: str) -> int:
+    """``300000``, ``500ms``, ``30s``, ``5m`` / ``5min``, ``1h``, ``2d`` as milliseconds; a bare
+    number is milliseconds, like every other ``*_ms`` setting."""
+    found = _DURATION.match(text.lower())
+    if found is None:
+        raise ValueError(
+            f"{text!r} is not a duration: give milliseconds (300000) or a number with a unit "
+            "(500ms, 30s, 5m, 1h, 2d)"
+        )
+    number, unit = found.groups()
+    return round(float(number) * _UNIT_MS[unit or "ms"])
 
 
 def _reveal(value: str | SecretStr) -> str:

@@ -39,6 +39,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import Enum
 from types import ModuleType
 from typing import Any, TypeVar, get_type_hints
 
@@ -59,6 +60,23 @@ _RUN_ATTR = "__saga_workflow_run__"
 DEFAULT_COMPENSATION_RETRY = RetryPolicy(
     max_attempts=20, initial_interval_ms=500, backoff_coefficient=2.0, max_interval_ms=60_000
 )
+
+
+class DefaultTimeout(Enum):
+    """The type of :data:`NODE_DEFAULT`; an enum so that type checkers know its one value."""
+
+    NODE_DEFAULT = "node default"
+
+
+#: ``timeout=`` left out: each attempt waits the node's ``activity_timeout_ms`` (5 minutes unless
+#: configured). ``timeout=None`` is different: no attempt timeout at all.
+NODE_DEFAULT = DefaultTimeout.NODE_DEFAULT
+
+#: The default of the ``activity_timeout_ms`` setting, and the attempt timeout of a registry that no
+#: node has configured (the engine run without a node). docs/configuration.md says why 5 minutes.
+DEFAULT_ACTIVITY_TIMEOUT = timedelta(minutes=5)
+
+AttemptTimeout = timedelta | None | DefaultTimeout
 
 
 @dataclass(frozen=True)
@@ -113,12 +131,33 @@ def definition_of(cls: type) -> WorkflowDefinition:
 
 
 class WorkflowRegistry:
-    """The workflow types one orchestrator node can run, by name."""
+    """The workflow types one orchestrator node can run, by name, and the attempt timeout their
+    activities get when the code passes no ``timeout=``.
 
-    def __init__(self, workflows: Iterable[type] = ()) -> None:
+    A node runs a copy configured from its settings (:meth:`with_activity_timeout`), so the
+    ``activity_timeout`` given here matters only where the engine runs without a node (tests).
+    """
+
+    def __init__(
+        self,
+        workflows: Iterable[type] = (),
+        *,
+        activity_timeout: timedelta = DEFAULT_ACTIVITY_TIMEOUT,
+    ) -> None:
+        if activity_timeout <= timedelta(0):
+            raise ValueError(f"activity_timeout must be positive, got {activity_timeout}")
         self._by_name: dict[str, WorkflowDefinition] = {}
+        self.activity_timeout = activity_timeout
         for cls in workflows:
             self.add(cls)
+
+    def with_activity_timeout(self, timeout: timedelta) -> WorkflowRegistry:
+        """The same workflows with another default attempt timeout (``self`` if it is the same)."""
+        if timeout == self.activity_timeout:
+            return self
+        copy = WorkflowRegistry(activity_timeout=timeout)
+        copy._by_name = dict(self._by_name)
+        return copy
 
     def add(self, cls: type) -> None:
         definition = definition_of(cls)
@@ -156,7 +195,7 @@ class Compensation:
     activity: ActivityContract[Any, Any]
     arg: BaseModel
     retry: RetryPolicy | None = None
-    timeout: timedelta | None = None
+    timeout: AttemptTimeout = NODE_DEFAULT  # per attempt; None: no attempt timeout
 
     def __post_init__(self) -> None:
         # Checked here, in the workflow's own code, rather than when the compensation runs.
@@ -178,9 +217,12 @@ class Saga(ABC):
         arg: InT,
         *,
         retry: RetryPolicy | None = None,
-        timeout: timedelta | None = None,
+        timeout: AttemptTimeout = NODE_DEFAULT,
     ) -> None:
-        """Register ``activity(arg)`` to run if the block fails or the workflow is cancelled."""
+        """Register ``activity(arg)`` to run if the block fails or the workflow is cancelled.
+
+        ``timeout`` bounds each attempt as in :meth:`WorkflowContext.call`.
+        """
 
     @abstractmethod
     def pivot(self) -> None:
@@ -209,14 +251,18 @@ class WorkflowContext(ABC):
         arg: InT,
         *,
         retry: RetryPolicy | None = None,
-        timeout: timedelta | None = None,
+        timeout: AttemptTimeout = NODE_DEFAULT,
         overall_timeout: timedelta | None = None,
         compensate: Compensation | Callable[[OutT], Compensation] | None = None,
     ) -> Awaitable[OutT]:
         """Schedule an activity at once and return an awaitable of its result.
 
-        ``timeout`` bounds each attempt, ``overall_timeout`` all attempts together. A business
-        failure or the end of retries raises :class:`~orchestrator.errors.ActivityError`.
+        ``timeout`` bounds each attempt: left out, the node's ``activity_timeout_ms`` (5 minutes
+        unless configured); ``None``, no bound at all (the attempt waits for its reply however
+        long it takes: only for services that always answer). An attempt that times out fails
+        with ``ActivityTimeout`` and the retry policy decides. ``overall_timeout`` bounds all
+        attempts together. A business failure or the end of retries raises
+        :class:`~orchestrator.errors.ActivityError`.
         Several calls may be scheduled before awaiting them (see :meth:`gather`).
 
         ``compensate`` registers the step's compensation with the innermost ``ctx.saga()``

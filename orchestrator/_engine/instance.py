@@ -59,6 +59,8 @@ from orchestrator.errors import (
 from orchestrator.payloads import PayloadError, from_payload, to_payload
 from orchestrator.workflow import (
     DEFAULT_COMPENSATION_RETRY,
+    NODE_DEFAULT,
+    AttemptTimeout,
     Compensation,
     Saga,
     WorkflowContext,
@@ -226,7 +228,7 @@ class _SagaImpl(Saga):
         arg: InT,
         *,
         retry: RetryPolicy | None = None,
-        timeout: timedelta | None = None,
+        timeout: AttemptTimeout = NODE_DEFAULT,
     ) -> None:
         if self._open:
             self._done.append(Compensation(activity, arg, retry, timeout))
@@ -310,7 +312,7 @@ class _Context(WorkflowContext):
         arg: InT,
         *,
         retry: RetryPolicy | None = None,
-        timeout: timedelta | None = None,
+        timeout: AttemptTimeout = NODE_DEFAULT,
         overall_timeout: timedelta | None = None,
         compensate: Compensation | Callable[[OutT], Compensation] | None = None,
     ) -> Awaitable[OutT]:
@@ -333,7 +335,7 @@ class _Context(WorkflowContext):
         activity: ActivityContract[InT, OutT],
         arg: InT,
         retry: RetryPolicy,
-        timeout: timedelta | None,
+        timeout: AttemptTimeout,
         overall_timeout: timedelta | None,
         *,
         compensation: bool = False,
@@ -351,6 +353,10 @@ class _Context(WorkflowContext):
             saga, compensate = undo
             call.undo = _StepUndo(saga, future, compensate, activity.name, seq)
             saga._inflight.append(call.undo)
+        if timeout is NODE_DEFAULT:
+            # Resolved now and recorded in ActivityScheduled: the attempt keeps the timeout it was
+            # scheduled with, even when a later deploy changes the node's setting.
+            timeout = run._registry.activity_timeout
         run._command(
             ActivityScheduled(
                 seq=seq,
@@ -787,6 +793,9 @@ class _NoEventLoop:
 
 
 def _same_command(expected: EventBody, actual: EventBody) -> bool:
+    """Whether the code asks for what the history recorded. Retry policies and timeouts are not
+    compared: the recorded ones apply, so a changed default (or retry) setting between deploys
+    does not break the workflows in flight."""
     if type(expected) is not type(actual):
         return False
     if isinstance(expected, ActivityScheduled) and isinstance(actual, ActivityScheduled):

@@ -74,8 +74,9 @@ class NodeProcess:
 
 
 @contextlib.contextmanager
-def service_threads(kit: Kit, settings: Settings) -> Iterator[None]:
-    """The kit's services in threads of the test process (they are not what a test kills)."""
+def service_threads(kit: Kit, settings: Settings) -> Iterator[list[threading.Thread]]:
+    """The kit's services in threads of the test process (they are not what a test kills);
+    yields the threads, so a test can check that no service stopped."""
     stops: list[tuple[threading.Thread, threading.Event]] = []
     for name in kit.services:
         stop = threading.Event()
@@ -85,7 +86,7 @@ def service_threads(kit: Kit, settings: Settings) -> Iterator[None]:
         thread.start()
         stops.append((thread, stop))
     try:
-        yield
+        yield [thread for thread, _ in stops]
     finally:
         for thread, stop in stops:
             stop.set()

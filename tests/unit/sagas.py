@@ -185,3 +185,12 @@ class Misuses:
         if step.n == 3:
             await ctx.call(step_c, Step(n=3), compensate=workflow.Compensation(undo_c, Step(n=3)))
         return await pending
+
+
+@workflow.defn(name="unbounded")
+class Unbounded:
+    """One call that opts out of any attempt timeout (``timeout=None``)."""
+
+    @workflow.run
+    async def run(self, ctx: WorkflowContext, step: Step) -> Done:
+        return await ctx.call(step_a, step, timeout=None)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contracts.envelopes import (
+    ActivityAttemptFailed,
     ActivityAttemptStarted,
     ActivityReply,
     ActivityScheduled,
@@ -25,16 +27,20 @@ from orchestrator.errors import NonDeterminismError
 from orchestrator.payloads import from_payload, to_payload
 from orchestrator.workflow import WorkflowRegistry
 
-from .sagas import Done, Step, ThreeSteps, Trip, TripResult, WaitsForSignal
+from .sagas import Done, Step, ThreeSteps, Trip, TripResult, Unbounded, WaitsForSignal
 
 REGISTRY = WorkflowRegistry([ThreeSteps, WaitsForSignal])
 Behaviour = Callable[[ActivityScheduled, int], ActivityReply | None]
 
 
 def _start(
-    wf: str, trip: object, kind: str = "three-steps", now: int = 1_000
+    wf: str,
+    trip: object,
+    kind: str = "three-steps",
+    now: int = 1_000,
+    registry: WorkflowRegistry = REGISTRY,
 ) -> tuple[WorkflowRun, list[HistoryEvent]]:
-    run = WorkflowRun(wf, REGISTRY)
+    run = WorkflowRun(wf, registry)
     msg = StartWorkflow(
         workflow_id=wf, workflow_type=kind, request_id="r1", input=to_payload(trip), sent_at_ms=now
     )
@@ -246,6 +252,85 @@ def test_a_compensation_that_gives_up_parks_the_workflow() -> None:
     # b was undone, a was tried until its policy gave up (20 attempts by default)
     assert _names(history)[-2:] == ["undo:b.undo", "undo:a.undo"]
     assert run.state.activities[5].attempt == 20
+
+
+def silent(act: ActivityScheduled, attempt: int) -> None:
+    return None  # a service that is not running
+
+
+def _scheduled(history: list[HistoryEvent], name: str) -> ActivityScheduled:
+    return next(
+        e.event
+        for e in history
+        if isinstance(e.event, ActivityScheduled) and e.event.activity_name == name
+    )
+
+
+def test_a_call_without_timeout_times_out_after_the_default_and_its_retries_fail_it() -> None:
+    registry = WorkflowRegistry([ThreeSteps], activity_timeout=timedelta(seconds=2))
+    run, events = _start("wf", Trip(), registry=registry)
+    history = _drive(run, events, silent)
+    assert _scheduled(history, "a.do").attempt_timeout_ms == 2_000  # recorded in the history
+    assert run.state.status is WorkflowStatus.FAILED
+    assert run.state.error is not None and run.state.error.type == "ActivityTimeout"
+    failed = [e.event for e in history if isinstance(e.event, ActivityAttemptFailed)]
+    assert [(f.attempt, f.error.type) for f in failed] == [
+        (1, "ActivityTimeout"),
+        (2, "ActivityTimeout"),
+        (3, "ActivityTimeout"),
+    ]
+    # three 2 s attempts and two backoffs (200 ms, 400 ms, jitter at most 10 %)
+    assert run.state.finished_at_ms is not None
+    assert 6_000 <= run.state.finished_at_ms - run.state.started_at_ms <= 6_000 + 660
+
+
+def test_a_compensation_without_timeout_times_out_too_and_parks_the_workflow() -> None:
+    def refuse_c_dead_undo_a(act: ActivityScheduled, attempt: int) -> ActivityReply | None:
+        if act.activity_name == "c.do":
+            return _reply(act, attempt, ReplyOutcome.BUSINESS_FAILURE, "Declined")
+        return None if act.activity_name == "a.undo" else ok(act, attempt)
+
+    registry = WorkflowRegistry([ThreeSteps], activity_timeout=timedelta(seconds=1))
+    run, events = _start("wf", Trip(), registry=registry)
+    history = _drive(run, events, refuse_c_dead_undo_a)
+    undo_a = _scheduled(history, "a.undo")
+    assert undo_a.is_compensation and undo_a.attempt_timeout_ms == 1_000
+    assert run.state.status is WorkflowStatus.PARKED
+    assert run.state.activities[undo_a.seq].attempt == 20  # the compensation retry policy
+    last = [e.event for e in history if isinstance(e.event, ActivityAttemptFailed)][-1]
+    assert last.seq == undo_a.seq and last.error.type == "ActivityTimeout"
+
+
+def test_timeout_none_means_the_attempt_waits_for_its_reply_however_long() -> None:
+    registry = WorkflowRegistry([Unbounded], activity_timeout=timedelta(seconds=1))
+    run, events = _start("wf", Step(n=1), kind="unbounded", registry=registry)
+    call = _scheduled(events, "a.do")
+    assert call.attempt_timeout_ms is None
+    assert run.state.next_due_ms() is None
+    assert run.on_timers(1_000 + 365 * 24 * 3600 * 1000) == []  # a year later: still waiting
+    run.on_reply(ok(call, 1), 2_000)
+    assert run.state.status is WorkflowStatus.COMPLETED
+
+
+def test_replay_keeps_the_recorded_timeout_after_the_default_changed() -> None:
+    """A deploy that changes activity_timeout_ms: activities in flight keep the timeout they were
+    scheduled with (no NonDeterminismError), new calls get the new one."""
+    _, events = _start("wf", Trip(), registry=WorkflowRegistry([ThreeSteps]))
+    assert _scheduled(events, "a.do").attempt_timeout_ms == 5 * 60 * 1000
+
+    shorter = WorkflowRegistry([ThreeSteps], activity_timeout=timedelta(seconds=1))
+    replayed = WorkflowRun.replay("wf", events, shorter)
+    assert replayed.state.activities[1].attempt_timeout_ms == 5 * 60 * 1000
+    assert replayed.state.next_due_ms() == 1_000 + 5 * 60 * 1000
+    assert replayed.on_timers(1_000 + 1_000) == []  # the new 1 s default does not apply to it
+
+    history = list(events)
+    history += replayed.on_reply(ok(_scheduled(history, "a.do"), 1), 2_000)
+    history += replayed.on_reply(ok(_scheduled(history, "b.do"), 1), 3_000)
+    assert _scheduled(history, "b.do").attempt_timeout_ms == 5_000  # the code's own timeout
+    assert _scheduled(history, "c.do").attempt_timeout_ms == 1_000  # the new default
+    again = WorkflowRun.replay("wf", history, WorkflowRegistry([ThreeSteps]))
+    assert again.state == replayed.state
 
 
 def test_non_determinism_names_the_workflow_the_event_and_the_code_line() -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from pydantic import ValidationError
 
+from orchestrator.node import OrchestratorNode
 from orchestrator.settings import Settings
+from orchestrator.workflow import WorkflowRegistry
 
 
 def test_field_names_and_environment_names_both_set_the_bootstrap(
@@ -88,3 +92,35 @@ def test_an_unknown_librdkafka_key_is_a_settings_error_without_the_secrets_in_it
         ValidationError, match=r'Invalid value for configuration property "queue\.buffering'
     ):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("text", "ms"),
+    [("300000", 300_000), ("500ms", 500), ("30s", 30_000), ("1.5s", 1_500), ("5m", 300_000),
+     ("5min", 300_000), ("2h", 7_200_000), ("1d", 86_400_000), (" 10 S ", 10_000)],
+)  # fmt: skip
+def test_the_activity_timeout_takes_milliseconds_or_a_duration(
+    monkeypatch: pytest.MonkeyPatch, text: str, ms: int
+) -> None:
+    monkeypatch.setenv("SAGA_ACTIVITY_TIMEOUT", text)
+    assert Settings().activity_timeout_ms == ms
+
+
+def test_the_activity_timeout_defaults_to_five_minutes_and_refuses_nonsense(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings().activity_timeout_ms == 300_000
+    assert Settings(activity_timeout_ms=1_500).activity_timeout.total_seconds() == 1.5
+    monkeypatch.setenv("SAGA_ACTIVITY_TIMEOUT_MS", "2000")
+    assert Settings().activity_timeout_ms == 2_000
+    for bad in ("soon", "5 weeks", "-1s", "0"):
+        monkeypatch.setenv("SAGA_ACTIVITY_TIMEOUT", bad)
+        with pytest.raises(ValidationError, match="activity_timeout_ms"):
+            Settings()
+
+
+def test_a_node_gives_its_workflows_the_configured_activity_timeout() -> None:
+    registry = WorkflowRegistry()
+    node = OrchestratorNode(Settings(activity_timeout_ms=1_500), registry, with_metrics=False)
+    assert node.registry.activity_timeout == timedelta(milliseconds=1_500)
+    assert registry.activity_timeout == timedelta(minutes=5)  # the caller's copy is untouched
