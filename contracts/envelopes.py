@@ -257,6 +257,17 @@ class WorkflowFailed(_Envelope):
     error: ErrorInfo
 
 
+class WorkflowBlocked(_Envelope):
+    """The code cannot go on with this history (non-determinism after a deploy): inputs are
+    still recorded, the code waits for a node whose code accepts the history. Recorded again with
+    ``error=None`` when that happens."""
+
+    kind: Literal["WorkflowBlocked"] = "WorkflowBlocked"
+    error: ErrorInfo | None = None
+    at_seq: int
+    code_version: str
+
+
 EventBody = Annotated[
     WorkflowStarted
     | ActivityScheduled
@@ -270,7 +281,8 @@ EventBody = Annotated[
     | SignalReceived
     | CancelRequested
     | WorkflowCompleted
-    | WorkflowFailed,
+    | WorkflowFailed
+    | WorkflowBlocked,
     Field(discriminator="kind"),
 ]
 

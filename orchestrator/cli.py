@@ -528,7 +528,7 @@ def render_description(d: WorkflowDescription) -> str:
     rows = [
         ("workflow", d.workflow_id),
         ("type", d.workflow_type or "?"),
-        ("status", d.status.value if d.status else "unknown (start event missing)"),
+        ("status", ("BLOCKED" if d.blocked else d.status.value) if d.status else "unknown"),
         ("step", d.current_step),
         ("started", _when(d.started_at)),
         ("finished", _when(d.finished_at)),
@@ -538,6 +538,8 @@ def render_description(d: WorkflowDescription) -> str:
         rows.append(("result", json.dumps(data["result"], ensure_ascii=False)))
     if d.error is not None:
         rows.append(("error", f"{d.error.type}: {d.error.message}"))
+    if d.blocked is not None:
+        rows.append(("blocked", f"{d.blocked.type}: {d.blocked.message}"))
     if d.cancel_requested:
         rows.append(("cancel", "requested"))
     if not d.complete:

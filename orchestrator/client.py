@@ -64,6 +64,7 @@ from contracts.envelopes import (
     TimerFired,
     TimerStarted,
     TraceContext,
+    WorkflowBlocked,
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowResult,
@@ -219,6 +220,9 @@ class WorkflowDescription:
     cancel_requested: bool
     events: tuple[EventSummary, ...]
     complete: bool = True
+    blocked: ErrorInfo | None = None
+    """Set while the workflow is BLOCKED: its code cannot go on with its history (a deploy that
+    changed it); ``status`` stays RUNNING and its inputs are kept (docs/workflows.md)."""
 
     @property
     def finished(self) -> bool:
@@ -248,6 +252,7 @@ class WorkflowDescription:
             "input": _payload_json(self.input),
             "result": _payload_json(self.result),
             "error": self.error.model_dump() if self.error else None,
+            "blocked": self.blocked.model_dump() if self.blocked else None,
             "complete": self.complete,
             "events": [
                 {"seq": e.seq, "time": _iso(e.time), "kind": e.kind, "summary": e.summary}
@@ -337,6 +342,12 @@ def _summaries(events: list[HistoryEvent]) -> tuple[EventSummary, ...]:
                 text = f"completed: {_preview(body.result)}"
             case WorkflowFailed():
                 text = f"{body.status.value}: {_err(body.error)}"
+            case WorkflowBlocked():
+                text = (
+                    f"BLOCKED on code {body.code_version}: {_err(body.error)}"
+                    if body.error is not None
+                    else f"moves again on code {body.code_version}"
+                )
         if len(text) > _SUMMARY_MAX:
             text = text[: _SUMMARY_MAX - 3] + "..."
         out.append(EventSummary(event.event_seq, _time(event.recorded_at_ms), body.kind, text))
@@ -588,6 +599,7 @@ class Client:
             cancel_requested=state.cancel_requested,
             events=_summaries(ordered),
             complete=len(prefix_run) == len(ordered),
+            blocked=state.blocked if not state.finished else None,
         )
 
     # -- private: producing --------------------------------------------------------------

@@ -32,6 +32,7 @@ a function of the inputs and results so that replay takes the same path.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import random
 import uuid
@@ -158,6 +159,19 @@ class WorkflowRegistry:
         copy = WorkflowRegistry(activity_timeout=timeout)
         copy._by_name = dict(self._by_name)
         return copy
+
+    @property
+    def code_version(self) -> str:
+        """A short digest of the registered workflows' source: names the code that recorded a
+        ``WorkflowBlocked`` (which deploy hit it)."""
+        digest = hashlib.sha256()
+        for name in sorted(self._by_name):
+            cls = self._by_name[name].cls
+            try:
+                digest.update(inspect.getsource(cls).encode())
+            except (OSError, TypeError):  # no source at hand (e.g. defined in a REPL)
+                digest.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+        return digest.hexdigest()[:12]
 
     def add(self, cls: type) -> None:
         definition = definition_of(cls)

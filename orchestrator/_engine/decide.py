@@ -102,6 +102,7 @@ class Counters:
     finished: dict[str, int] = field(default_factory=dict)
     dead_letters: int = 0
     forwarded: int = 0  # inbox records moved to their workflow's partition
+    blocked: int = 0  # workflows found BLOCKED (code that disagrees with their history)
     transactions: int = 0
     aborted_transactions: int = 0
     restores: list[RestoreReport] = field(default_factory=list)
@@ -141,12 +142,46 @@ class Decider:
         # read again after the abort they are dead-lettered instead of handled again.
         self._refused: dict[tuple[int, int], str] = {}
         self._repairs: dict[int, list[bytes]] = {}  # partition -> history keys to repair
+        self._code_version = registry.code_version
+        self._to_wake: set[int] = set()  # restored partitions whose blocked workflows to retry
+
+    def _live(self, part: Partition, wf: str, batch: Batch, now: int) -> Cached | None:
+        """The workflow, brought up to date with this node's code: a run whose code disagrees
+        with its history is recorded BLOCKED (once); a blocked one whose history this code
+        accepts moves again. Its inputs are recorded either way, never dropped."""
+        cached = part.get(wf)
+        if cached is None:
+            return None
+        run = cached.run
+        if run.finished:
+            return cached
+        if run.broken is not None and run.state.blocked is None:
+            log.error("workflow %s is BLOCKED: %s", wf, run.broken)
+            self.counters.blocked += 1
+            self._record(part, cached, run.block(now, self._code_version), batch, now)
+        elif run.broken is None and run.state.blocked is not None:
+            log.warning("workflow %s moves again on code %s", wf, self._code_version)
+            self._record(part, cached, run.unblock(now, self._code_version), batch, now)
+        return cached
+
+    def wake_blocked(self, partitions: Mapping[int, Partition], batch: Batch, now: int) -> None:
+        """After a restore (a deploy, a restart): try every blocked workflow of the restored
+        partitions with this code, so one that waits for nothing new still moves once its code
+        is fixed."""
+        while self._to_wake:
+            part = partitions.get(self._to_wake.pop())
+            if part is None:
+                continue
+            for summary in part.store.summaries():
+                if summary.status == "BLOCKED":
+                    self._live(part, summary.workflow_id, batch, now)
 
     def refuse(self, source: tuple[int, int], why: str) -> None:
         """The producer refused what the inbox record ``source`` led to."""
         self._refused[source] = why
 
     def restored(self, report: RestoreReport) -> None:
+        self._to_wake.add(report.partition)
         if report.skipped_keys:
             self._repairs[report.partition] = list(report.skipped_keys)
 
@@ -208,7 +243,7 @@ class Decider:
         self, part: Partition, msg_env: StartWorkflow, batch: Batch, msg: InboxRecord, now: int
     ) -> None:
         wf = msg_env.workflow_id
-        existing = part.get(wf)
+        existing = self._live(part, wf, batch, now)
         if existing is not None:
             state = existing.run.state
             if state.workflow_type == msg_env.workflow_type and state.input == msg_env.input:
@@ -256,7 +291,7 @@ class Decider:
     def _on_reply(
         self, part: Partition, reply: ActivityReply, batch: Batch, msg: InboxRecord, now: int
     ) -> None:
-        cached = part.get(reply.workflow_id)
+        cached = self._live(part, reply.workflow_id, batch, now)
         if cached is None:
             return self._dead_letter(
                 batch, msg, f"reply for unknown workflow {reply.workflow_id}", "UnknownWorkflow"
@@ -277,7 +312,7 @@ class Decider:
     ) -> None:
         wf = envelope.workflow_id
         kind = "signal" if isinstance(envelope, SignalWorkflow) else "cancel"
-        cached = part.get(wf)
+        cached = self._live(part, wf, batch, now)
         if cached is None:
             return self._dead_letter(
                 batch, msg, f"{kind} for unknown workflow {wf}", "UnknownWorkflow"
@@ -303,7 +338,7 @@ class Decider:
             while budget > 0 and (wf := part.pop_due(now)) is not None:
                 budget -= 1
                 try:
-                    cached = part.get(wf)
+                    cached = self._live(part, wf, batch, now)
                     if cached is None:
                         continue
                     events = cached.run.on_timers(now)

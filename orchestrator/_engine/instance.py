@@ -44,6 +44,7 @@ from contracts.envelopes import (
     TimerFired,
     TimerStarted,
     TraceContext,
+    WorkflowBlocked,
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowStarted,
@@ -74,6 +75,7 @@ InT = TypeVar("InT", bound=BaseModel)
 OutT = TypeVar("OutT", bound=BaseModel)
 
 _CODE_EVENTS = (ActivityScheduled, TimerStarted, WorkflowCompleted, WorkflowFailed)
+_BOOKKEEPING = (ActivityAttemptStarted, ActivityAttemptFailed, LateReplyIgnored, WorkflowBlocked)
 _DEFAULT_RETRY = RetryPolicy()
 
 
@@ -461,6 +463,8 @@ class WorkflowRun:
         self._now_ms = 0
         self._compensated = 0
         self._rng: random.Random | None = None  # retry jitter; see _jitter
+        # Set when this code disagrees with the history (replay): the run then only folds.
+        self.broken: Exception | None = None
 
     # ----------------------------------------------------------------- building
 
@@ -468,16 +472,69 @@ class WorkflowRun:
     def replay(
         cls, workflow_id: str, events: Iterable[HistoryEvent], registry: WorkflowRegistry
     ) -> WorkflowRun:
+        """The workflow rebuilt from its history by this code; NonDeterminismError (naming the
+        event and the line of code) when the code disagrees with the history."""
+        run = cls.rebuild(workflow_id, events, registry)
+        if run.broken is not None:
+            raise run.broken
+        return run
+
+    @classmethod
+    def rebuild(
+        cls, workflow_id: str, events: Iterable[HistoryEvent], registry: WorkflowRegistry
+    ) -> WorkflowRun:
+        """Like :meth:`replay`, but code that disagrees with the history does not raise: the run
+        comes back :attr:`broken` (its state folded to the end, its code not run), so the node
+        keeps recording the workflow's inputs while it is blocked."""
         run = cls(workflow_id, registry)
         for event in events:
-            run._apply(event)
-        if run._pending:
-            raise NonDeterminismError(
-                f"workflow {workflow_id}: its code asks for "
-                f"{_describe(run._pending[0].body)} at {run._pending[0].where}, "
-                f"which the history (up to event {run.state.last_seq}) never recorded"
+            if run.broken is None:
+                try:
+                    run._apply(event)
+                    continue
+                except (NonDeterminismError, LookupError) as exc:
+                    run._break(exc)
+            if event.event_seq <= run.state.last_seq:
+                continue
+            try:
+                run.state.apply(event)
+            except (KeyError, ValueError) as exc:  # the history itself does not fold
+                raise NonDeterminismError(
+                    f"workflow {workflow_id}: event {event.event_seq} does not fold ({exc})"
+                ) from exc
+        if run.broken is None and run._pending and run.state.blocked is None:
+            run._break(
+                NonDeterminismError(
+                    f"workflow {workflow_id}: its code asks for "
+                    f"{_describe(run._pending[0].body)} at {run._pending[0].where}, "
+                    f"which the history (up to event {run.state.last_seq}) never recorded"
+                )
             )
         return run
+
+    def _break(self, exc: Exception) -> None:
+        self.broken = exc
+        self._pending.clear()
+        for task in self._tasks:
+            with suppress(RuntimeError):
+                task.coro.close()
+        self._tasks.clear()
+        self._main = None
+
+    # ----------------------------------------------------------------- blocked (#10)
+
+    def block(self, now_ms: int, code_version: str) -> list[HistoryEvent]:
+        """Record that this (broken) run's code cannot go on with its history."""
+        assert self.broken is not None
+        error = ErrorInfo(type=type(self.broken).__name__, message=str(self.broken))
+        body = WorkflowBlocked(error=error, at_seq=self.state.last_seq, code_version=code_version)
+        return self._record([body], now_ms)
+
+    def unblock(self, now_ms: int, code_version: str) -> list[HistoryEvent]:
+        """This code accepts the history of a blocked workflow: record that it moves again, then
+        the commands it asked for while replaying."""
+        assert self.broken is None and self.state.blocked is not None
+        return self._record([WorkflowBlocked(at_seq=0, code_version=code_version)], now_ms)
 
     # ----------------------------------------------------------------- inputs (live)
 
@@ -531,13 +588,18 @@ class WorkflowRun:
         return self._rng
 
     def _record(self, bodies: list[EventBody], now_ms: int) -> list[HistoryEvent]:
-        """Append input events, then the commands the code asks for in response."""
+        """Append input events, then the commands the code asks for in response (none while the
+        run is broken: its inputs are kept for the code that will accept them)."""
         out: list[HistoryEvent] = []
         wf = self.state.workflow_id
         for body in bodies:
             event = HistoryEvent(
                 workflow_id=wf, event_seq=self.state.last_seq + 1, recorded_at_ms=now_ms, event=body
             )
+            if self.broken is not None:
+                self.state.apply(event)
+                out.append(event)
+                continue
             self._apply(event)
             out.append(event)
             while self._pending:
@@ -557,7 +619,11 @@ class WorkflowRun:
         if event.event_seq <= self.state.last_seq:
             return
         body = event.event
-        if isinstance(body, _CODE_EVENTS) or self._pending:
+        # While blocked, the history holds only inputs: what the code asks for meanwhile is not
+        # in it and is recorded when the workflow moves again (WorkflowBlocked without error).
+        if isinstance(body, _CODE_EVENTS) or (
+            self._pending and self.state.blocked is None and not isinstance(body, WorkflowBlocked)
+        ):
             self._match_command(event)
         self.state.apply(event)
         self._now_ms = event.recorded_at_ms
@@ -599,8 +665,11 @@ class WorkflowRun:
                     task.cancel = WorkflowCancelled(body.reason)
                 else:
                     task.throw = WorkflowCancelled(body.reason)
-        elif isinstance(body, ActivityAttemptStarted | ActivityAttemptFailed | LateReplyIgnored):
-            return  # engine bookkeeping; the code does not see attempts
+        elif isinstance(
+            body,
+            ActivityAttemptStarted | ActivityAttemptFailed | LateReplyIgnored | WorkflowBlocked,
+        ):
+            return  # engine bookkeeping; the code does not see attempts or blocks
         self._resume()
 
     def _match_command(self, event: HistoryEvent) -> None:

@@ -55,7 +55,7 @@ class Partition:
         events = self.store.events(workflow_id)
         if not events:
             return None
-        run = WorkflowRun.replay(workflow_id, events, self._registry)
+        run = WorkflowRun.rebuild(workflow_id, events, self._registry)
         summary = self.store.summary(workflow_id)
         cached = Cached(run, summary.next_due_ms if summary else None)
         self._put(workflow_id, cached)

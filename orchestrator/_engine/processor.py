@@ -315,6 +315,7 @@ class Processor:
         self._decider.fire_timers(self._partitions.values(), batch, now)
         self._decider.expire_finished(self._partitions.values(), batch, now)
         self._decider.repair_history(self._partitions, batch)
+        self._decider.wake_blocked(self._partitions, batch, now)
         if batch:
             self._commit(batch)
         if self.metrics is not None and time.monotonic() - self._last_lag >= 1.0:

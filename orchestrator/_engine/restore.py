@@ -23,8 +23,9 @@ from confluent_kafka import (
 )
 
 from contracts import codec
-from contracts.codec import CodecError
+from contracts.codec import CodecError, UnknownSchema
 from contracts.envelopes import HistoryEvent
+from orchestrator.errors import NodeStopped
 from orchestrator.kafka_config import consumer_config
 from orchestrator.topics import HISTORY_DELETE_RETENTION_MS
 
@@ -94,6 +95,15 @@ class _Restorer:
             return
         try:
             event = codec.decode_as(value, HistoryEvent)
+        except UnknownSchema as exc:
+            # Most likely a newer release's event kind (a rolling deploy moved the partition to
+            # an older node): skipping it would fold a truncated history and write over it, and
+            # "repairing" it would delete it. This node must not own the partition.
+            raise NodeStopped(
+                f"{where}: a history record of a schema this node does not know ({exc}); it was "
+                "written by a newer release (run that release on every node) or by a foreign "
+                "producer"
+            ) from exc
         except CodecError as exc:
             self.skipped_keys.append(key)
             return self.skip(where, f"not a history event ({exc})")

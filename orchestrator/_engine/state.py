@@ -34,6 +34,7 @@ from contracts.envelopes import (
     TimerFired,
     TimerStarted,
     TraceContext,
+    WorkflowBlocked,
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowStarted,
@@ -93,6 +94,7 @@ class WorkflowState:
     timers: dict[int, int] = field(default_factory=dict)  # seq -> fire_at_ms, while pending
     signal_request_ids: set[str] = field(default_factory=set)
     steps_done: int = 0
+    blocked: ErrorInfo | None = None  # the code cannot go on with this history (WorkflowBlocked)
 
     @property
     def finished(self) -> bool:
@@ -105,6 +107,8 @@ class WorkflowState:
             return "not started"
         if self.finished:
             return self.status.value.lower()
+        if self.blocked is not None:
+            return f"blocked: {self.blocked.type}: {self.blocked.message}"
         waiting = [
             f"{a.name} #{a.seq} attempt {a.attempt}"
             + (" (compensation)" if a.is_compensation else "")
@@ -220,6 +224,10 @@ def _wf_failed(s: WorkflowState, e: WorkflowFailed, at: int) -> None:
     s.timers.clear()
 
 
+def _blocked(s: WorkflowState, e: WorkflowBlocked, at: int) -> None:
+    s.blocked = e.error
+
+
 def _nothing(s: WorkflowState, e: LateReplyIgnored, at: int) -> None:
     return None
 
@@ -238,6 +246,7 @@ _FOLD: dict[type, Callable[[WorkflowState, Any, int], None]] = {
     CancelRequested: _cancel,
     WorkflowCompleted: _wf_completed,
     WorkflowFailed: _wf_failed,
+    WorkflowBlocked: _blocked,
 }
 
 

@@ -50,7 +50,10 @@ class WorkflowSummary:
         return cls(
             workflow_id=state.workflow_id,
             workflow_type=state.workflow_type,
-            status=state.status.value if state.status else "",
+            # BLOCKED is no end state (the workflow is RUNNING), but operators count it apart.
+            status="BLOCKED"
+            if state.blocked is not None and not state.finished
+            else (state.status.value if state.status else ""),
             last_seq=state.last_seq,
             next_due_ms=state.next_due_ms(),
             finished_at_ms=state.finished_at_ms,

@@ -17,18 +17,20 @@ from contracts.envelopes import (
     ReplyOutcome,
     SignalWorkflow,
     StartWorkflow,
+    WorkflowBlocked,
     WorkflowResult,
     WorkflowStatus,
 )
+from orchestrator import workflow
 from orchestrator._engine.decide import MAX_RECORD_BYTES, Batch, Counters, Decider, Out
 from orchestrator._engine.partition import Partition
 from orchestrator._engine.restore import RestoreReport
 from orchestrator.partitioner import partition_for
 from orchestrator.payloads import to_payload
 from orchestrator.settings import Settings
-from orchestrator.workflow import WorkflowRegistry
+from orchestrator.workflow import WorkflowContext, WorkflowRegistry
 
-from .sagas import Step, ThreeSteps, Trip, WaitsForSignal
+from .sagas import Done, Step, ThreeSteps, Trip, TripResult, WaitsForSignal, step_a, step_b, step_c
 
 PARTITIONS = 3
 NOW = 1_700_000_000_000
@@ -65,9 +67,14 @@ class Record:
 class Core:
     """A decider, one partition per number, and a fresh batch per call."""
 
-    def __init__(self, tmp: Path, missing_topics: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        missing_topics: frozenset[str] = frozenset(),
+        workflows: tuple[type, ...] = (ThreeSteps, WaitsForSignal),
+    ) -> None:
         self.settings = Settings(namespace="ns", partitions=PARTITIONS, state_dir=tmp)
-        registry = WorkflowRegistry([ThreeSteps, WaitsForSignal])
+        registry = WorkflowRegistry(workflows)
         self.parts = {n: Partition(n, tmp / f"p{n}", registry) for n in range(PARTITIONS)}
         self.counters = Counters()
         self.decider = Decider(
@@ -81,6 +88,13 @@ class Core:
     def close(self) -> None:
         for part in self.parts.values():
             part.close()
+
+    def commit(self, batch: Batch) -> None:
+        """What the processor writes locally once the batch's transaction committed."""
+        for (number, _wf), cached in batch.touched.items():
+            self.parts[number].summarize(cached, batch.store(number))
+        for number, store_batch in batch.stores.items():
+            self.parts[number].store.write(store_batch)
 
     def feed(self, value: bytes | None, key: bytes | None, partition: int | None = None) -> Batch:
         """One inbox record, on the workflow's partition unless ``partition`` says otherwise."""
@@ -296,3 +310,72 @@ def test_history_records_skipped_by_a_restore_are_tombstoned(core: Core) -> None
         ("ns.history", b"forged", None, 1)
     ]
     assert 1 in batch.stores  # the transaction carries the partition's fencing offset
+
+
+@workflow.defn(name="three-steps")
+class ThreeStepsReordered:
+    """A deploy that changed the order of the calls: c before b."""
+
+    @workflow.run
+    async def run(self, ctx: WorkflowContext, trip: Trip) -> TripResult:
+        a = await ctx.call(step_a, Step(n=1))
+        c = await ctx.call(step_c, Step(n=3))
+        b = await ctx.call(step_b, Step(n=2))
+        return TripResult(refs=[a.ref, b.ref, c.ref], at="", token="")
+
+
+def reply(wf: str, seq: int) -> bytes:
+    return codec.encode(
+        ActivityReply(
+            workflow_id=wf,
+            seq=seq,
+            attempt=1,
+            idempotency_key=f"{wf}/{seq}",
+            outcome=ReplyOutcome.SUCCESS,
+            sent_at_ms=NOW,
+            result=to_payload(Done(n=seq, ref=f"r{seq}")),
+        )
+    )
+
+
+def kinds(batch: Batch) -> list[str]:
+    return [
+        codec.decode_as(o.value or b"", HistoryEvent).event.kind for o in on(batch, "ns.history")
+    ]
+
+
+def test_code_that_disagrees_with_a_history_blocks_it_keeps_its_inputs_and_resumes(
+    tmp_path: Path,
+) -> None:
+    """v1 runs two steps; v2 (calls reordered) meets the history: the workflow is BLOCKED, the
+    reply that arrives is kept in the history and nothing is sent; rolled back to v1, the node
+    wakes it after the restore and it finishes with that reply."""
+    wf, home = "deploy-1", partition_for("deploy-1", PARTITIONS)
+    v1 = Core(tmp_path)
+    v1.commit(v1.feed(start(wf), wf.encode()))
+    v1.commit(v1.feed(reply(wf, 1), wf.encode()))  # a done: b#2 is scheduled
+    v1.close()
+
+    v2 = Core(tmp_path, workflows=(ThreeStepsReordered,))
+    blocked = v2.feed(reply(wf, 2), wf.encode())
+    v2.commit(blocked)
+    assert kinds(blocked) == ["WorkflowBlocked", "ActivityCompleted"]
+    assert on(blocked, "svc-c.commands") == [] and results(blocked) == []
+    block = codec.decode_as(on(blocked, "ns.history")[0].value or b"", HistoryEvent).event
+    assert isinstance(block, WorkflowBlocked) and block.error is not None
+    assert "activity b.do #2" in block.error.message and "test_decide.py" in block.error.message
+    summary = v2.parts[home].store.summary(wf)
+    assert summary is not None and summary.status == "BLOCKED"
+    assert v2.counters.blocked == 1
+    v2.close()
+
+    v1 = Core(tmp_path)
+    v1.decider.restored(RestoreReport(home, 0, 0, 0.0))
+    woken = Batch()
+    v1.decider.wake_blocked(v1.parts, woken, NOW)
+    v1.commit(woken)
+    assert kinds(woken) == ["WorkflowBlocked", "ActivityScheduled"]  # no error: it moves again
+    assert len(on(woken, "svc-c.commands")) == 1
+    done = v1.feed(reply(wf, 3), wf.encode())
+    assert [r.status for r in results(done)] == [WorkflowStatus.COMPLETED]
+    v1.close()
