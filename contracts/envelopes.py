@@ -257,6 +257,15 @@ class WorkflowFailed(_Envelope):
     error: ErrorInfo
 
 
+class MarkerRecorded(_Envelope):
+    """Workflow code recorded a marker. ``marker="patch"``: the code that ran took the new
+    branch of ``ctx.patched(change_id)``, so every replay of this history takes it too."""
+
+    kind: Literal["MarkerRecorded"] = "MarkerRecorded"
+    marker: str
+    change_id: str
+
+
 EventBody = Annotated[
     WorkflowStarted
     | ActivityScheduled
@@ -270,7 +279,8 @@ EventBody = Annotated[
     | SignalReceived
     | CancelRequested
     | WorkflowCompleted
-    | WorkflowFailed,
+    | WorkflowFailed
+    | MarkerRecorded,
     Field(discriminator="kind"),
 ]
 

@@ -57,6 +57,7 @@ from contracts.envelopes import (
     ErrorInfo,
     HistoryEvent,
     LateReplyIgnored,
+    MarkerRecorded,
     Payload,
     SignalReceived,
     SignalWorkflow,
@@ -337,6 +338,8 @@ def _summaries(events: list[HistoryEvent]) -> tuple[EventSummary, ...]:
                 text = f"completed: {_preview(body.result)}"
             case WorkflowFailed():
                 text = f"{body.status.value}: {_err(body.error)}"
+            case MarkerRecorded():
+                text = f"{body.marker} {body.change_id}"
         if len(text) > _SUMMARY_MAX:
             text = text[: _SUMMARY_MAX - 3] + "..."
         out.append(EventSummary(event.event_seq, _time(event.recorded_at_ms), body.kind, text))

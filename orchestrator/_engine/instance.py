@@ -34,6 +34,7 @@ from contracts.envelopes import (
     EventBody,
     HistoryEvent,
     LateReplyIgnored,
+    MarkerRecorded,
     Payload,
     RetryPolicy,
     SignalReceived,
@@ -60,13 +61,20 @@ from orchestrator.workflow import (
     WorkflowRegistry,
 )
 
+from . import determinism
 from .state import WorkflowState, decide_reply, decide_timers
 
 T = TypeVar("T")
 InT = TypeVar("InT", bound=BaseModel)
 OutT = TypeVar("OutT", bound=BaseModel)
 
-_CODE_EVENTS = (ActivityScheduled, TimerStarted, WorkflowCompleted, WorkflowFailed)
+_CODE_EVENTS: tuple[type, ...] = (
+    ActivityScheduled,
+    TimerStarted,
+    WorkflowCompleted,
+    WorkflowFailed,
+)
+_CODE_EVENTS += (MarkerRecorded,)  # ctx.patched (versioning)
 _DEFAULT_RETRY = RetryPolicy()
 
 
@@ -287,6 +295,12 @@ class _Context(WorkflowContext):
     def uuid(self) -> uuid.UUID:
         return uuid.UUID(int=self.random().getrandbits(128), version=4)
 
+    def patched(self, change_id: str) -> bool:
+        return self._run._patch(change_id, deprecated=False)
+
+    def deprecate_patch(self, change_id: str) -> None:
+        self._run._patch(change_id, deprecated=True)
+
 
 def _ms(value: timedelta | None) -> int | None:
     return None if value is None else int(value.total_seconds() * 1000)
@@ -323,6 +337,10 @@ class WorkflowRun:
         self._shield = 0
         self._compensated = 0
         self._rng: random.Random | None = None  # retry jitter; see _jitter
+        # Versioning (ctx.patched): the history being replayed, by seq, so the code can tell
+        # whether a marker was recorded at the point it has reached; None once live.
+        self._replaying: dict[int, EventBody] | None = None
+        self._patches: dict[str, bool] = {}
 
     # ----------------------------------------------------------------- building
 
@@ -331,8 +349,13 @@ class WorkflowRun:
         cls, workflow_id: str, events: Iterable[HistoryEvent], registry: WorkflowRegistry
     ) -> WorkflowRun:
         run = cls(workflow_id, registry)
-        for event in events:
-            run._apply(event)
+        history = list(events)
+        run._replaying = {event.event_seq: event.event for event in history}
+        try:
+            for event in history:
+                run._apply(event)
+        finally:
+            run._replaying = None
         if run._pending:
             raise NonDeterminismError(
                 f"workflow {workflow_id}: its code asks for "
@@ -461,7 +484,7 @@ class WorkflowRun:
             asked = (
                 f"asks for {_describe(expected.body)} at {expected.where}"
                 if expected
-                else "asks for nothing"
+                else "asks for nothing" + _waiting_at(self._coro)
             )
             raise NonDeterminismError(
                 f"workflow {self.state.workflow_id} ({self.state.workflow_type}): history event "
@@ -487,7 +510,9 @@ class WorkflowRun:
         except PayloadError as exc:
             self._finish_error(exc)
             return
-        self._coro = getattr(instance, definition.run_name)(ctx, arg)
+        self._coro = determinism.guard(
+            getattr(instance, definition.run_name)(ctx, arg), definition.cls
+        )
 
     def _resume(self) -> None:
         coro = self._coro
@@ -545,6 +570,29 @@ class WorkflowRun:
     def _command(self, body: EventBody) -> None:
         self._pending.append(_Pending(body, _call_site()))
 
+    def _patch(self, change_id: str, *, deprecated: bool) -> bool:
+        """``ctx.patched``: True if this run reaches the change live, on code that has it (a
+        marker is recorded), or replays a history with the marker right here; False if it
+        replays a history without it. The code's reaction to a history event already happened
+        when the event was recorded, so during a replay "no marker here" means the code that
+        ran then had no such change, even at the end of the history. ``ctx.deprecate_patch``:
+        records nothing, and takes a marker the history has here. The first answer holds."""
+        known = self._patches.get(change_id)
+        if known is not None:
+            return known
+        marker = MarkerRecorded(marker="patch", change_id=change_id)
+        if self._replaying is None:
+            answer = True
+            if not deprecated:
+                self._command(marker)
+        else:
+            at = self.state.last_seq + len(self._pending) + 1
+            answer = self._replaying.get(at) == marker
+            if answer:
+                self._command(marker)
+        self._patches[change_id] = answer
+        return answer
+
     def _next_command_seq(self) -> int:
         self._command_seq += 1
         return self._command_seq
@@ -567,6 +615,8 @@ def _same_command(expected: EventBody, actual: EventBody) -> bool:
         return expected.seq == actual.seq
     if isinstance(expected, WorkflowFailed) and isinstance(actual, WorkflowFailed):
         return expected.status == actual.status
+    if isinstance(expected, MarkerRecorded):
+        return expected == actual
     return True
 
 
@@ -577,5 +627,20 @@ def _describe(body: EventBody) -> str:
     if isinstance(body, TimerStarted):
         return f"timer #{body.seq}"
     if isinstance(body, WorkflowFailed):
-        return f"WorkflowFailed ({body.status.value})"
+        return f"WorkflowFailed ({body.status.value}: {body.error.type}: {body.error.message})"
+    if isinstance(body, MarkerRecorded):
+        return f"{body.marker} marker {body.change_id!r}"
     return type(body).__name__
+
+
+def _waiting_at(coro: Any) -> str:
+    """Where workflow code is suspended (its innermost frame outside the engine), for errors."""
+    where = ""
+    current = getattr(coro, "inner", coro)
+    while current is not None:
+        frame = getattr(current, "cr_frame", None) or getattr(current, "gi_frame", None)
+        if frame is not None and frame.f_code.co_filename not in _ENGINE_FILES:
+            code = frame.f_code
+            where = f" (it waits at {code.co_filename}:{frame.f_lineno} in {code.co_name})"
+        current = getattr(current, "cr_await", None) or getattr(current, "gi_yieldfrom", None)
+    return where

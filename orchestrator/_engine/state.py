@@ -27,6 +27,7 @@ from contracts.envelopes import (
     EventBody,
     HistoryEvent,
     LateReplyIgnored,
+    MarkerRecorded,
     Payload,
     ReplyOutcome,
     RetryPolicy,
@@ -238,6 +239,7 @@ _FOLD: dict[type, Callable[[WorkflowState, Any, int], None]] = {
     CancelRequested: _cancel,
     WorkflowCompleted: _wf_completed,
     WorkflowFailed: _wf_failed,
+    MarkerRecorded: _nothing,  # only the code reads markers (ctx.patched), on replay
 }
 
 

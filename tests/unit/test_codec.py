@@ -52,6 +52,7 @@ from contracts.envelopes import (
     EventBody,
     HistoryEvent,
     LateReplyIgnored,
+    MarkerRecorded,
     Payload,
     ReplyOutcome,
     RetryPolicy,
@@ -134,6 +135,7 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     CancelRequested: st.builds(CancelRequested, reason=texts, request_id=texts),
     WorkflowCompleted: st.builds(WorkflowCompleted, result=payloads),
     WorkflowFailed: st.builds(WorkflowFailed, status=statuses, error=errors),
+    MarkerRecorded: st.builds(MarkerRecorded, marker=texts, change_id=texts),
 }
 
 
@@ -240,7 +242,7 @@ def _event_body_types() -> tuple[type[BaseModel], ...]:
 def test_strategies_cover_every_envelope_and_event_kind() -> None:
     assert set(ENVELOPES) == set(_union_members(Envelope))
     assert set(EVENT_BODIES) == set(_event_body_types())
-    assert len(EVENT_BODIES) == 13
+    assert len(EVENT_BODIES) == 14
 
 
 # --------------------------------------------------------------------------- round trips
