@@ -22,7 +22,9 @@ from orchestrator.errors import NonDeterminismError
 from orchestrator.payloads import from_payload, to_payload
 from orchestrator.workflow import WorkflowRegistry
 
-from .evolving import EvolvingV1, EvolvingV2, EvolvingV3
+from .evolving.v1 import EvolvingV1
+from .evolving.v2 import EvolvingV2
+from .evolving.v3 import EvolvingV3
 from .sagas import Done, Step, TripResult
 
 V1 = WorkflowRegistry([EvolvingV1])
