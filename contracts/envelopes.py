@@ -257,6 +257,15 @@ class WorkflowFailed(_Envelope):
     error: ErrorInfo
 
 
+class MarkerRecorded(_Envelope):
+    """Workflow code recorded a marker. ``marker="patch"``: the code that ran took the new
+    branch of ``ctx.patched(change_id)``, so every replay of this history takes it too."""
+
+    kind: Literal["MarkerRecorded"] = "MarkerRecorded"
+    marker: str
+    change_id: str
+
+
 class WorkflowBlocked(_Envelope):
     """The code cannot go on with this history (non-determinism after a deploy): inputs are
     still recorded, the code waits for a node whose code accepts the history. Recorded again with
@@ -282,6 +291,7 @@ EventBody = Annotated[
     | CancelRequested
     | WorkflowCompleted
     | WorkflowFailed
+    | MarkerRecorded
     | WorkflowBlocked,
     Field(discriminator="kind"),
 ]

@@ -23,8 +23,11 @@ from typing import Any, NoReturn
 import click
 from pydantic import ValidationError
 
+from contracts.envelopes import HistoryEvent
+from orchestrator._engine.state import fold
 from orchestrator.client import Client, WorkflowDescription
 from orchestrator.errors import (
+    NonDeterminismError,
     OrchestratorError,
     StateDirError,
     UnknownWorkflow,
@@ -35,6 +38,7 @@ from orchestrator.kafka_config import LIBRDKAFKA_LOGGER
 from orchestrator.local_db import ensure_state_dir
 from orchestrator.payloads import PayloadError
 from orchestrator.settings import Settings
+from orchestrator.testing import workflow_type
 from orchestrator.topics import (
     TopicError,
     TopicMismatch,
@@ -501,6 +505,156 @@ def describe(ctx: click.Context, workflow_id: str, as_json: bool, timeout: float
         click.echo(_dump(description.to_dict()))
     else:
         click.echo(render_description(description))
+
+
+# --------------------------------------------------------------------------- history, replay
+
+
+@main.group()
+def history() -> None:
+    """Read workflows' histories from the history topic."""
+
+
+@history.command("export")
+@click.argument("workflow_id", metavar="ID")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="write the history file that `orchestrator replay --file` and "
+    "orchestrator.testing.Replayer read (default: one line per event)",
+)
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.pass_context
+def history_export(ctx: click.Context, workflow_id: str, as_json: bool, timeout: float) -> None:
+    """Print the events of workflow ID (read from its partition of the history topic)."""
+    from orchestrator.client import _summaries
+    from orchestrator.testing import dump_histories
+
+    with _client(ctx) as client:
+        events = client.history(workflow_id, timeout=timeout)
+    if as_json:
+        document = dump_histories({workflow_id: events}, namespace=_settings(ctx).namespace)
+        click.echo(json.dumps(document, indent=2, ensure_ascii=False))
+        return
+    for summary in _summaries(events):
+        when = summary.time.isoformat(timespec="milliseconds")
+        click.echo(f"#{summary.seq:<4} {when}  {summary.kind:22} {summary.summary}")
+
+
+@main.command()
+@click.option(
+    "--workflows",
+    "modules",
+    multiple=True,
+    required=True,
+    metavar="MODULE",
+    help="module defining the @workflow.defn classes to check (repeatable)",
+)
+@click.option(
+    "--namespace", "replay_namespace", default=None, help="replay this namespace's histories"
+)
+@click.option(
+    "--file",
+    "files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="replay the histories of this file (`orchestrator history export ID --json`) instead",
+)
+@click.option("--type", "types", multiple=True, metavar="TYPE", help="only this workflow type")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="at most N histories")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.pass_context
+def replay(
+    ctx: click.Context,
+    modules: tuple[str, ...],
+    replay_namespace: str | None,
+    files: tuple[Path, ...],
+    types: tuple[str, ...],
+    limit: int | None,
+    timeout: float,
+) -> None:
+    """Replay histories against the code in MODULE, as a node would after a deploy.
+
+    Without --file, every history on the namespace's history topic (running workflows first,
+    then the most recently started). Prints OK or the first non-determinism of each, with the
+    line of workflow code; exits 1 if any history does not replay.
+    """
+    from orchestrator.testing import HistoryFileError, Replayer, load_histories
+
+    if files and replay_namespace:
+        raise click.UsageError("give --file or --namespace, not both", ctx=ctx)
+    registry = _import_workflows(modules)
+    for kind in types:
+        if registry.get(kind) is None:
+            raise click.BadParameter(
+                f"{kind!r} is not defined in {', '.join(modules)} "
+                f"(it defines: {', '.join(registry.names())})",
+                param_hint="'--type'",
+            )
+    if replay_namespace:
+        ctx.ensure_object(dict)["overrides"]["namespace"] = replay_namespace
+    replayer = Replayer(registry)
+    histories: list[list[HistoryEvent]] = []
+    if files:
+        source = ", ".join(str(f) for f in files)
+        for path in files:
+            try:
+                histories += load_histories(path)
+            except HistoryFileError as exc:
+                raise click.ClickException(str(exc)) from None
+    else:
+        source = f"namespace {_settings(ctx).namespace}"
+        with _client(ctx) as client:
+            found = client.histories(timeout=timeout)
+        histories = sorted(found.values(), key=_running_then_recent)
+    outcome = {"ok": 0, "failed": 0, "skipped": 0}
+    for events in histories:
+        if types and workflow_type(events) not in types:
+            continue
+        if limit is not None and outcome["ok"] + outcome["failed"] >= limit:
+            break
+        wf = events[0].workflow_id if events else "?"
+        if not replayer.knows(events):
+            outcome["skipped"] += 1
+            click.echo(
+                f"SKIPPED {wf}: type {workflow_type(events)!r} is not in {', '.join(modules)}"
+            )
+            continue
+        try:
+            done = replayer.replay(events)
+        except NonDeterminismError as exc:
+            outcome["failed"] += 1
+            click.echo(f"FAILED  {wf}: {exc}")
+            continue
+        except (LookupError, ValueError) as exc:
+            outcome["skipped"] += 1
+            click.echo(f"SKIPPED {wf}: {exc}")
+            continue
+        outcome["ok"] += 1
+        status = done.status.value if done.status else "?"
+        click.echo(f"OK      {wf} ({done.workflow_type}, {done.events} events, {status})")
+    click.echo(
+        f"{outcome['ok'] + outcome['failed']} histories of {source} replayed against "
+        f"{', '.join(modules)}: {outcome['ok']} ok, {outcome['failed']} non-deterministic"
+        + (f", {outcome['skipped']} skipped" if outcome["skipped"] else "")
+    )
+    if outcome["failed"]:
+        ctx.exit(EXIT_FAILURE)
+
+
+def _running_then_recent(events: list[HistoryEvent]) -> tuple[bool, int]:
+    finished = fold(events[0].workflow_id, _gapless(events)).finished
+    return finished, -events[0].recorded_at_ms
+
+
+def _gapless(events: list[HistoryEvent]) -> list[HistoryEvent]:
+    out = []
+    for expected, event in enumerate(events, start=1):
+        if event.event_seq != expected:
+            break
+        out.append(event)
+    return out
 
 
 def _relative(seconds: float) -> str:

@@ -57,6 +57,7 @@ from contracts.envelopes import (
     ErrorInfo,
     HistoryEvent,
     LateReplyIgnored,
+    MarkerRecorded,
     Payload,
     SignalReceived,
     SignalWorkflow,
@@ -348,6 +349,8 @@ def _summaries(events: list[HistoryEvent]) -> tuple[EventSummary, ...]:
                     if body.error is not None
                     else f"moves again on code {body.code_version}"
                 )
+            case MarkerRecorded():
+                text = f"{body.marker} {body.change_id}"
         if len(text) > _SUMMARY_MAX:
             text = text[: _SUMMARY_MAX - 3] + "..."
         out.append(EventSummary(event.event_seq, _time(event.recorded_at_ms), body.kind, text))
@@ -546,39 +549,7 @@ class Client:
         no event of ``workflow_id`` (never started, or its history expired), ``TimeoutError`` if
         the partition could not be read within ``timeout`` seconds.
         """
-        _check_id(workflow_id)
-        topic = self.settings.history
-        prefix = f"{workflow_id}/"
-        deadline = time.monotonic() + timeout
-        events: dict[int, HistoryEvent] = {}
-        with self._assigned(topic, workflow_id, deadline) as (consumer, tp):
-            low, high = self._watermarks(consumer, tp, deadline)
-            if high > low:
-                for msg in _read_to_end(consumer, tp, high, deadline):
-                    key = msg.key()
-                    if not isinstance(key, bytes) or not key.startswith(prefix.encode()):
-                        continue
-                    rest = key[len(prefix) :]
-                    if not rest.isdigit():  # another workflow whose id starts with ours + "/"
-                        continue
-                    seq = int(rest)
-                    value = msg.value()
-                    if value is None:  # a tombstone: retention removed this event
-                        events.pop(seq, None)
-                        continue
-                    try:
-                        event = decode_as(value, HistoryEvent)
-                    except CodecError as exc:
-                        log.warning("%s: skipping undecodable %s: %s", topic, key, exc)
-                        continue
-                    if event.workflow_id == workflow_id:
-                        events[seq] = event
-        if not events:
-            raise UnknownWorkflow(
-                f"no workflow {workflow_id!r} in namespace {self.settings.namespace!r} "
-                f"(no events on {topic}; never started, or its history has expired)"
-            )
-        ordered = [events[seq] for seq in sorted(events)]
+        ordered = self.history(workflow_id, timeout=timeout)
         prefix_run = []
         for expected, event in enumerate(ordered, start=1):
             if event.event_seq != expected:
@@ -601,6 +572,71 @@ class Client:
             complete=len(prefix_run) == len(ordered),
             blocked=state.blocked if not state.finished else None,
         )
+
+    def history(self, workflow_id: str, *, timeout: float = 10.0) -> list[HistoryEvent]:
+        """The events of one workflow on ``<ns>.history``, in sequence order (the same scan as
+        :meth:`describe`). Raises :class:`~orchestrator.errors.UnknownWorkflow` if there are
+        none."""
+        _check_id(workflow_id)
+        events = self._scan_history(workflow_id, time.monotonic() + timeout).get(workflow_id)
+        if not events:
+            raise UnknownWorkflow(
+                f"no workflow {workflow_id!r} in namespace {self.settings.namespace!r} "
+                f"(no events on {self.settings.history}; never started, or its history has "
+                "expired)"
+            )
+        return [events[seq] for seq in sorted(events)]
+
+    def histories(self, *, timeout: float = 60.0) -> dict[str, list[HistoryEvent]]:
+        """Every workflow's events on ``<ns>.history`` (all partitions, up to the end they had
+        when the call began), by workflow id, in sequence order: running workflows and finished
+        ones whose history has not expired. For tools (``orchestrator replay``), not a hot
+        path."""
+        found = self._scan_history(None, time.monotonic() + timeout)
+        return {wf: [events[seq] for seq in sorted(events)] for wf, events in found.items()}
+
+    def _scan_history(
+        self, workflow_id: str | None, deadline: float
+    ) -> dict[str, dict[int, HistoryEvent]]:
+        """Events on ``<ns>.history`` by workflow id and seq: of ``workflow_id`` (its partition
+        only), or of every workflow (every partition). Tombstoned events are left out."""
+        topic = self.settings.history
+        prefix = f"{workflow_id}/".encode() if workflow_id is not None else b""
+        found: dict[str, dict[int, HistoryEvent]] = {}
+        consumer = self._consumer()
+        try:
+            # The writers hash the workflow id with murmur2 over the topic's partition count.
+            count = self._partition_count(topic, deadline, consumer)
+            numbers = range(count) if workflow_id is None else [partition_for(workflow_id, count)]
+            for number in numbers:
+                tp = TopicPartition(topic, number, OFFSET_BEGINNING)
+                consumer.assign([tp])
+                low, high = self._watermarks(consumer, tp, deadline)
+                if high <= low:
+                    continue
+                for msg in _read_to_end(consumer, tp, high, deadline):
+                    key = msg.key()
+                    if not isinstance(key, bytes) or not key.startswith(prefix):
+                        continue
+                    owner, _, rest = key.decode(errors="replace").rpartition("/")
+                    # another workflow whose id starts with ours + "/"
+                    if not rest.isdigit() or (workflow_id is not None and owner != workflow_id):
+                        continue
+                    seq = int(rest)
+                    value = msg.value()
+                    if value is None:  # a tombstone: retention removed this event
+                        found.get(owner, {}).pop(seq, None)
+                        continue
+                    try:
+                        event = decode_as(value, HistoryEvent)
+                    except CodecError as exc:
+                        log.warning("%s: skipping undecodable %s: %s", topic, key, exc)
+                        continue
+                    if event.workflow_id == owner:
+                        found.setdefault(owner, {})[seq] = event
+        finally:
+            consumer.close()
+        return {wf: events for wf, events in found.items() if events}
 
     # -- private: producing --------------------------------------------------------------
 

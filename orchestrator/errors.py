@@ -135,3 +135,9 @@ class WorkflowFailedError(OrchestratorError):
 class NodeStopped(OrchestratorError):
     """A node cannot go on and must exit: fenced by another process with the same node id, or an
     unrecoverable Kafka error. The message is the one line an operator needs."""
+
+
+class DeterminismViolation(Exception):
+    """Workflow code called something nondeterministic (the clock, ``random``, a sleep, I/O, a
+    thread) directly; the message names the call, the line and the ``ctx`` equivalent. The
+    workflow fails with it, like with any other error in its code."""

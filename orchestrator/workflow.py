@@ -320,3 +320,22 @@ class WorkflowContext(ABC):
     @abstractmethod
     def uuid(self) -> uuid.UUID:
         """A UUID drawn from :meth:`random`."""
+
+    @abstractmethod
+    def patched(self, change_id: str) -> bool:
+        """Whether this run takes the new code path of change ``change_id``.
+
+        True for a run that reaches this point on code that has the call (a marker is recorded
+        in its history), and for every replay of such a history; False for a run replaying a
+        history written before the change, which must keep doing what it did::
+
+            if ctx.patched("fraud-check"):
+                await ctx.call(check_fraud, ...)
+
+        The answer is fixed for the run at the first call. See ``docs/workflows.md``.
+        """
+
+    @abstractmethod
+    def deprecate_patch(self, change_id: str) -> None:
+        """Replaces ``if ctx.patched(change_id):`` once no run that lacks the change is left:
+        records nothing, and accepts the marker of runs that recorded one."""

@@ -37,6 +37,7 @@ from contracts.envelopes import (
     EventBody,
     HistoryEvent,
     LateReplyIgnored,
+    MarkerRecorded,
     Payload,
     RetryPolicy,
     SignalReceived,
@@ -68,13 +69,14 @@ from orchestrator.workflow import (
     WorkflowRegistry,
 )
 
+from . import determinism
 from .state import WorkflowState, decide_reply, decide_timers
 
 T = TypeVar("T")
 InT = TypeVar("InT", bound=BaseModel)
 OutT = TypeVar("OutT", bound=BaseModel)
 
-_CODE_EVENTS = (ActivityScheduled, TimerStarted, WorkflowCompleted, WorkflowFailed)
+_CODE_EVENTS = (ActivityScheduled, TimerStarted, WorkflowCompleted, WorkflowFailed, MarkerRecorded)
 _BOOKKEEPING = (ActivityAttemptStarted, ActivityAttemptFailed, LateReplyIgnored, WorkflowBlocked)
 _DEFAULT_RETRY = RetryPolicy()
 
@@ -426,6 +428,12 @@ class _Context(WorkflowContext):
     def uuid(self) -> uuid.UUID:
         return uuid.UUID(int=self.random().getrandbits(128), version=4)
 
+    def patched(self, change_id: str) -> bool:
+        return self._run._patch(change_id, deprecated=False)
+
+    def deprecate_patch(self, change_id: str) -> None:
+        self._run._patch(change_id, deprecated=True)
+
 
 def _ms(value: timedelta | None) -> int | None:
     return None if value is None else int(value.total_seconds() * 1000)
@@ -465,6 +473,10 @@ class WorkflowRun:
         self._rng: random.Random | None = None  # retry jitter; see _jitter
         # Set when this code disagrees with the history (replay): the run then only folds.
         self.broken: Exception | None = None
+        # Versioning (ctx.patched): the history being replayed, by seq, so the code can tell
+        # whether a marker was recorded at the point it has reached; None once live.
+        self._replaying: dict[int, EventBody] | None = None
+        self._patches: dict[str, bool] = {}
 
     # ----------------------------------------------------------------- building
 
@@ -487,21 +499,27 @@ class WorkflowRun:
         comes back :attr:`broken` (its state folded to the end, its code not run), so the node
         keeps recording the workflow's inputs while it is blocked."""
         run = cls(workflow_id, registry)
-        for event in events:
-            if run.broken is None:
-                try:
-                    run._apply(event)
+        history = list(events)
+        # Versioning (ctx.patched) looks up what the history holds at the point the code reached.
+        run._replaying = {event.event_seq: event.event for event in history}
+        try:
+            for event in history:
+                if run.broken is None:
+                    try:
+                        run._apply(event)
+                        continue
+                    except (NonDeterminismError, LookupError) as exc:
+                        run._break(exc)
+                if event.event_seq <= run.state.last_seq:
                     continue
-                except (NonDeterminismError, LookupError) as exc:
-                    run._break(exc)
-            if event.event_seq <= run.state.last_seq:
-                continue
-            try:
-                run.state.apply(event)
-            except (KeyError, ValueError) as exc:  # the history itself does not fold
-                raise NonDeterminismError(
-                    f"workflow {workflow_id}: event {event.event_seq} does not fold ({exc})"
-                ) from exc
+                try:
+                    run.state.apply(event)
+                except (KeyError, ValueError) as exc:  # the history itself does not fold
+                    raise NonDeterminismError(
+                        f"workflow {workflow_id}: event {event.event_seq} does not fold ({exc})"
+                    ) from exc
+        finally:
+            run._replaying = None
         if run.broken is None and run._pending and run.state.blocked is None:
             run._break(
                 NonDeterminismError(
@@ -679,7 +697,7 @@ class WorkflowRun:
             asked = (
                 f"asks for {_describe(expected.body)} at {expected.where}"
                 if expected
-                else "asks for nothing"
+                else "asks for nothing" + _waiting_at(self._main.coro if self._main else None)
             )
             raise NonDeterminismError(
                 f"workflow {self.state.workflow_id} ({self.state.workflow_type}): history event "
@@ -705,7 +723,13 @@ class WorkflowRun:
         except PayloadError as exc:
             self._finish_error(exc)
             return
-        self._main = _Task(getattr(instance, definition.run_name)(ctx, arg), [])
+        self._cls = definition.cls
+        self._main = _Task(
+            determinism.guard(
+                getattr(instance, definition.run_name)(ctx, arg), definition.cls, self._drop_unsent
+            ),
+            [],
+        )
         self._tasks.append(self._main)
 
     def _task(self) -> _Task:
@@ -714,7 +738,10 @@ class WorkflowRun:
         return self._current
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> _Task:
-        task = _Task(coro, list(self._task().sagas))
+        # A branch runs workflow code too: the same determinism guard applies.
+        task = _Task(
+            determinism.guard(coro, self._cls, self._drop_unsent), list(self._task().sagas)
+        )
         self._tasks.append(task)
         self._task_changes += 1
         return task
@@ -833,6 +860,29 @@ class WorkflowRun:
     def _command(self, body: EventBody) -> None:
         self._pending.append(_Pending(body, _call_site(), self._current))
 
+    def _patch(self, change_id: str, *, deprecated: bool) -> bool:
+        """``ctx.patched``: True if this run reaches the change live, on code that has it (a
+        marker is recorded), or replays a history with the marker right here; False if it
+        replays a history without it. The code's reaction to a history event already happened
+        when the event was recorded, so during a replay "no marker here" means the code that
+        ran then had no such change, even at the end of the history. ``ctx.deprecate_patch``:
+        records nothing, and takes a marker the history has here. The first answer holds."""
+        known = self._patches.get(change_id)
+        if known is not None:
+            return known
+        marker = MarkerRecorded(marker="patch", change_id=change_id)
+        if self._replaying is None:
+            answer = True
+            if not deprecated:
+                self._command(marker)
+        else:
+            at = self.state.last_seq + len(self._pending) + 1
+            answer = self._replaying.get(at) == marker
+            if answer:
+                self._command(marker)
+        self._patches[change_id] = answer
+        return answer
+
     def _next_command_seq(self) -> int:
         self._command_seq += 1
         return self._command_seq
@@ -877,6 +927,8 @@ def _same_command(expected: EventBody, actual: EventBody) -> bool:
         return expected.seq == actual.seq
     if isinstance(expected, WorkflowFailed) and isinstance(actual, WorkflowFailed):
         return expected.status == actual.status
+    if isinstance(expected, MarkerRecorded):
+        return expected == actual
     return True
 
 
@@ -887,5 +939,20 @@ def _describe(body: EventBody) -> str:
     if isinstance(body, TimerStarted):
         return f"timer #{body.seq}"
     if isinstance(body, WorkflowFailed):
-        return f"WorkflowFailed ({body.status.value})"
+        return f"WorkflowFailed ({body.status.value}: {body.error.type}: {body.error.message})"
+    if isinstance(body, MarkerRecorded):
+        return f"{body.marker} marker {body.change_id!r}"
     return type(body).__name__
+
+
+def _waiting_at(coro: Any) -> str:
+    """Where workflow code is suspended (its innermost frame outside the engine), for errors."""
+    where = ""
+    current = getattr(coro, "inner", coro)
+    while current is not None:
+        frame = getattr(current, "cr_frame", None) or getattr(current, "gi_frame", None)
+        if frame is not None and frame.f_code.co_filename not in _ENGINE_FILES:
+            code = frame.f_code
+            where = f" (it waits at {code.co_filename}:{frame.f_lineno} in {code.co_name})"
+        current = getattr(current, "cr_await", None) or getattr(current, "gi_yieldfrom", None)
+    return where

@@ -27,6 +27,7 @@ from contracts.envelopes import (
     EventBody,
     HistoryEvent,
     LateReplyIgnored,
+    MarkerRecorded,
     Payload,
     ReplyOutcome,
     RetryPolicy,
@@ -247,6 +248,7 @@ _FOLD: dict[type, Callable[[WorkflowState, Any, int], None]] = {
     WorkflowCompleted: _wf_completed,
     WorkflowFailed: _wf_failed,
     WorkflowBlocked: _blocked,
+    MarkerRecorded: _nothing,  # only the code reads markers (ctx.patched), on replay
 }
 
 

@@ -52,6 +52,7 @@ from contracts.envelopes import (
     EventBody,
     HistoryEvent,
     LateReplyIgnored,
+    MarkerRecorded,
     Payload,
     ReplyOutcome,
     RetryPolicy,
@@ -138,6 +139,7 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     WorkflowBlocked: st.builds(
         WorkflowBlocked, error=st.none() | errors, at_seq=longs, code_version=st.text(max_size=20)
     ),
+    MarkerRecorded: st.builds(MarkerRecorded, marker=texts, change_id=texts),
 }
 
 
@@ -244,7 +246,7 @@ def _event_body_types() -> tuple[type[BaseModel], ...]:
 def test_strategies_cover_every_envelope_and_event_kind() -> None:
     assert set(ENVELOPES) == set(_union_members(Envelope))
     assert set(EVENT_BODIES) == set(_event_body_types())
-    assert len(EVENT_BODIES) == 14
+    assert len(EVENT_BODIES) == 15
 
 
 # --------------------------------------------------------------------------- round trips

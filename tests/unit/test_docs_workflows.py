@@ -1,131 +1,142 @@
-"""The example of docs/workflows.md ("Saga semantics") runs, and does what the page says."""
+"""The examples of docs/workflows.md run: every ``python`` block, in order, as one module; then
+this test drives what they define through the engine and checks what the page says."""
 
 from __future__ import annotations
 
+import json
 import re
-import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from contracts.envelopes import (
     ActivityReply,
     ActivityScheduled,
-    ErrorInfo,
     HistoryEvent,
     ReplyOutcome,
     StartWorkflow,
     WorkflowStatus,
 )
 from orchestrator._engine.instance import WorkflowRun
+from orchestrator.errors import NonDeterminismError
 from orchestrator.payloads import from_payload, to_payload
+from orchestrator.testing import Replayer, dump_histories
 from orchestrator.workflow import WorkflowRegistry
 
-UNDOS = {"cancel", "refund", "return"}
-PAGE = Path(__file__).parents[2] / "docs" / "workflows.md"
+DOC = Path(__file__).parents[2] / "docs" / "workflows.md"
 
 
 @pytest.fixture(scope="module")
-def example() -> Iterator[types.ModuleType]:
-    section = PAGE.read_text().split("### Example", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S)
-    assert code is not None
-    module = types.ModuleType("docs_workflows_example")
-    sys.modules[module.__name__] = module  # pydantic resolves the models' annotations there
-    try:
-        exec(compile(code.group(1), str(PAGE), "exec"), module.__dict__)
-        yield module
-    finally:
-        del sys.modules[module.__name__]
+def doc() -> types.SimpleNamespace:
+    namespace: dict[str, Any] = {"__name__": "docs_workflows"}
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text().split("## Saga semantics")[0], re.S)
+    assert len(blocks) >= 5
+    for block in blocks:
+        exec(compile(block, "docs/workflows.md", "exec"), namespace)
+    return types.SimpleNamespace(**namespace)
 
 
-class Trip:
-    """The example workflow and the commands it sent that no one answered yet."""
-
-    def __init__(self, example: types.ModuleType) -> None:
-        self.ex = example
-        self.run = WorkflowRun("trip-1", WorkflowRegistry([example.BookTrip]))
+def _drive(
+    cls: type, wf: str, arg: Any, fail: str = "", history: list[HistoryEvent] | None = None
+) -> tuple[WorkflowRun, list[HistoryEvent]]:
+    """Start (or, with ``history``, replay and continue) a workflow; services answer at once."""
+    registry = WorkflowRegistry([cls])
+    if history is None:
+        run = WorkflowRun(wf, registry)
+        kind = registry.names()[0]
         start = StartWorkflow(
-            workflow_id="trip-1", workflow_type="book-trip", request_id="r1",
-            input=to_payload(example.Booking(trip_id="t1")), sent_at_ms=0,
-        )  # fmt: skip
-        self.history: list[HistoryEvent] = self.run.start(start, 0, None)
-        self.answered: set[int] = set()
-
-    def sent(self) -> list[str]:
-        return [
-            e.event.activity_name for e in self.history if isinstance(e.event, ActivityScheduled)
-        ]
-
-    def waiting(self) -> list[str]:
-        return [
-            e.event.activity_name
-            for e in self.history
-            if isinstance(e.event, ActivityScheduled) and e.event.seq not in self.answered
-        ]
-
-    def reply(self, name: str, outcome: ReplyOutcome = ReplyOutcome.SUCCESS) -> None:
-        seq, act = next(
-            (seq, a)
-            for seq, a in self.run.state.activities.items()
-            if a.name == name and seq not in self.answered
+            workflow_id=wf, workflow_type=kind, request_id="r", input=to_payload(arg), sent_at_ms=0
         )
-        self.answered.add(seq)
-        ok = outcome is ReplyOutcome.SUCCESS
-        reply = ActivityReply(
-            workflow_id="trip-1", seq=seq, attempt=act.attempt,
-            idempotency_key=act.idempotency_key, outcome=outcome, sent_at_ms=0,
-            result=to_payload(self.ex.Ref(ref=f"{name}#{seq}")) if ok else None,
-            error=None if ok else ErrorInfo(type="Refused", message="no car left"),
-        )  # fmt: skip
-        self.history += self.run.on_reply(reply, 0)
+        new = run.start(start, 1_000, None)
+        events = list(new)
+    else:
+        run = WorkflowRun.replay(wf, history, registry)
+        new, events = [], list(history)
+    reply: Callable[[ActivityScheduled], ActivityReply] = lambda body: ActivityReply(  # noqa: E731
+        workflow_id=wf,
+        seq=body.seq,
+        attempt=1,
+        idempotency_key=body.idempotency_key,
+        outcome=ReplyOutcome.BUSINESS_FAILURE
+        if body.activity_name == fail
+        else ReplyOutcome.SUCCESS,
+        sent_at_ms=0,
+        result=None if body.activity_name == fail else to_payload({"ref": body.activity_name}),
+        error=None,
+    )
+    while True:
+        scheduled = [e.event for e in new if isinstance(e.event, ActivityScheduled)]
+        new = [e for body in scheduled for e in run.on_reply(reply(body), 2_000)]
+        if not new and (due := run.state.next_due_ms()) is not None:
+            new = run.on_timers(due)
+        if not new:
+            return run, events
+        events += new
 
-    def undo_all(self) -> list[str]:
-        """Let each compensation succeed as it comes (one at a time); what they were."""
-        while waiting := [n for n in self.waiting() if n.split(".")[1] in UNDOS]:
-            self.reply(waiting[0])
-        return self.compensations()
 
-    def compensations(self) -> list[str]:
-        return [
-            f"{e.event.activity_name}({from_payload(e.event.input, self.ex.Ref).ref})"
-            for e in self.history
-            if isinstance(e.event, ActivityScheduled) and e.event.is_compensation
-        ]
+def _calls(events: list[HistoryEvent]) -> list[str]:
+    return [e.event.activity_name for e in events if isinstance(e.event, ActivityScheduled)]
 
 
-def test_the_car_refused_while_the_flight_is_in_flight(example: types.ModuleType) -> None:
-    trip = Trip(example)
-    trip.reply("payments.charge")  # 1
-    assert trip.waiting() == ["flights.book", "hotels.book"]
-    trip.reply("hotels.book")  # 2
-    assert trip.waiting() == ["flights.book", "cars.rent"]
-    trip.reply("cars.rent", ReplyOutcome.BUSINESS_FAILURE)  # 3
-    assert trip.compensations() == []
-    trip.reply("flights.book")  # 4
-    assert trip.undo_all() == [  # 5
-        "flights.cancel(flights.book#2)",
-        "hotels.cancel(hotels.book#3)",
-        "payments.refund(payments.charge#1)",
+def test_determinism_example_uses_ctx_and_replays_to_the_same_result(doc: Any) -> None:
+    run, events = _drive(doc.StampOrder, "o1", doc.Order(id="o1"))
+    assert run.state.status is WorkflowStatus.COMPLETED
+    assert run.state.result is not None
+    stamp = from_payload(run.state.result, doc.Stamp)
+    assert stamp.at == "1970-01-01T01:00:01+00:00"  # when the 1 h timer fired, started at 1 s
+    assert WorkflowRun.replay("o1", events, WorkflowRegistry([doc.StampOrder])).state == run.state
+
+
+def test_the_guard_example_fails_with_the_call_and_the_ctx_equivalent(doc: Any) -> None:
+    run, _ = _drive(doc.StampOrderBadly, "o2", doc.Order(id="o2"))
+    assert run.state.status is WorkflowStatus.FAILED
+    assert run.state.error is not None
+    assert run.state.error.type == "DeterminismViolation"
+    assert re.match(
+        r"time\.time\(\) called from workflow code at docs/workflows\.md:\d+ in run: .*"
+        r"use ctx\.now\(\)",
+        run.state.error.message,
+    )
+
+
+def test_versioning_example_old_runs_old_way_new_runs_new_way(doc: Any) -> None:
+    order = doc.Order(id="o3")
+    # A v1 run that failed at ship: the charge was refunded.
+    _, v1_history = _drive(doc.ShipOrderV1, "o3", order, fail="shipping.ship")
+    assert _calls(v1_history) == ["payments.charge", "shipping.ship", "payments.refund"]
+    # v2 replays it (the node restarted on v2): no fraud check was, or is, asked for.
+    replayed = WorkflowRun.replay("o3", v1_history, WorkflowRegistry([doc.ShipOrderV2]))
+    assert replayed.state.status is WorkflowStatus.COMPENSATED
+    # A new run on v2 takes the new path, and compensates it the same way.
+    run, v2_history = _drive(doc.ShipOrderV2, "o4", order, fail="shipping.ship")
+    assert _calls(v2_history) == [
+        "payments.charge",
+        "risk.check",
+        "shipping.ship",
+        "payments.refund",
     ]
-    assert trip.run.state.status is WorkflowStatus.COMPENSATED
+    assert run.state.status is WorkflowStatus.COMPENSATED
+    # v3 accepts v2 histories (with the marker) and refuses v1 ones.
+    v3 = WorkflowRegistry([doc.ShipOrderV3])
+    assert WorkflowRun.replay("o4", v2_history, v3).state == run.state
+    with pytest.raises(NonDeterminismError, match=r"risk\.check"):
+        WorkflowRun.replay("o3", v1_history, v3)
 
 
-def test_a_cancel_at_step_three_waits_for_the_car_and_the_flight(
-    example: types.ModuleType,
+def test_replay_testing_example_passes_and_catches_v3(
+    doc: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    trip = Trip(example)
-    trip.reply("payments.charge")
-    trip.reply("hotels.book")
-    trip.history += trip.run.on_cancel("plans changed", "c1", 0)
-    assert trip.compensations() == []  # car and flight are in flight
-    trip.reply("cars.rent")
-    trip.reply("flights.book", ReplyOutcome.BUSINESS_FAILURE)
-    assert trip.undo_all() == [
-        "cars.return(cars.rent#4)",
-        "hotels.cancel(hotels.book#3)",
-        "payments.refund(payments.charge#1)",
-    ]
-    assert trip.run.state.status is WorkflowStatus.CANCELLED
+    _, v1_history = _drive(doc.ShipOrderV1, "o5", doc.Order(id="o5"))
+    _, v2_history = _drive(doc.ShipOrderV2, "o6", doc.Order(id="o6"))
+    folder = tmp_path / "tests" / "histories"
+    folder.mkdir(parents=True)
+    document = dump_histories({"o5": v1_history, "o6": v2_history}, namespace="shop")
+    (folder / "ship-order.json").write_text(json.dumps(document))
+    monkeypatch.chdir(tmp_path)
+    doc.test_shipping_orders_still_replay()  # the page's test passes with v2
+
+    with pytest.raises(NonDeterminismError, match=r"docs/workflows\.md:"):
+        Replayer([doc.ShipOrderV3]).replay_file("tests/histories/ship-order.json")

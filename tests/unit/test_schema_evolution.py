@@ -1,5 +1,8 @@
 """Schema evolution: records written with an older schema version are read with the current one.
 
+``legacy/HistoryEvent.v0.avsc`` is HistoryEvent before the ``MarkerRecorded`` kind (``ctx.patched``)
+was appended to the ``event`` union: histories written before it must read unchanged.
+
 ``contracts/schemas/legacy/ActivityReply.v0.avsc`` is ActivityReply before ``service`` and ``trace``
 were added. A service still on v0 frames its replies with the v0 fingerprint; the orchestrator must
 read them as current ActivityReply models, with the new fields at their defaults.
@@ -15,11 +18,28 @@ from typing import Any
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.schema import parse_schema
 from hypothesis import given
+from hypothesis import strategies as st
 
 from contracts import codec
-from contracts.codec import MAGIC, current_schema, decode, decode_as, encode, fingerprint
-from contracts.envelopes import ActivityReply, ErrorInfo, Payload, ReplyOutcome
-from tests.unit.test_codec import ENVELOPES
+from contracts.codec import (
+    MAGIC,
+    _history_to_avro,
+    current_schema,
+    decode,
+    decode_as,
+    encode,
+    fingerprint,
+)
+from contracts.envelopes import (
+    ActivityReply,
+    ErrorInfo,
+    HistoryEvent,
+    MarkerRecorded,
+    Payload,
+    ReplyOutcome,
+    WorkflowBlocked,
+)
+from tests.unit.test_codec import ENVELOPES, EVENT_BODIES, history_events
 
 LEGACY_V0 = Path(codec.__file__).parent / "schemas" / "legacy" / "ActivityReply.v0.avsc"
 
@@ -118,3 +138,59 @@ def test_a_v0_reader_can_read_current_records(reply: ActivityReply) -> None:
     body = io.BytesIO(encode(reply)[10:])
     record = schemaless_reader(body, current_schema(ActivityReply).schema, _v0_schema())
     assert record == reply.model_dump(mode="python", exclude={"service", "trace"})
+
+
+# --------------------------------------------------------------------------- HistoryEvent v0
+
+HISTORY_V0 = Path(codec.__file__).parent / "schemas" / "legacy" / "HistoryEvent.v0.avsc"
+
+
+def _history_v0_schema() -> dict[str, Any]:
+    parsed = parse_schema(json.loads(HISTORY_V0.read_text()))
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def _branches(schema: dict[str, Any]) -> list[str]:
+    (event,) = (f for f in schema["fields"] if f["name"] == "event")
+    return [branch["name"] for branch in event["type"]]
+
+
+def test_history_v0_is_the_current_schema_without_the_new_kinds() -> None:
+    v0 = _history_v0_schema()
+    current = current_schema(HistoryEvent).schema
+    assert _branches(current) == [
+        *_branches(v0),
+        "saga.v1.MarkerRecorded",
+        "saga.v1.WorkflowBlocked",
+    ]
+    assert fingerprint(v0) != current_schema(HistoryEvent).fingerprint
+
+
+@given(
+    history_events(
+        st.one_of(
+            *(s for t, s in EVENT_BODIES.items() if t not in (MarkerRecorded, WorkflowBlocked))
+        )
+    )
+)
+def test_history_written_before_markers_reads_as_the_current_model(event: HistoryEvent) -> None:
+    """A history written by nodes on the old code stays readable by nodes on the new one."""
+    v0 = _history_v0_schema()
+    record = _history_to_avro(event)
+    body = io.BytesIO()
+    schemaless_writer(body, v0, record)
+    framed = MAGIC + fingerprint(v0).to_bytes(8, "little") + body.getvalue()
+    assert decode_as(framed, HistoryEvent) == event
+
+
+def test_a_marker_event_round_trips_with_the_current_schema() -> None:
+    event = HistoryEvent(
+        workflow_id="order-1",
+        event_seq=4,
+        recorded_at_ms=7,
+        event=MarkerRecorded(marker="patch", change_id="add-fraud-check"),
+    )
+    data = encode(event)
+    assert data[2:10] == current_schema(HistoryEvent).fingerprint.to_bytes(8, "little")
+    assert decode_as(data, HistoryEvent) == event
