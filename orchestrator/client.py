@@ -72,11 +72,13 @@ from contracts.envelopes import (
     WorkflowStarted,
     WorkflowStatus,
 )
+from contracts.limits import MAX_INBOX_RECORD_BYTES
 from orchestrator._engine.state import fold
 from orchestrator.errors import (
     UNREACHABLE_HINT,
     KafkaUnavailable,
     OrchestratorError,
+    Rejection,
     UnknownWorkflow,
     WorkflowFailedError,
     WorkflowIdConflict,
@@ -101,7 +103,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-CONFLICT = "WorkflowIdConflict"
+CONFLICT = Rejection.WORKFLOW_ID_CONFLICT.value
+_REJECTIONS = frozenset(r.value for r in Rejection)
 """``ErrorInfo.type`` of the result the orchestrator writes when it rejects a start."""
 
 _SUMMARY_MAX = 160
@@ -120,6 +123,10 @@ _PREVIEW_MAX = 60
 
 class ClientError(OrchestratorError):
     """Kafka could not be reached, a topic is missing, or a request could not be made."""
+
+
+class PayloadTooLarge(ClientError):
+    """A start, signal or cancel over the inbox's record limit (``contracts.limits``): not sent."""
 
 
 class ClientUnreachable(ClientError, KafkaUnavailable):
@@ -658,6 +665,11 @@ class Client:
             return self._producer
 
     def _send(self, workflow_id: str, value: bytes, trace: TraceContext | None, what: str) -> None:
+        if len(value) > MAX_INBOX_RECORD_BYTES:
+            raise PayloadTooLarge(
+                f"the {what} is {len(value)} bytes, over the {MAX_INBOX_RECORD_BYTES} bytes a "
+                "node takes on its inbox: send less, e.g. a reference to the data"
+            )
         producer = self._get_producer()
         topic = self.settings.inbox
         self._partition_count(topic, time.monotonic() + self._send_timeout)  # clear error if absent
@@ -792,6 +804,7 @@ class Client:
             partition = tp.partition
             caught_up = False
             latest: WorkflowResult | None = None
+            last_rejection: WorkflowResult | None = None
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -812,15 +825,20 @@ class Client:
                         continue
                     if found.workflow_id != workflow_id:
                         continue
-                    conflict = found.error is not None and found.error.type == CONFLICT
+                    rejected = found.error is not None and found.error.type in _REJECTIONS
                     mine = request_id is not None and found.request_id == request_id
                     if mine:
                         return found
-                    if conflict:
-                        continue  # another client's rejected start, not the workflow's result
+                    if rejected:
+                        # Another start's rejection: it answers that start, not the workflow a
+                        # valid start with this id runs (nor one still to come).
+                        last_rejection = found
+                        continue
                     latest = found
                 if caught_up and latest is not None:
                     return latest
+        if last_rejection is not None and request_id is None:
+            return last_rejection  # nothing ran under this id: its last start was refused
         raise TimeoutError(
             f"no result for workflow {workflow_id!r} on {topic} [{partition}] within "
             f"{timeout:g}s: it is still running, or no orchestrator serves namespace "

@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import StrEnum
 from pathlib import Path
+
+
+class Rejection(StrEnum):
+    """Why a node refused a start: the ``error.type`` of the FAILED result it gets. Such a result
+    answers only the start it refused: it says nothing of a workflow with the same id that a
+    later, valid start runs."""
+
+    WORKFLOW_ID_CONFLICT = "WorkflowIdConflict"
+    UNKNOWN_WORKFLOW_TYPE = "UnknownWorkflowType"
+    INVALID_INPUT = "InvalidInput"
+    OVERSIZED = "Oversized"
+    PRODUCE_FAILED = "ProduceFailed"
 
 
 class OrchestratorError(Exception):

@@ -47,6 +47,7 @@ from contracts.envelopes import (
     ReplyOutcome,
     TraceContext,
 )
+from contracts.limits import MAX_INBOX_RECORD_BYTES
 from orchestrator._deadline import DeadlineCaller, Stopping, Wedged, drop_in_background
 from orchestrator._dedupe import FINAL_OUTCOMES, DedupeStore, ReplyStore
 from orchestrator.dead_letters import dead_letter_of
@@ -238,6 +239,8 @@ class _Kafka:
             settings.bootstrap_servers, transactional_id=transactional_id, extra=extra
         )
         self.max_record_bytes = int(self._producer_conf.get("message.max.bytes", 1_000_000))
+        # A reply goes to a node's inbox, which takes no record over its limit.
+        self.reply_limit = min(self.max_record_bytes, MAX_INBOX_RECORD_BYTES)
         self._txn_timeout_s = int(self._producer_conf.get("transaction.timeout.ms", 60_000)) / 1e3
         self.producer = self._new_producer()
         conf = consumer_config(settings.bootstrap_servers, group, extra=extra)
@@ -785,7 +788,7 @@ class Service:
         ) as span:  # fmt: skip
             reply = self._reply_for(cmd, reg, batch)
             record = self._reply_record(msg, cmd, reply)
-            if record.size > self._kafka.max_record_bytes:
+            if record.size > self._kafka.reply_limit:
                 reply = self._too_large(cmd, record.size, batch)
                 record = self._reply_record(msg, cmd, reply)
             record_reply(span, reply)
@@ -799,10 +802,10 @@ class Service:
     def _too_large(self, cmd: ActivityCommand, size: int, batch: _Batch) -> ActivityReply:
         """A reply no producer may send becomes a final failure, so the workflow moves on."""
         assert self._kafka is not None
-        limit = self._kafka.max_record_bytes
+        limit = self._kafka.reply_limit
         message = (
-            f"the reply of {cmd.activity_name} is {size} bytes, over the {limit} bytes a record "
-            "may have (message.max.bytes): return less, e.g. a reference to the data"
+            f"the reply of {cmd.activity_name} is {size} bytes, over the {limit} bytes a reply "
+            "may have (contracts.limits, message.max.bytes): return less, e.g. a reference"
         )
         log.warning("service %s: %s (%s)", self.name, message, cmd.idempotency_key)
         error = ErrorInfo(type="PayloadTooLarge", message=message)

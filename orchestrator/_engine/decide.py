@@ -12,6 +12,7 @@ topic exists, is a function the processor passes in.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -38,8 +39,9 @@ from contracts.envelopes import (
     WorkflowResult,
     WorkflowStatus,
 )
+from contracts.limits import MAX_INBOX_RECORD_BYTES
 from orchestrator.dead_letters import DEAD_LETTER_MAX_BYTES, SourceRecord, dead_letter_of
-from orchestrator.errors import NonDeterminismError
+from orchestrator.errors import NonDeterminismError, Rejection
 from orchestrator.metrics import NodeMetrics
 from orchestrator.partitioner import partition_for
 from orchestrator.payloads import PayloadError, from_payload
@@ -54,7 +56,7 @@ from .store import StoreBatch
 
 log = logging.getLogger(__name__)
 
-MAX_RECORD_BYTES = 512 * 1024
+MAX_RECORD_BYTES = MAX_INBOX_RECORD_BYTES
 MAX_WORKFLOW_ID = 256
 _FORWARDED_HEADERS = frozenset({"traceparent", "tracestate"})
 _RETENTION_EVERY_MS = 5_000  # retention scans every summary: not every turn
@@ -196,7 +198,7 @@ class Decider:
             # its FAILED result, so whoever waits for it is not left waiting.
             start = _as_start(msg.value())
             if start is not None:
-                return self._reject(batch, msg, start, "ProduceFailed", refused)
+                return self._reject(batch, msg, start, Rejection.PRODUCE_FAILED, refused)
             return self._dead_letter(batch, msg, refused, "ProduceFailed")
         first = len(batch.outputs)
         self._decide(part, msg, batch, now)
@@ -208,9 +210,7 @@ class Decider:
         if value is None:
             return self._dead_letter(batch, msg, "the inbox record has no value", "EmptyRecord")
         if len(value) > MAX_RECORD_BYTES:
-            return self._dead_letter(
-                batch, msg, f"record of {len(value)} bytes exceeds {MAX_RECORD_BYTES}", "Oversized"
-            )
+            return self._oversized(part, msg, value, batch, now)
         try:
             envelope = codec.decode(value)
         except CodecError as exc:
@@ -249,20 +249,20 @@ class Decider:
             if state.workflow_type == msg_env.workflow_type and state.input == msg_env.input:
                 return  # the same start again: the workflow that runs is the answer
             return self._reject(
-                batch, msg, msg_env, "WorkflowIdConflict",
+                batch, msg, msg_env, Rejection.WORKFLOW_ID_CONFLICT,
                 f"workflow {wf} exists as {state.workflow_type} with other input",
             )  # fmt: skip
         definition = self.registry.get(msg_env.workflow_type)
         if definition is None:
             return self._reject(
-                batch, msg, msg_env, "UnknownWorkflowType",
+                batch, msg, msg_env, Rejection.UNKNOWN_WORKFLOW_TYPE,
                 f"unknown workflow type {msg_env.workflow_type!r}; this node runs: "
                 + ", ".join(self.registry.names()),
             )  # fmt: skip
         try:
             from_payload(msg_env.input, definition.input_type)
         except PayloadError as exc:
-            return self._reject(batch, msg, msg_env, "InvalidInput", str(exc))
+            return self._reject(batch, msg, msg_env, Rejection.INVALID_INPUT, str(exc))
         cached = part.new(wf)
         trace = msg_env.trace
         if self.tracer is not None:
@@ -272,6 +272,37 @@ class Decider:
         if self.metrics is not None:
             self.metrics.workflows_started.inc()
         self._record(part, cached, events, batch, now)
+
+    def _oversized(
+        self, part: Partition, msg: InboxRecord, value: bytes, batch: Batch, now: int
+    ) -> None:
+        """A record over the inbox limit is parked; whoever waits on it hears of it: a start
+        gets its FAILED result, an activity reply fails its attempt (the saga moves on)."""
+        reason = f"record of {len(value)} bytes exceeds {MAX_RECORD_BYTES}"
+        try:
+            envelope = codec.decode(value)
+        except CodecError:
+            envelope = None
+        if isinstance(envelope, StartWorkflow) and envelope.workflow_id:
+            return self._reject(batch, msg, envelope, Rejection.OVERSIZED, reason)
+        self._dead_letter(batch, msg, reason, Rejection.OVERSIZED)
+        if isinstance(envelope, ActivityReply):
+            if partition_for(envelope.workflow_id, self.settings.partitions) != part.number:
+                return  # not this partition's workflow: parked, and nothing else to do here
+            failure = envelope.model_copy(
+                update={
+                    "outcome": ReplyOutcome.BUSINESS_FAILURE,
+                    "result": None,
+                    "error": ErrorInfo(
+                        type="PayloadTooLarge",
+                        message=f"the reply was {reason}: return less, e.g. a reference",
+                    ),
+                }
+            )
+            cached = self._live(part, failure.workflow_id, batch, now)
+            if cached is not None:
+                with contextlib.suppress(UnknownActivity):
+                    self._record(part, cached, cached.run.on_reply(failure, now), batch, now)
 
     def _reject(
         self, batch: Batch, msg: InboxRecord, start: StartWorkflow, error_type: str, reason: str

@@ -25,8 +25,8 @@ from contracts.envelopes import (
 )
 from orchestrator import workflow
 from orchestrator._engine.decide import Counters
-from orchestrator.client import Client
-from orchestrator.errors import WorkflowFailedError
+from orchestrator.client import Client, PayloadTooLarge
+from orchestrator.errors import UnknownWorkflow, WorkflowFailedError
 from orchestrator.kafka_config import consumer_config, producer_config
 from orchestrator.partitioner import partition_for
 from orchestrator.payloads import to_payload
@@ -433,3 +433,22 @@ def test_records_no_node_wrote_on_the_history_are_skipped_and_repaired(stack: St
     _wait_for(lambda: _latest_values(settings).get(b"forged", b"") is None)
     assert _latest_values(settings)[victim_key] == original
     assert stack.client.describe("victim").status == WorkflowStatus.COMPLETED
+
+
+def test_a_rejected_start_does_not_mask_a_valid_start_with_the_same_id(stack: Stack) -> None:
+    """Before: the valid workflow's handle, get_handle and `orchestrator result` all reported the
+    earlier start's UnknownWorkflowType rejection."""
+    bad = stack.client.start("no-such-type", Trip(), workflow_id="reused")
+    with pytest.raises(WorkflowFailedError) as rejected:
+        bad.result(TripResult, timeout=20)
+    assert rejected.value.error_type == "UnknownWorkflowType"
+    good = stack.client.start("trip", Trip(), workflow_id="reused")
+    assert len(good.result(TripResult, timeout=30).refs) == 3
+    assert len(stack.client.get_handle("reused").result(TripResult, timeout=30).refs) == 3
+
+
+def test_a_start_over_the_inbox_limit_is_refused_by_the_client(stack: Stack) -> None:
+    with pytest.raises(PayloadTooLarge, match="over the 524288 bytes"):
+        stack.client.start("trip", {"pad": "x" * 600_000}, workflow_id="too-large")
+    with pytest.raises(UnknownWorkflow):
+        stack.client.describe("too-large", timeout=3)

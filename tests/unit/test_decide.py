@@ -379,3 +379,24 @@ def test_code_that_disagrees_with_a_history_blocks_it_keeps_its_inputs_and_resum
     done = v1.feed(reply(wf, 3), wf.encode())
     assert [r.status for r in results(done)] == [WorkflowStatus.COMPLETED]
     v1.close()
+
+
+def test_an_oversized_start_gets_a_failed_result(core: Core) -> None:
+    batch = core.feed(start("big", payload={"pad": "x" * (MAX_RECORD_BYTES + 10)}), b"big")
+    assert [d.error_type for d in letters(batch)] == ["Oversized"]
+    assert [r.error.type for r in results(batch) if r.error] == ["Oversized"]
+
+
+def test_an_oversized_reply_fails_its_attempt_and_the_saga_moves_on(core: Core) -> None:
+    core.feed(start("wf-1"), b"wf-1")
+    big = codec.encode(ActivityReply(
+        workflow_id="wf-1", seq=1, attempt=1, idempotency_key="wf-1/1",
+        outcome=ReplyOutcome.SUCCESS, sent_at_ms=NOW,
+        result=to_payload(Done(n=1, ref="x" * (MAX_RECORD_BYTES + 10))),
+    ))  # fmt: skip
+    batch = core.feed(big, b"wf-1")
+    assert [d.error_type for d in letters(batch)] == ["Oversized"]
+    history = [codec.decode_as(o.value or b"", HistoryEvent).event for o in on(batch, "ns.history")]
+    failed = [e for e in history if e.kind == "ActivityFailed"]
+    assert failed and failed[0].error.type == "PayloadTooLarge"
+    assert [r.status for r in results(batch)] == [WorkflowStatus.FAILED]
