@@ -837,12 +837,14 @@ class Client:
                     latest = found
                 if caught_up and latest is not None:
                     return latest
-        if last_rejection is not None and request_id is None:
-            return last_rejection  # nothing ran under this id: its last start was refused
+        rejection = ""
+        if last_rejection is not None and last_rejection.error is not None:
+            error = last_rejection.error
+            rejection = f" (a start with this id was refused: {error.type}: {error.message})"
         raise TimeoutError(
             f"no result for workflow {workflow_id!r} on {topic} [{partition}] within "
             f"{timeout:g}s: it is still running, or no orchestrator serves namespace "
-            f"{self.settings.namespace!r}"
+            f"{self.settings.namespace!r}{rejection}"
         )
 
 

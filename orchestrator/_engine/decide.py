@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 MAX_RECORD_BYTES = MAX_INBOX_RECORD_BYTES
 MAX_WORKFLOW_ID = 256
 _FORWARDED_HEADERS = frozenset({"traceparent", "tracestate"})
+FORWARDED_FROM = "saga-forwarded-from"  # header of a record moved to its workflow's partition
 _RETENTION_EVERY_MS = 5_000  # retention scans every summary: not every turn
 
 InboxRecord = SourceRecord
@@ -108,6 +109,15 @@ class Counters:
     transactions: int = 0
     aborted_transactions: int = 0
     restores: list[RestoreReport] = field(default_factory=list)
+
+
+def _header(msg: InboxRecord, name: str) -> bytes | None:
+    found = msg.headers() or []
+    pairs = found.items() if isinstance(found, dict) else found
+    for key, value in pairs:
+        if key == name:
+            return value.encode() if isinstance(value, str) else value
+    return None
 
 
 def _as_start(value: bytes | None) -> StartWorkflow | None:
@@ -527,9 +537,15 @@ class Decider:
         headers: list[tuple[str, str | bytes | None]] = [
             (name, value) for name, value in pairs if name in _FORWARDED_HEADERS
         ]
+        # Where it came from, so a dead letter of the moved copy names the original record.
+        origin = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+        headers.append((FORWARDED_FROM, origin))
         batch.outputs.append(Out(self.settings.inbox, wf.encode(), value, home, headers or None))
 
     def _dead_letter(self, batch: Batch, msg: InboxRecord, reason: str, error_type: str) -> None:
+        origin = _header(msg, FORWARDED_FROM)
+        if origin is not None:
+            reason = f"{reason} (forwarded from {origin.decode(errors='replace')})"
         self.counters.dead_letters += 1
         if self.metrics is not None:
             self.metrics.dead_letters.inc()

@@ -438,11 +438,16 @@ class Evidence:
     describe: Callable[[str], str]  # a workflow's status as describe() sees it
 
     def at(self, where: Where) -> DeadLetter | None:
+        """The letter of the record at ``where``, or of its forwarded copy (a record on another
+        partition than its workflow's is moved there first: its letter names the original)."""
+        topic, partition, offset = where
+        forwarded = f"forwarded from {topic}[{partition}]@{offset}"
         return next(
             (
                 d
                 for d in self.letters
                 if (d.source_topic, d.source_partition, d.source_offset) == where
+                or forwarded in d.reason
             ),
             None,
         )

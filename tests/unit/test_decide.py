@@ -247,7 +247,10 @@ def test_a_record_on_another_partition_than_its_workflow_is_forwarded(core: Core
     batch = core.feed(start("wf-1"), None, partition=elsewhere)
     (forward,) = batch.outputs
     assert (forward.topic, forward.key, forward.partition) == ("ns.inbox", b"wf-1", home)
-    assert forward.headers == [("traceparent", b"00-abc")]
+    assert forward.headers == [
+        ("traceparent", b"00-abc"),
+        ("saga-forwarded-from", f"ns.inbox[{elsewhere}]@1"),
+    ]
     assert batch.offsets == {elsewhere: 2}
     assert core.counters.forwarded == 1
     assert core.parts[elsewhere].get("wf-1") is None  # nothing started on the wrong partition
