@@ -29,6 +29,7 @@ from orchestrator.errors import (
     UnknownWorkflow,
     WorkflowCancelled,
     WorkflowFailedError,
+    WorkflowFailure,
     WorkflowIdConflict,
 )
 from orchestrator.node import OrchestratorNode
@@ -56,6 +57,7 @@ __all__ = [
     "WorkflowContext",
     "WorkflowDescription",
     "WorkflowFailedError",
+    "WorkflowFailure",
     "WorkflowHandle",
     "WorkflowIdConflict",
     "WorkflowRegistry",

@@ -154,3 +154,13 @@ class DeterminismViolation(Exception):
     """Workflow code called something nondeterministic (the clock, ``random``, a sleep, I/O, a
     thread) directly; the message names the call, the line and the ``ctx`` equivalent. The
     workflow fails with it, like with any other error in its code."""
+
+
+class WorkflowFailure(OrchestratorError):
+    """Raise it in workflow code to fail the workflow on purpose (its saga compensates first);
+    ``error_type`` names the failure in the result. An exception that is not deliberate (see
+    docs/workflows.md, "Blocked workflows") is taken for a bug and blocks the workflow instead."""
+
+    def __init__(self, message: str, *, error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.error_type = error_type or type(self).__name__

@@ -460,6 +460,12 @@ class Decider:
                     seconds = (event.recorded_at_ms - act.attempt_started_ms) / 1000
                     self.metrics.step(act.name, body.kind, seconds)
         batch.touched[(part.number, run.state.workflow_id)] = cached
+        if run.broken is not None and run.state.blocked is None and not run.finished:
+            # The code broke on what was just recorded (a bug in it): nothing it asked for in
+            # that step was sent; the workflow waits, BLOCKED, for code that goes on.
+            log.error("workflow %s is BLOCKED: %s", run.state.workflow_id, run.broken)
+            self.counters.blocked += 1
+            self._record(part, cached, run.block(now, self._code_version), batch, now)
 
     def _send_command(
         self, part: Partition, cached: Cached, seq: int, batch: Batch, now: int

@@ -14,6 +14,8 @@ import hashlib
 import inspect
 import random
 import sys
+import sysconfig
+import traceback
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
@@ -54,9 +56,12 @@ from contracts.envelopes import (
 from orchestrator.errors import (
     ActivityError,
     AsyncioInWorkflow,
+    BusinessError,
     CompensationFailed,
+    DeterminismViolation,
     NonDeterminismError,
     WorkflowCancelled,
+    WorkflowFailure,
 )
 from orchestrator.payloads import PayloadError, from_payload, to_payload
 from orchestrator.workflow import (
@@ -216,6 +221,41 @@ def _call_site() -> str:
 
 _ENGINE_FILES = {__file__}
 
+# What an exception escaping workflow code may be on purpose: an activity's failure the code does
+# not catch, a cancel, a compensation that gave up, a failure raised deliberately, a misuse of
+# the API the engine reports (TypeError, AsyncioInWorkflow, DeterminismViolation), bad input or
+# output. It ends the workflow. Anything else (AttributeError, KeyError, ...) is a bug that new
+# code can fix: the workflow is BLOCKED, nothing of that step is sent, its inputs are kept.
+_DELIBERATE = (
+    ActivityError,
+    WorkflowCancelled,
+    CompensationFailed,
+    WorkflowFailure,
+    BusinessError,
+    TypeError,
+    DeterminismViolation,
+    PayloadError,
+)
+
+
+_LIBRARY_DIRS = tuple(
+    {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+)
+
+
+class CodeBug(Exception):
+    """An exception from workflow code that was not deliberate, with where it was raised."""
+
+
+def _as_bug(exc: BaseException) -> CodeBug:
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if f.filename not in _ENGINE_FILES and not f.filename.startswith(_LIBRARY_DIRS)
+    ]
+    where = f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    return CodeBug(f"workflow code raised {type(exc).__name__}: {exc}{where}")
+
 
 class _SagaImpl(Saga):
     def __init__(self, ctx: _Context) -> None:
@@ -250,7 +290,8 @@ class _SagaImpl(Saga):
         current = run._current  # None when a coroutine left suspended is garbage-collected
         if current is not None and self in current.sagas:
             current.sagas.remove(self)
-        if exc is None or not isinstance(exc, Exception):
+        if exc is None or not isinstance(exc, Exception) or not isinstance(exc, _DELIBERATE):
+            # A bug is not a failure of the saga: nothing is undone, the workflow blocks.
             self._open = False
             return False
         task = run._task()
@@ -813,7 +854,9 @@ class WorkflowRun:
             with suppress(RuntimeError):
                 orphan.coro.close()
         self._tasks.clear()
-        if error is not None:
+        if error is not None and not isinstance(error, _DELIBERATE):
+            self._break(_as_bug(error))
+        elif error is not None:
             self._finish_error(error)
         else:
             self._finish_ok(value)
@@ -852,7 +895,11 @@ class WorkflowRun:
             status = WorkflowStatus.COMPENSATED
         else:
             status = WorkflowStatus.FAILED
-        error_type = exc.error_type if isinstance(exc, ActivityError) else type(exc).__name__
+        error_type = (
+            exc.error_type
+            if isinstance(exc, ActivityError | WorkflowFailure | BusinessError)
+            else type(exc).__name__
+        )
         self._command(
             WorkflowFailed(status=status, error=ErrorInfo(type=error_type, message=str(exc)))
         )

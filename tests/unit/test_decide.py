@@ -25,12 +25,24 @@ from orchestrator import workflow
 from orchestrator._engine.decide import MAX_RECORD_BYTES, Batch, Counters, Decider, Out
 from orchestrator._engine.partition import Partition
 from orchestrator._engine.restore import RestoreReport
+from orchestrator.errors import WorkflowFailure
 from orchestrator.partitioner import partition_for
 from orchestrator.payloads import to_payload
 from orchestrator.settings import Settings
 from orchestrator.workflow import WorkflowContext, WorkflowRegistry
 
-from .sagas import Done, Step, ThreeSteps, Trip, TripResult, WaitsForSignal, step_a, step_b, step_c
+from .sagas import (
+    Done,
+    Step,
+    ThreeSteps,
+    Trip,
+    TripResult,
+    WaitsForSignal,
+    step_a,
+    step_b,
+    step_c,
+    undo_a,
+)
 
 PARTITIONS = 3
 NOW = 1_700_000_000_000
@@ -403,3 +415,66 @@ def test_an_oversized_reply_fails_its_attempt_and_the_saga_moves_on(core: Core) 
     failed = [e for e in history if e.kind == "ActivityFailed"]
     assert failed and failed[0].error.type == "PayloadTooLarge"
     assert [r.status for r in results(batch)] == [WorkflowStatus.FAILED]
+
+
+@workflow.defn(name="three-steps")
+class ThreeStepsWithABug:
+    """A deploy with a bug after the first step."""
+
+    @workflow.run
+    async def run(self, ctx: WorkflowContext, trip: Trip) -> TripResult:
+        async with ctx.saga() as saga:
+            a = await ctx.call(step_a, Step(n=1))
+            saga.on_failure(undo_a, Step(n=1))
+            ctx.call(step_b, Step(n=2))  # asked for, never sent: the bug below ends the step
+            return TripResult(refs=[a.ref, trip.no_such_field], at="", token="")  # type: ignore[attr-defined]
+        raise AssertionError("not reached")
+
+
+@workflow.defn(name="three-steps")
+class ThreeStepsThatGiveUp:
+    @workflow.run
+    async def run(self, ctx: WorkflowContext, trip: Trip) -> TripResult:
+        async with ctx.saga() as saga:
+            await ctx.call(step_a, Step(n=1))
+            saga.on_failure(undo_a, Step(n=1))
+            raise WorkflowFailure("the trip is off", error_type="TripOff")
+        raise AssertionError("not reached")
+
+
+def test_a_bug_in_workflow_code_blocks_it_without_compensating_and_fixed_code_resumes(
+    tmp_path: Path,
+) -> None:
+    wf, home = "buggy", partition_for("buggy", PARTITIONS)
+    buggy = Core(tmp_path, workflows=(ThreeStepsWithABug,))
+    buggy.commit(buggy.feed(start(wf), wf.encode()))
+    blocked = buggy.feed(reply(wf, 1), wf.encode())
+    buggy.commit(blocked)
+    assert kinds(blocked) == ["ActivityCompleted", "WorkflowBlocked"]
+    assert blocked.outputs[-1].topic == "ns.history"  # no undo, no b: nothing was sent
+    assert not on(blocked, "svc-a.commands") and not on(blocked, "svc-b.commands")
+    block = codec.decode_as(on(blocked, "ns.history")[1].value or b"", HistoryEvent).event
+    assert isinstance(block, WorkflowBlocked) and block.error is not None
+    assert block.error.type == "CodeBug"
+    assert "AttributeError" in block.error.message and "test_decide.py" in block.error.message
+    buggy.close()
+
+    fixed = Core(tmp_path)
+    fixed.decider.restored(RestoreReport(home, 0, 0, 0.0))
+    woken = Batch()
+    fixed.decider.wake_blocked(fixed.parts, woken, NOW)
+    assert kinds(woken) == ["WorkflowBlocked", "ActivityScheduled"]
+    assert len(on(woken, "svc-b.commands")) == 1
+    fixed.close()
+
+
+def test_a_deliberate_failure_still_compensates_and_fails(tmp_path: Path) -> None:
+    core = Core(tmp_path, workflows=(ThreeStepsThatGiveUp,))
+    core.feed(start("off"), b"off")
+    batch = core.feed(reply("off", 1), b"off")
+    assert len(on(batch, "svc-a.commands")) == 1  # the undo
+    done = core.feed(reply("off", 2), b"off")
+    (result,) = results(done)
+    assert result.status == WorkflowStatus.COMPENSATED
+    assert result.error is not None and result.error.type == "TripOff"
+    core.close()

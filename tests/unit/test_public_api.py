@@ -26,6 +26,7 @@ def test_the_exported_names_are_pinned() -> None:
         "WorkflowContext",
         "WorkflowDescription",
         "WorkflowFailedError",
+        "WorkflowFailure",
         "WorkflowHandle",
         "WorkflowIdConflict",
         "WorkflowRegistry",
