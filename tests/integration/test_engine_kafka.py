@@ -372,7 +372,8 @@ def test_a_record_whose_output_the_producer_refuses_is_dead_lettered_not_retried
     )
     producer.flush(10)
     with pytest.raises(WorkflowFailedError) as failed:
-        stack.client.get_handle("too-big").result(TripResult, timeout=30)
+        # The rejection answers the start that was refused (its request id), as a handle has it.
+        stack.client.result("too-big", TripResult, timeout=30, request_id="req-too-big")
     assert failed.value.error_type == "ProduceFailed"
     assert len(stack.run(Trip(), "beside-too-big").refs) == 3
     letters = [d for d in stack.dead_letters() if d.error_type == "ProduceFailed"]
