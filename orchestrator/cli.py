@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -117,6 +117,15 @@ def _client(ctx: click.Context) -> Iterator[Client]:
         click.echo(f"rejected: {exc}", err=True)
         ctx.exit(EXIT_FAILURE)
     except (OrchestratorError, PayloadError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@contextmanager
+def _one_line() -> Iterator[None]:
+    """Our errors as one `Error:` line and exit 1, not a traceback."""
+    try:
+        yield
+    except OrchestratorError as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -505,6 +514,86 @@ def describe(ctx: click.Context, workflow_id: str, as_json: bool, timeout: float
         click.echo(_dump(description.to_dict()))
     else:
         click.echo(render_description(description))
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+@main.group()
+def dlq() -> None:
+    """Read the dead-letter topic and replay letters once their cause is fixed."""
+
+
+_DLQ_TOPIC = click.option(
+    "--topic", default=None, help="a dead-letter topic other than <namespace>.dlq (a service's)"
+)
+
+
+@dlq.command("list")
+@_DLQ_TOPIC
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per letter")
+@click.pass_context
+def dlq_list(ctx: click.Context, topic: str | None, as_json: bool) -> None:
+    """One line per dead letter: where it is, when, its error type, its source and reason."""
+    from orchestrator.dlq import read_letters
+
+    with _one_line():
+        letters = read_letters(_settings(ctx), topic=topic)
+    for found in letters:
+        letter = found.letter
+        source = f"{letter.source_topic}[{letter.source_partition}]@{letter.source_offset}"
+        if as_json:
+            click.echo(json.dumps({"where": found.where, "error_type": letter.error_type,
+                                   "source": source, "reason": letter.reason,
+                                   "failed_at_ms": letter.failed_at_ms}))  # fmt: skip
+            continue
+        when = datetime.fromtimestamp(letter.failed_at_ms / 1000, UTC).isoformat(timespec="seconds")
+        click.echo(
+            f"{found.where:10} {when}  {letter.error_type:22} {source}  {letter.reason[:90]}"
+        )
+
+
+@dlq.command("show")
+@click.argument("where", metavar="PARTITION:OFFSET")
+@_DLQ_TOPIC
+@click.pass_context
+def dlq_show(ctx: click.Context, where: str, topic: str | None) -> None:
+    """Everything a letter holds, with its record decoded when it is one of ours."""
+    from contracts import codec
+    from orchestrator.dlq import find_letter
+
+    with _one_line():
+        found = find_letter(_settings(ctx), where, topic=topic)
+    letter = found.letter
+    rows = {
+        "letter": f"{found.topic}[{found.partition}]@{found.offset}",
+        "source": f"{letter.source_topic}[{letter.source_partition}]@{letter.source_offset}",
+        "error_type": letter.error_type,
+        "reason": letter.reason,
+        "key": (letter.key or b"").decode(errors="replace"),
+        "value_bytes": len(letter.value or b""),
+    }
+    try:
+        rows["record"] = codec.decode(letter.value or b"").model_dump(mode="json")
+    except codec.CodecError as exc:
+        rows["record"] = f"(not decodable: {exc})"
+    click.echo(_dump(rows))
+
+
+@dlq.command("replay")
+@click.argument("where", metavar="PARTITION:OFFSET")
+@_DLQ_TOPIC
+@click.option("--to", "to_topic", default=None, help="another topic than the letter's source")
+@click.pass_context
+def dlq_replay(ctx: click.Context, where: str, topic: str | None, to_topic: str | None) -> None:
+    """Produce the letter's original record again, to where it came from (after a fix)."""
+    from orchestrator.dlq import find_letter, replay
+
+    settings = _settings(ctx)
+    with _one_line():
+        found = find_letter(settings, where, topic=topic)
+        target = replay(settings, found, to_topic=to_topic)
+    click.echo(f"replayed {found.where} ({found.letter.error_type}) to {target}")
 
 
 # --------------------------------------------------------------------------- history, replay
