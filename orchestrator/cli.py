@@ -154,6 +154,7 @@ def _json_option(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kafka-saga-orchestrator", prog_name="orchestrator")
 @click.option("--bootstrap", help="Kafka bootstrap servers [env: KAFKA_BOOTSTRAP_SERVERS]")
 @click.option("--namespace", help="topic prefix of the orchestrator [env: SAGA_NAMESPACE]")
 @click.option("--partitions", type=int, help="partitions of inbox/history [env: SAGA_PARTITIONS]")

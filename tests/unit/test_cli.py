@@ -354,3 +354,11 @@ def test_a_locked_state_dir_is_one_line_from_run(
     (line,) = [x for x in out.output.splitlines() if x.startswith("Error:")]
     assert f"the state dir {tmp_path / 'saga' / 'p0'} is in use by another process" in line
     assert "Traceback" not in out.output
+
+
+def test_version_names_the_installed_distribution() -> None:
+    from importlib.metadata import version
+
+    out = CliRunner().invoke(main, ["--version"])
+    assert out.exit_code == 0, out.output
+    assert out.output.strip() == f"orchestrator, version {version('kafka-saga-orchestrator')}"
