@@ -4,8 +4,6 @@ lost; signals sent to them meanwhile are kept; rolling back (or fixing) the code
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -22,11 +20,8 @@ from .kit import (
     ThreadStack,
     Trip,
     TripResult,
-    build,
-    create_topics,
-    settings_for,
 )
-from .test_engine_kafka import Stack
+from .stack import Stack
 
 pytestmark = pytest.mark.broker
 
@@ -46,20 +41,6 @@ def reordered(kit: Kit) -> WorkflowRegistry:
             return TripResult(refs=[first.ref, *(r.ref for r in rest)], approved_by=approval.by)
 
     return WorkflowRegistry([TripV2])
-
-
-@pytest.fixture
-def stack(kafka_bootstrap: str, namespace: str, tmp_path: Path) -> Iterator[Stack]:
-    kit = build(namespace)
-    settings = settings_for(kafka_bootstrap, namespace, tmp_path / "state")
-    create_topics(kit, settings)
-    s = Stack(kit, settings)
-    s.start_services()
-    s.start_node()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _until(what: str, probe: object, timeout: float = 30.0) -> None:

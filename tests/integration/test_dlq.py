@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -21,24 +19,10 @@ from orchestrator.kafka_config import producer_config
 from orchestrator.payloads import to_payload
 from orchestrator.settings import Settings
 
-from .kit import Approval, Trip, TripResult, build, create_topics, settings_for
-from .test_engine_kafka import Stack
+from .kit import Approval, Trip, TripResult
+from .stack import Stack
 
 pytestmark = pytest.mark.broker
-
-
-@pytest.fixture
-def stack(kafka_bootstrap: str, namespace: str, tmp_path: Path) -> Iterator[Stack]:
-    kit = build(namespace)
-    settings = settings_for(kafka_bootstrap, namespace, tmp_path / "state")
-    create_topics(kit, settings)
-    s = Stack(kit, settings)
-    s.start_services()
-    s.start_node()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _cli(settings: Settings, *args: str) -> list[str]:

@@ -4,28 +4,23 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from confluent_kafka import Consumer, Producer
-from pydantic import BaseModel
 
 from contracts import codec
 from contracts.activity import ActivityContract
 from contracts.envelopes import (
     ActivityReply,
     DeadLetter,
-    HistoryEvent,
     ReplyOutcome,
     RetryPolicy,
     StartWorkflow,
     WorkflowStatus,
 )
 from orchestrator import workflow
-from orchestrator._engine.decide import Counters
-from orchestrator.client import Client, PayloadTooLarge
+from orchestrator.client import PayloadTooLarge
 from orchestrator.errors import UnknownWorkflow, WorkflowFailedError
 from orchestrator.kafka_config import consumer_config, producer_config
 from orchestrator.partitioner import partition_for
@@ -36,109 +31,13 @@ from orchestrator.workflow import WorkflowContext
 from .kit import (
     Approval,
     Done,
-    Kit,
     Step,
-    ThreadStack,
     Trip,
     TripResult,
-    build,
-    create_topics,
-    settings_for,
 )
+from .stack import Stack
 
 pytestmark = pytest.mark.broker
-E = TypeVar("E", bound=BaseModel)
-
-
-class Stack(ThreadStack):
-    def __init__(self, kit: Kit, settings: Settings) -> None:
-        super().__init__(kit, settings)
-        self.client = Client(settings)
-
-    def close(self) -> None:
-        super().close()
-        self.client.close()
-
-    def node_counters(self) -> Counters:
-        assert self._node is not None
-        return self._node[2].counters
-
-    def run(self, trip: Trip, workflow_id: str, timeout: float = 30.0) -> TripResult:
-        handle = self.client.start("trip", trip, workflow_id=workflow_id)
-        return handle.result(TripResult, timeout=timeout)
-
-    def history(self, workflow_id: str) -> list[HistoryEvent]:
-        return self._read(self.settings.history, HistoryEvent, workflow_id + "/")
-
-    def tombstones(self, workflow_id: str) -> list[str]:
-        reader = Consumer(
-            consumer_config(
-                self.settings.bootstrap_servers,
-                f"tombstones.{time.monotonic_ns()}",
-                extra={"enable.partition.eof": True},
-            )
-        )
-        reader.subscribe([self.settings.history])
-        keys: list[str] = []
-        eofs: set[int] = set()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and len(eofs) < self.settings.partitions:
-            for msg in reader.consume(500, 0.2):
-                key = (msg.key() or b"").decode()
-                if msg.error() is not None:
-                    eofs.add(msg.partition() or 0)
-                elif msg.value() is None and key.startswith(workflow_id + "/"):
-                    keys.append(key)
-        reader.close()
-        return keys
-
-    def dead_letters(self) -> list[DeadLetter]:
-        return self._read(self.settings.dlq, DeadLetter, "")
-
-    def _read(self, topic: str, kind: type[E], key_prefix: str) -> list[E]:
-        reader = Consumer(
-            consumer_config(
-                self.settings.bootstrap_servers,
-                f"{topic}.reader.{time.monotonic_ns()}",
-                extra={"enable.partition.eof": True},
-            )
-        )
-        reader.subscribe([topic])
-        out: list[E] = []
-        eofs: set[int] = set()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and len(eofs) < self.settings.partitions:
-            for msg in reader.consume(500, 0.2):
-                if msg.error() is not None:
-                    eofs.add(msg.partition() or 0)
-                elif msg.value() and (msg.key() or b"").decode().startswith(key_prefix):
-                    out.append(codec.decode_as(msg.value() or b"", kind))
-            if topic == self.settings.dlq and out:
-                break
-        reader.close()
-        return out
-
-
-@pytest.fixture
-def stack_settings(
-    kafka_bootstrap: str, namespace: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> Settings:
-    extra = getattr(request, "param", {})
-    return settings_for(kafka_bootstrap, namespace, tmp_path / "state", **extra)
-
-
-@pytest.fixture
-def stack(stack_settings: Settings, namespace: str) -> Iterator[Stack]:
-    kit = build(namespace)
-    settings = stack_settings
-    create_topics(kit, settings)
-    s = Stack(kit, settings)
-    s.start_services()
-    s.start_node()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def test_three_step_saga_completes(stack: Stack) -> None:

@@ -18,8 +18,9 @@ from orchestrator.errors import WorkflowFailedError
 from orchestrator.payloads import from_payload
 from orchestrator.workflow import Compensation, WorkflowContext
 
-from .kit import Done, Step, TripResult, build, create_topics, settings_for
-from .test_engine_kafka import Stack, _wait_for
+from .kit import Done, Step, TripResult, build, settings_for
+from .stack import Stack, running_stack
+from .test_engine_kafka import _wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -71,14 +72,8 @@ def stack(kafka_bootstrap: str, namespace: str, tmp_path: Path) -> Iterator[Stac
     kit = build(namespace)
     kit.registry.add(_legs_workflow(namespace))
     settings = settings_for(kafka_bootstrap, namespace, tmp_path / "state")
-    create_topics(kit, settings)
-    s = Stack(kit, settings)
-    s.start_services()
-    s.start_node()
-    try:
-        yield s
-    finally:
-        s.close()
+    with running_stack(kit, settings) as running:
+        yield running
 
 
 def _effects(stack: Stack, wf: str) -> dict[str, int]:
