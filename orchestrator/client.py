@@ -14,20 +14,26 @@ What goes over the wire (see ``docs/client.md``):
   partition), with an idempotent producer, and return once the broker has acknowledged it.
 * ``result`` reads the workflow's partition of ``<ns>.results`` from the beginning
   (``read_committed``, assigned, never committing offsets) until the workflow's result shows up.
-* ``describe`` reads the workflow's partition of ``<ns>.history`` up to its end and folds the
-  workflow's events. It scans a whole partition: fine for operators and tests, not a hot path.
+* ``describe`` asks the node that owns the workflow's partition (found on ``<ns>.nodes``) for
+  its events, and when no node answers reads the workflow's partition of ``<ns>.history`` up to
+  its end and folds the workflow's events (a whole partition: fine for operators and tests, not
+  a hot path). It also looks for dead letters keyed by the workflow id on ``<ns>.dlq``.
+* ``list`` and ``counts`` ask every node registered on ``<ns>.nodes`` (its query API,
+  ``orchestrator.visibility``) and merge the answers.
 
 confluent-kafka stays private to this module; callers deal in envelopes, payloads and our errors.
 """
 
 from __future__ import annotations
 
+import builtins
+import dataclasses
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,7 +51,7 @@ from confluent_kafka import (
 from opentelemetry.trace import Span, Tracer, TracerProvider
 from pydantic import BaseModel
 
-from contracts.codec import CodecError, decode_as, encode
+from contracts.codec import CodecError, decode, decode_as, encode
 from contracts.envelopes import (
     ActivityAttemptFailed,
     ActivityAttemptStarted,
@@ -54,6 +60,7 @@ from contracts.envelopes import (
     ActivityScheduled,
     CancelRequested,
     CancelWorkflow,
+    DeadLetter,
     ErrorInfo,
     HistoryEvent,
     LateReplyIgnored,
@@ -74,6 +81,7 @@ from contracts.envelopes import (
 )
 from contracts.limits import MAX_INBOX_RECORD_BYTES
 from orchestrator._engine.state import fold
+from orchestrator._fanout import NodeAnswerError, merged_counts, merged_list, node_detail
 from orchestrator.errors import (
     UNREACHABLE_HINT,
     KafkaUnavailable,
@@ -84,17 +92,27 @@ from orchestrator.errors import (
     WorkflowIdConflict,
 )
 from orchestrator.kafka_config import consumer_config, producer_config, unreachable
+from orchestrator.nodes import parse_node_record
 from orchestrator.partitioner import partition_for
 from orchestrator.payloads import JSON, NULL, from_payload, to_payload
 from orchestrator.settings import Settings
 from orchestrator.tracing import INSTRUMENTATION, client_start_span
+from orchestrator.visibility import (
+    DEFAULT_LIMIT,
+    ListQuery,
+    NodeRecord,
+    WorkflowCounts,
+    WorkflowPage,
+)
 
 __all__ = [
     "Client",
     "ClientError",
     "ClientUnreachable",
+    "DeadLetterInfo",
     "DeliveryFailed",
     "EventSummary",
+    "NoNodes",
     "WorkflowDescription",
     "WorkflowHandle",
 ]
@@ -119,6 +137,7 @@ _TRANSIENT = frozenset(
     }
 )
 _PREVIEW_MAX = 60
+_NODES_TTL_S = 5.0  # how long Client.nodes trusts what it read of <ns>.nodes
 
 
 class ClientError(OrchestratorError):
@@ -131,6 +150,11 @@ class PayloadTooLarge(ClientError):
 
 class ClientUnreachable(ClientError, KafkaUnavailable):
     """No broker answered at the bootstrap servers."""
+
+
+class NoNodes(ClientError):
+    """No orchestrator node of the namespace answered a list or count (none registered, or
+    none reachable)."""
 
 
 class DeliveryFailed(ClientError):
@@ -231,6 +255,13 @@ class WorkflowDescription:
     blocked: ErrorInfo | None = None
     """Set while the workflow is BLOCKED: its code cannot go on with its history (a deploy that
     changed it); ``status`` stays RUNNING and its inputs are kept (docs/workflows.md)."""
+    source: str = "history"
+    """Where the events came from: ``node <id>`` (the owning node's state) or ``history`` (a
+    scan of the history partition, when no node answered)."""
+    dead_letters: tuple[DeadLetterInfo, ...] | None = None
+    """Dead letters keyed by this workflow's id on ``<ns>.dlq`` (inputs the node could not
+    apply: a signal before the start, a record it could not decode, ...); None when the
+    dead-letter topic was not read."""
 
     @property
     def finished(self) -> bool:
@@ -262,11 +293,28 @@ class WorkflowDescription:
             "error": self.error.model_dump() if self.error else None,
             "blocked": self.blocked.model_dump() if self.blocked else None,
             "complete": self.complete,
+            "source": self.source,
+            "dead_letters": None
+            if self.dead_letters is None
+            else [vars(letter) for letter in self.dead_letters],
             "events": [
                 {"seq": e.seq, "time": _iso(e.time), "kind": e.kind, "summary": e.summary}
                 for e in self.events
             ],
         }
+
+
+@dataclass(frozen=True)
+class DeadLetterInfo:
+    """A dead letter addressed to a workflow: where it is (``orchestrator dlq show WHERE``),
+    what it was, and why it could not be applied."""
+
+    where: str  # PARTITION:OFFSET on the dead-letter topic
+    error_type: str
+    reason: str
+    failed_at_ms: int
+    source: str  # topic[partition]@offset of the original record
+    kind: str  # the original record's type (StartWorkflow, SignalWorkflow, ...) or "?"
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -391,6 +439,7 @@ class Client:
         self._producer: Producer | None = None
         self._partitions: dict[str, int] = {}
         self._closed = False
+        self._nodes_cache: tuple[float, list[NodeRecord]] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -547,38 +596,131 @@ class Client:
             )
         raise WorkflowFailedError(workflow_id, found.status.value, error.type, error.message)
 
-    def describe(self, workflow_id: str, *, timeout: float = 10.0) -> WorkflowDescription:
-        """The workflow's state and timeline, folded from its events on ``<ns>.history``.
+    def describe(
+        self, workflow_id: str, *, timeout: float = 10.0, dead_letters: bool = True
+    ) -> WorkflowDescription:
+        """The workflow's state and timeline, folded from its events.
 
-        Reads the workflow's whole history partition (every workflow of that partition) from the
-        beginning to the end it had when the call began: meant for operators and tests, not for
-        a hot path. Raises :class:`~orchestrator.errors.UnknownWorkflow` if the partition holds
-        no event of ``workflow_id`` (never started, or its history expired), ``TimeoutError`` if
-        the partition could not be read within ``timeout`` seconds.
+        Asks the node that owns the workflow's partition first (its local state; ``source`` is
+        ``node <id>``); when no node answers, reads the workflow's whole history partition from
+        the beginning to the end it had when the call began (``source`` is ``history``). With
+        ``dead_letters``, also reads ``<ns>.dlq`` for letters keyed by the workflow id (best
+        effort: ``dead_letters`` is None if it could not be read in time). Raises
+        :class:`~orchestrator.errors.UnknownWorkflow` if there is no event of ``workflow_id``
+        (never started, or its history expired), ``TimeoutError`` if the partition could not be
+        read within ``timeout`` seconds.
         """
-        ordered = self.history(workflow_id, timeout=timeout)
-        prefix_run = []
-        for expected, event in enumerate(ordered, start=1):
-            if event.event_seq != expected:
-                break
-            prefix_run.append(event)
-        state = fold(workflow_id, prefix_run)
-        return WorkflowDescription(
-            workflow_id=workflow_id,
-            workflow_type=state.workflow_type,
-            status=state.status,
-            current_step=state.current_step,
-            started_at=_time(state.started_at_ms) if state.status is not None else None,
-            finished_at=_time(state.finished_at_ms) if state.finished_at_ms is not None else None,
-            input=state.input,
-            result=state.result,
-            error=state.error,
-            request_id=state.request_id,
-            cancel_requested=state.cancel_requested,
-            events=_summaries(ordered),
-            complete=len(prefix_run) == len(ordered),
-            blocked=state.blocked if not state.finished else None,
+        _check_id(workflow_id)
+        deadline = time.monotonic() + timeout
+        source = "history"
+        ordered: list[HistoryEvent] | None = None
+        asked = self._describe_via_node(workflow_id, deadline)
+        if asked is not None:
+            source, ordered = asked
+            if ordered is None:
+                raise UnknownWorkflow(
+                    f"no workflow {workflow_id!r} in namespace {self.settings.namespace!r} "
+                    f"({source} owns its partition and holds none; never started, or its "
+                    "history has expired)"
+                )
+        if ordered is None:
+            ordered = self.history(workflow_id, timeout=max(deadline - time.monotonic(), 1.0))
+        letters = None
+        if dead_letters:
+            letters = self._dead_letters_of(workflow_id, deadline)
+        return dataclasses.replace(
+            describe_events(workflow_id, ordered), source=source, dead_letters=letters
         )
+
+    def _describe_via_node(
+        self, workflow_id: str, deadline: float
+    ) -> tuple[str, list[HistoryEvent] | None] | None:
+        """(``node <id>``, the events, or None if that node owns the partition and holds no
+        such workflow), or None when no node answered."""
+        if workflow_id == "counts":  # that path is the counts endpoint's
+            return None
+        try:
+            nodes = self.nodes(timeout=max(min(deadline - time.monotonic(), 5.0), 0.5))
+            count = self._partition_count(self.settings.inbox, deadline)
+        except (ClientError, TimeoutError) as exc:
+            log.info("describe %s: no node list (%s); reading the history", workflow_id, exc)
+            return None
+        partition = partition_for(workflow_id, count)
+        owners = [n for n in nodes if partition in n.partitions and n.url is not None]
+        for node in owners:
+            try:
+                detail = node_detail(
+                    node, workflow_id, partition, max(min(deadline - time.monotonic(), 5.0), 0.5)
+                )
+            except NodeAnswerError as exc:
+                log.info("describe %s: %s; trying elsewhere", workflow_id, exc)
+                continue
+            where = f"node {node.node_id}"
+            return (where, None) if detail is None else (where, detail.history())
+        return None
+
+    def _dead_letters_of(
+        self, workflow_id: str, deadline: float
+    ) -> tuple[DeadLetterInfo, ...] | None:
+        topic = self.settings.dlq
+        key = workflow_id.encode()
+        letters: list[DeadLetterInfo] = []
+        consumer = self._consumer()
+        try:
+            wait = max(deadline - time.monotonic(), 2.0)
+            count = self._partition_count(topic, time.monotonic() + wait, consumer)
+            # Dead letters keep the original key: murmur2 puts them on the key's partition.
+            tp = TopicPartition(topic, partition_for(workflow_id, count), OFFSET_BEGINNING)
+            consumer.assign([tp])
+            low, high = self._watermarks(consumer, tp, time.monotonic() + wait)
+            if high > low:
+                for msg in _read_to_end(consumer, tp, high, time.monotonic() + wait):
+                    if msg.key() != key or not msg.value():
+                        continue
+                    try:
+                        letter = decode_as(msg.value() or b"", DeadLetter)
+                    except CodecError:
+                        continue
+                    letters.append(_letter_info(msg, letter))
+        except (ClientError, TimeoutError, KafkaException) as exc:
+            log.info("dead letters of %s not read: %s", workflow_id, exc)
+            return None
+        finally:
+            consumer.close()
+        return tuple(letters)
+
+    # -- finding workflows (the nodes' query API) ----------------------------------------
+
+    def nodes(self, *, timeout: float = 10.0) -> list[NodeRecord]:
+        """The nodes registered on ``<ns>.nodes`` (latest record per node id; a node that
+        stopped cleanly is gone; one that died may still be listed). Cached for a few seconds."""
+        cached = self._nodes_cache
+        if cached is not None and time.monotonic() - cached[0] < _NODES_TTL_S:
+            return cached[1]
+        topic = self.settings.topics.nodes
+        deadline = time.monotonic() + timeout
+        found: dict[bytes, NodeRecord] = {}
+        consumer = self._consumer()
+        try:
+            count = self._partition_count(topic, deadline, consumer)
+            for number in range(count):
+                tp = TopicPartition(topic, number, OFFSET_BEGINNING)
+                consumer.assign([tp])
+                low, high = self._watermarks(consumer, tp, deadline)
+                if high <= low:
+                    continue
+                for msg in _read_to_end(consumer, tp, high, deadline):
+                    key, value = msg.key() or b"", msg.value()
+                    record = parse_node_record(value) if value else None
+                    if record is None:
+                        found.pop(key, None)  # a tombstone: the node stopped
+                    else:
+                        found[key] = record
+        finally:
+            consumer.close()
+        nodes = sorted(found.values(), key=lambda n: n.node_id)
+        self._nodes_cache = (time.monotonic(), nodes)
+        return nodes
 
     def history(self, workflow_id: str, *, timeout: float = 10.0) -> list[HistoryEvent]:
         """The events of one workflow on ``<ns>.history``, in sequence order (the same scan as
@@ -846,6 +988,114 @@ class Client:
             f"{timeout:g}s: it is still running, or no orchestrator serves namespace "
             f"{self.settings.namespace!r}{rejection}"
         )
+
+    # -- finding workflows: list and counts --------------------------------------------
+
+    def list(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        type: str | Sequence[str] | None = None,
+        since: datetime | int | None = None,
+        until: datetime | int | None = None,
+        prefix: str | None = None,
+        limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+        timeout: float = 10.0,
+    ) -> WorkflowPage:
+        """A page of workflows of every node, newest start first.
+
+        ``status``/``type``: one or several (any of them matches); ``since``/``until``: bounds
+        of the start time (a datetime or epoch ms, inclusive); ``prefix``: of the workflow id;
+        ``cursor``: the ``next_cursor`` of the previous page (None on the last page). The page
+        says which partitions it covers: ``missing_partitions`` lists those no node answered
+        for, and ``errors`` why. Raises :class:`NoNodes` when no node answered at all,
+        :class:`~orchestrator.visibility.QueryError` for a bad filter.
+        """
+        query = ListQuery.build(
+            status=status,
+            type=type,
+            since_ms=_epoch_ms(since),
+            until_ms=_epoch_ms(until),
+            prefix=prefix,
+            limit=limit,
+            cursor=cursor,
+        )
+        nodes, partitions = self._query_targets(timeout)
+        page = merged_list(nodes, query, partitions, timeout)
+        if not page.partitions and page.errors:
+            raise NoNodes(self._no_nodes(page.errors))
+        return page
+
+    def counts(self, *, timeout: float = 10.0) -> WorkflowCounts:
+        """How many workflows every node holds, by status, by type and by both."""
+        nodes, partitions = self._query_targets(timeout)
+        counts = merged_counts(nodes, partitions, timeout)
+        if not counts.partitions and counts.errors:
+            raise NoNodes(self._no_nodes(counts.errors))
+        return counts
+
+    def _query_targets(self, timeout: float) -> tuple[builtins.list[NodeRecord], int]:
+        nodes = self.nodes(timeout=timeout)
+        if not nodes:
+            raise NoNodes(
+                f"no orchestrator node of namespace {self.settings.namespace!r} is registered "
+                f"on {self.settings.topics.nodes}: is a node running?"
+            )
+        return nodes, self._partition_count(self.settings.inbox, time.monotonic() + timeout)
+
+    def _no_nodes(self, errors: builtins.list[str]) -> str:
+        return (
+            f"no orchestrator node of namespace {self.settings.namespace!r} answered: "
+            + "; ".join(errors)
+        )
+
+
+def describe_events(workflow_id: str, ordered: list[HistoryEvent]) -> WorkflowDescription:
+    """A workflow's description from its events in sequence order (folded up to a gap)."""
+    prefix_run = []
+    for expected, event in enumerate(ordered, start=1):
+        if event.event_seq != expected:
+            break
+        prefix_run.append(event)
+    state = fold(workflow_id, prefix_run)
+    return WorkflowDescription(
+        workflow_id=workflow_id,
+        workflow_type=state.workflow_type,
+        status=state.status,
+        current_step=state.current_step,
+        started_at=_time(state.started_at_ms) if state.status is not None else None,
+        finished_at=_time(state.finished_at_ms) if state.finished_at_ms is not None else None,
+        input=state.input,
+        result=state.result,
+        error=state.error,
+        request_id=state.request_id,
+        cancel_requested=state.cancel_requested,
+        events=_summaries(ordered),
+        complete=len(prefix_run) == len(ordered),
+        blocked=state.blocked if not state.finished else None,
+    )
+
+
+def _letter_info(msg: Message, letter: DeadLetter) -> DeadLetterInfo:
+    try:
+        kind = type(decode(letter.value or b"")).__name__
+    except CodecError:
+        kind = "?"
+    return DeadLetterInfo(
+        where=f"{msg.partition()}:{msg.offset()}",
+        error_type=letter.error_type,
+        reason=letter.reason,
+        failed_at_ms=letter.failed_at_ms,
+        source=f"{letter.source_topic}[{letter.source_partition}]@{letter.source_offset}",
+        kind=kind,
+    )
+
+
+def _epoch_ms(moment: datetime | int | None) -> int | None:
+    if moment is None or isinstance(moment, int):
+        return moment
+    return int(moment.timestamp() * 1000)
 
 
 def _read_to_end(

@@ -23,9 +23,11 @@ from orchestrator._engine.processor import Processor
 from orchestrator.errors import NodeStopped
 from orchestrator.health import Health, HealthServer, serve_http
 from orchestrator.metrics import NodeMetrics
+from orchestrator.nodes import NodeRegistrar
 from orchestrator.settings import Settings
 from orchestrator.topics import verify_topics
 from orchestrator.tracing import WorkflowTracer
+from orchestrator.visibility import OwnedStores, VisibilityApi
 from orchestrator.workflow import WorkflowRegistry
 
 log = logging.getLogger(__name__)
@@ -68,12 +70,21 @@ class OrchestratorNode:
             settings.health_stale_ms / 1000, not_ready_reason="waiting for a partition assignment"
         )
         self._http: HealthServer | None = None
+        # Visibility: the owned partitions' stores, read by the query API on the HTTP server.
+        self.owned = OwnedStores()
+        self._api = VisibilityApi(self.owned, settings.node_id)
 
     @property
     def http_port(self) -> int | None:
         """The port of ``/metrics``, ``/healthz``, ``/ready`` while it serves (the one the OS
         picked when ``metrics_port`` is 0), else None."""
         return self._http.port if self._http is not None else None
+
+    @property
+    def url(self) -> str | None:
+        """Where clients reach this node's HTTP server (query API), while it serves."""
+        port = self.http_port
+        return f"http://{self.settings.advertised_host}:{port}" if port is not None else None
 
     @property
     def counters(self) -> Counters:
@@ -92,7 +103,8 @@ class OrchestratorNode:
         # Served from the start: a probe sees "alive, not ready" while the topics are checked
         # and init_transactions waits, instead of a refused connection.
         registry = self.metrics.registry if self.metrics is not None else None
-        with serve_http(self.health, registry, self.settings.metrics_port) as self._http:
+        port = self.settings.metrics_port
+        with serve_http(self.health, registry, port, api=self._api) as self._http:
             try:
                 self._run(stop)
             except NodeStopped as exc:
@@ -114,11 +126,28 @@ class OrchestratorNode:
         if self.tracer_provider is not None:
             tracer = WorkflowTracer(self.tracer_provider, inbox=self.settings.inbox)
         self._processor = Processor(
-            self.settings, self.registry, tracer=tracer, metrics=self.metrics, health=self.health
+            self.settings,
+            self.registry,
+            tracer=tracer,
+            metrics=self.metrics,
+            health=self.health,
+            owned=self.owned,
         )
         log.info(
             "node %s runs %s on %s (namespace %s)",
             self.settings.node_id, ", ".join(self.registry.names()),
             self.settings.bootstrap_servers, self.settings.namespace,
         )  # fmt: skip
-        self._processor.run(stop)
+        # Registered once the group claim above let this node in (a second process with the
+        # same node id is refused before it could overwrite the record).
+        registrar = NodeRegistrar(self.settings, self.url)
+        registrar.update(self.owned.numbers())
+        self.owned.listen(registrar.update)
+        stopped = False
+        try:
+            self._processor.run(stop)
+        except NodeStopped:
+            stopped = True  # fenced, maybe: the record may be another process's by now
+            raise
+        finally:
+            registrar.close(tombstone=not stopped)

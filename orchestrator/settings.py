@@ -12,6 +12,7 @@
 | retention_ms           | SAGA_RETENTION_MS           | 7 days                   |
 | kafka (extra config)   | SAGA_KAFKA__<KEY>           | none                     |
 | metrics_port           | SAGA_METRICS_PORT           | none (no HTTP endpoint)  |
+| advertised_host        | SAGA_ADVERTISED_HOST        | 127.0.0.1                |
 | health_stale_ms        | SAGA_HEALTH_STALE_MS        | 60000                    |
 | traces_file            | SAGA_TRACES_FILE            | none (JSON-lines spans)  |
 | reply_topics           | SAGA_REPLY_TOPICS           | none (any ``*.inbox``)   |
@@ -79,6 +80,12 @@ class Settings(BaseSettings):
         le=65535,
         description="HTTP port of /metrics, /healthz and /ready; none = no endpoint, 0 = a port "
         "the OS picks (tests)",
+    )
+    advertised_host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="the host name or address clients reach this node's HTTP server at (its "
+        "query API): registered on <ns>.nodes with the bound metrics_port",
     )
     health_stale_ms: int = Field(
         default=60_000,

@@ -1,6 +1,6 @@
 """The Kafka topics of a namespace: what they must look like, creating them, and checking them.
 
-A namespace ``ns`` owns four topics (see ``docs/topics.md`` for the keys and the reasons behind
+A namespace ``ns`` owns five topics (see ``docs/topics.md`` for the keys and the reasons behind
 every setting):
 
 * ``<ns>.inbox``   - all input to workflows, keyed by workflow id; N partitions.
@@ -8,6 +8,8 @@ every setting):
   partitions as the inbox (an event goes to the partition that owns its workflow).
 * ``<ns>.results`` - workflow results for waiting clients, keyed by workflow id.
 * ``<ns>.dlq``     - records nobody could process, with the reason.
+* ``<ns>.nodes``   - compacted: one registration record per running node (its query API's URL and
+  the partitions it owns), so clients find the nodes to list workflows from.
 
 ``ensure_topics`` is idempotent: it creates what is missing, waits until every partition has a
 leader, and checks that what exists matches; anything that would break the orchestrator (a history
@@ -83,6 +85,15 @@ DEFAULT_TIMEOUT_S = 30.0
 INBOX_RETENTION_MS = 7 * _DAY_MS
 RESULTS_RETENTION_MS = 1 * _DAY_MS
 DLQ_RETENTION_MS = 30 * _DAY_MS
+# Compaction settings of <ns>.nodes: a record per node id, the latest wins; a node that stops
+# cleanly writes a tombstone. Few small records: roll segments hourly so the cleaner keeps it
+# short, and keep a tombstone a day so a client reading slowly still sees the node go.
+NODES_CONFIG: Mapping[str, str] = {
+    "cleanup.policy": "compact",
+    "segment.ms": str(_HOUR_MS),
+    "min.cleanable.dirty.ratio": "0.1",
+    "delete.retention.ms": str(_DAY_MS),
+}
 COMMANDS_RETENTION_MS = 7 * _DAY_MS
 
 # Compaction settings of <ns>.history. Each event has its own key <workflow id>/<seq>, and the
@@ -178,8 +189,12 @@ class NamespaceTopics:
         return f"{self.namespace}.dlq"
 
     @property
-    def all(self) -> tuple[str, str, str, str]:
-        return (self.inbox, self.history, self.results, self.dlq)
+    def nodes(self) -> str:
+        return f"{self.namespace}.nodes"
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (self.inbox, self.history, self.results, self.dlq, self.nodes)
 
     @property
     def co_partitioned(self) -> tuple[str, str]:
@@ -238,7 +253,7 @@ def namespace_topic_specs(
     dlq_retention_ms: int = DLQ_RETENTION_MS,
     dlq_partitions: int = 1,
 ) -> tuple[TopicSpec, ...]:
-    """The specs of the four topics of ``namespace`` with ``partitions`` workflow partitions."""
+    """The specs of the five topics of ``namespace`` with ``partitions`` workflow partitions."""
     names = topic_names(namespace)
     replicas = _replica_config(replication_factor)
     return (
@@ -268,6 +283,11 @@ def namespace_topic_specs(
             replication_factor,
             {"cleanup.policy": "delete", "retention.ms": str(dlq_retention_ms), **replicas},
             exact_partitions=False,
+        ),
+        # Node registrations (orchestrator/nodes.py): read whole by every client that lists
+        # workflows, so one partition; compacted, so it holds one record per live node id.
+        TopicSpec(
+            names.nodes, 1, replication_factor, {**NODES_CONFIG, **replicas}, exact_partitions=False
         ),
     )
 
@@ -671,7 +691,7 @@ def ensure_topics(
     client_config: ClientConfig | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> TopicReport:
-    """Create the missing topics of ``namespace`` and check that all four are as required.
+    """Create the missing topics of ``namespace`` and check that all five are as required.
 
     ``target`` is a bootstrap servers string or a ``TopicAdmin``.
     """
@@ -694,7 +714,7 @@ def verify_topics(
     client_config: ClientConfig | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> TopicReport:
-    """Check the four topics of ``namespace``; raise ``TopicMismatch`` listing every problem."""
+    """Check the five topics of ``namespace``; raise ``TopicMismatch`` listing every problem."""
     specs = namespace_topic_specs(namespace, partitions, replication_factor)
     return verify_specs(
         target,

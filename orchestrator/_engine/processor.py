@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -33,6 +33,9 @@ from .decide import Batch, Counters, Decider, Out, now_ms
 from .membership import NodeClaim
 from .partition import Partition
 from .restore import restore_partitions
+
+if TYPE_CHECKING:
+    from orchestrator.visibility import OwnedStores
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +95,17 @@ class Processor:
         tracer: WorkflowTracer | None = None,
         metrics: NodeMetrics | None = None,
         health: Health | None = None,
+        owned: OwnedStores | None = None,
     ) -> None:
+        """``owned``: where the stores of the partitions this node owns are published for
+        the node's query API (visibility), from restore until revoke."""
         self.settings = settings
         self.registry = registry
         self.counters = Counters()
         self.tracer = tracer  # spans for new events only: replay never reaches _record
         self.metrics = metrics
         self.health = health  # health (#8): /healthz and /ready
+        self.owned = owned
         self._last_lag = 0.0
         self._group = f"{settings.namespace}.orchestrator"
         self._txn_id = f"{settings.namespace}.orchestrator.{settings.node_id}"
@@ -229,6 +236,8 @@ class Processor:
         with contextlib.suppress(RuntimeError):  # closed already
             self._consumer.close()
         for part in self._partitions.values():
+            if self.owned is not None:
+                self.owned.remove(part.number)
             part.close()
         self._partitions.clear()
         self._claim.release()
@@ -244,6 +253,8 @@ class Processor:
             self._to_restore.discard(tp.partition)
             self._positions.pop(tp.partition, None)
             part = self._partitions.pop(tp.partition, None)
+            if self.owned is not None:  # visibility: no more reads of it, then close it
+                self.owned.remove(tp.partition)
             if part is not None:
                 part.close()
             if self.metrics is not None:
@@ -277,6 +288,8 @@ class Processor:
             if self.metrics is not None:
                 self.metrics.restored(report.events, report.seconds)
             self._partitions[part.number] = part
+            if self.owned is not None:
+                self.owned.add(part.number, part.store)
         self._to_restore.clear()
         if self.metrics is not None:  # health (#8)
             self.metrics.owned_partitions(len(self._partitions))

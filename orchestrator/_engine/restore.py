@@ -243,7 +243,16 @@ def _restore(
 def _drop_if_stale(part: Partition, history_topic: str) -> None:
     """A checkpoint older than the history's ``delete.retention.ms`` may have missed tombstones
     that compaction has since removed: catching up from it would keep expired workflows forever.
-    Such a partition is rebuilt from the beginning instead."""
+    Such a partition is rebuilt from the beginning instead; so is a store of an older layout
+    (``store.LAYOUT``)."""
+    if not part.store.layout_current():
+        # Written by an older release: its summaries lack what the visibility index needs.
+        log.warning(
+            "%s[%d]: local state of an older layout; rebuilding it from the topic",
+            history_topic, part.number,
+        )  # fmt: skip
+        part.reset_store()
+        return
     written = part.store.checkpoint_written_ms()
     if written is None and part.store.checkpoint() is None:
         return

@@ -87,6 +87,7 @@ class WorkflowState:
     random_seed: int = 0
     last_seq: int = 0
     started_at_ms: int = 0
+    updated_at_ms: int = 0  # the recorded time of the last event (the visibility index)
     finished_at_ms: int | None = None
     result: Payload | None = None
     error: ErrorInfo | None = None
@@ -128,6 +129,7 @@ class WorkflowState:
                 f"workflow {self.workflow_id}: event {event.event_seq} follows {self.last_seq}"
             )
         self.last_seq = event.event_seq
+        self.updated_at_ms = event.recorded_at_ms
         _FOLD[type(event.event)](self, event.event, event.recorded_at_ms)
 
     def next_due_ms(self) -> int | None:
