@@ -11,6 +11,7 @@ Keys (raw bytes):
     t<due ms: 8 bytes BE><workflow id> -> b"" (the timer index)
     c                                  -> the next history offset to restore from (8 bytes BE)
     i<kind><group>\\0<pos: 8 bytes BE><workflow id> -> b"" (the visibility index, below)
+    ip<workflow id>                    -> <pos><status>\\0<type> (the index by id prefix)
     n<status>\\0<type>                  -> how many summaries have that status and type (8 bytes BE)
     v                                  -> the layout version of these keys (``LAYOUT``)
 
@@ -19,6 +20,8 @@ The visibility index lets an operator's filtered list read only the keys of the 
 per kind: ``a`` (all, empty group), ``s`` (group: its status), ``t`` (its type) and ``x``
 (status ``\\0`` type). A filter by status and/or type walks one key range per group, a time range
 is a seek and a stop, an id prefix is checked on the key; only the page's summaries are decoded.
+A filter by id prefix reads the ``ip`` range of that prefix instead (ordered by id, each value
+says where the workflow is in time and what it is), unless the prefix matches many workflows.
 The index and the counts are written in the same write batch as the summary they follow, so they
 are exactly as durable and are rebuilt with it by a restore.
 """
@@ -51,6 +54,9 @@ _LAYOUT_KEY = b"v"
 LAYOUT = b"2"
 _TEXT_MAX = 300  # of ``waiting_for`` and ``reason``: a list row, not the whole story
 _NEWEST = (1 << 64) - 1
+# A prefix that matches more workflows than this is filtered on the time-ordered keys instead:
+# there, a prefix that common finds a page's rows soon.
+_PREFIX_SCAN_MAX = 5_000
 
 
 @dataclass(frozen=True)
@@ -316,10 +322,48 @@ class PartitionStore:
     def positions(self, query: IndexQuery) -> Iterator[IndexPosition]:
         """The workflows that match ``query``, newest first, read from the index keys alone
         (lazily: take what a page needs)."""
+        if query.prefix:
+            found = self._by_prefix(query)
+            if found is not None:
+                return found
         ranges = [self._range(group, query) for group in _groups(query.statuses, query.types)]
         if len(ranges) == 1:
             return ranges[0]
         return heapq.merge(*ranges, key=lambda p: p.sort_key)
+
+    def _by_prefix(self, query: IndexQuery) -> Iterator[IndexPosition] | None:
+        """The matches of a query with an id prefix, in list order, from the ``ip`` keys; None
+        when the prefix matches over ``_PREFIX_SCAN_MAX`` workflows."""
+        start = b"ip" + query.prefix.encode()
+        statuses, types = set(query.statuses), set(query.types)
+        since = query.since_ms if query.since_ms is not None else -1
+        until = query.until_ms if query.until_ms is not None else _NEWEST
+        after = query.after.sort_key if query.after is not None else None
+        # Counting the keys first is ten times cheaper than reading the values of a common
+        # prefix only to give up on it.
+        for seen, key in enumerate(self._db.keys(from_key=start)):
+            assert isinstance(key, bytes)
+            if not key.startswith(start):
+                break
+            if seen >= _PREFIX_SCAN_MAX:
+                return None
+        found: list[tuple[int, str]] = []  # sort keys: plain tuples sort fastest
+        for key, value in self._db.items(from_key=start):
+            assert isinstance(key, bytes) and isinstance(value, bytes)
+            if not key.startswith(start):
+                break
+            started = _NEWEST - int.from_bytes(value[:8], "big")
+            if not since <= started <= until:
+                continue
+            if statuses or types:
+                status, _, kind = value[8:].decode().partition("\0")
+                if (statuses and status not in statuses) or (types and kind not in types):
+                    continue
+            sort_key = (-started, key[2:].decode())
+            if after is None or sort_key > after:
+                found.append(sort_key)
+        found.sort()
+        return (IndexPosition(-negative, wf) for negative, wf in found)
 
     def _range(self, group: bytes, query: IndexQuery) -> Iterator[IndexPosition]:
         start = group
@@ -414,6 +458,11 @@ def _reindex(
         wb.delete(key)
     for key in new - old:
         wb.put(key, b"")
+    if after is not None:
+        where = _pos(after.started_at_ms) + f"{after.status}\0{after.workflow_type}".encode()
+        wb.put(b"ip" + after.workflow_id.encode(), where)
+    elif before is not None:
+        wb.delete(b"ip" + before.workflow_id.encode())
     if before is not None:
         group = (before.status, before.workflow_type)
         counts[group] = counts.get(group, 0) - 1
