@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -37,7 +38,7 @@ from orchestrator.errors import (
 from orchestrator.kafka_config import LIBRDKAFKA_LOGGER
 from orchestrator.local_db import ensure_state_dir
 from orchestrator.payloads import PayloadError
-from orchestrator.settings import Settings
+from orchestrator.settings import Settings, parse_duration_ms
 from orchestrator.testing import workflow_type
 from orchestrator.topics import (
     TopicError,
@@ -437,7 +438,7 @@ def _check_running(client: Client, workflow_id: str, what: str) -> None:
     the sender never sees; the history is what the client can read.
     """
     try:
-        description = client.describe(workflow_id)
+        description = client.describe(workflow_id, dead_letters=False)
     except UnknownWorkflow as exc:
         raise click.ClickException(
             f"{exc}; the {what} was not sent (just started? the node may not have processed "
@@ -515,6 +516,127 @@ def describe(ctx: click.Context, workflow_id: str, as_json: bool, timeout: float
         click.echo(_dump(description.to_dict()))
     else:
         click.echo(render_description(description))
+
+
+# --------------------------------------------------------------------------- finding workflows
+
+
+def _moment(text: str | None, option: str) -> int | None:
+    """``1h`` / ``30m`` / ``2d`` ago, or an ISO date-time (UTC unless it says), as epoch ms."""
+    if text is None:
+        return None
+    try:
+        return int(time.time() * 1000) - parse_duration_ms(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither a duration ago (30m, 1h, 2d) nor an ISO date-time "
+            "(2026-11-27T09:00)",
+            param_hint=f"'{option}'",
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _ms_iso(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    )
+
+
+@main.command("list")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    metavar="STATUS",
+    help="RUNNING, BLOCKED, COMPLETED, FAILED, COMPENSATED, CANCELLED or PARKED (repeatable, "
+    "or comma-separated)",
+)
+@click.option("--type", "types", multiple=True, metavar="TYPE", help="workflow type (repeatable)")
+@click.option("--since", metavar="WHEN", help="started at or after: 1h (ago), 2d, or ISO time")
+@click.option("--until", metavar="WHEN", help="started at or before: like --since")
+@click.option("--prefix", default=None, help="workflow ids starting with this")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--cursor", default=None, help="the next page: the cursor the previous one printed")
+@click.option("--json", "as_json", is_flag=True, help="the page as JSON (docs/operations.md)")
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.pass_context
+def list_cmd(
+    ctx: click.Context,
+    statuses: tuple[str, ...],
+    types: tuple[str, ...],
+    since: str | None,
+    until: str | None,
+    prefix: str | None,
+    limit: int,
+    cursor: str | None,
+    as_json: bool,
+    timeout: float,
+) -> None:
+    """List workflows of every node, newest start first, one page at a time."""
+    since_ms, until_ms = _moment(since, "--since"), _moment(until, "--until")
+    with _client(ctx) as client:
+        page = client.list(
+            status=statuses,
+            type=types,
+            since=since_ms,
+            until=until_ms,
+            prefix=prefix,
+            limit=limit,
+            cursor=cursor,
+            timeout=timeout,
+        )
+    if as_json:
+        click.echo(page.model_dump_json(indent=2))
+    else:
+        click.echo(f"{'ID':36} {'TYPE':16} {'STATUS':11} {'STARTED':20} WAITING FOR / REASON")
+        for row in page.items:
+            detail = row.reason if row.reason and not row.waiting_for else row.waiting_for
+            click.echo(
+                f"{row.workflow_id:36} {row.workflow_type:16} {row.status:11} "
+                f"{_ms_iso(row.started_at_ms):20} {(detail or '')[:80]}"
+            )
+        if page.next_cursor:
+            click.echo(f"more: add --cursor {page.next_cursor}", err=True)
+    _coverage_warnings(page.missing_partitions, page.errors)
+
+
+def _coverage_warnings(missing: list[int], errors: list[str]) -> None:
+    for error in errors:
+        click.echo(f"warning: {error}", err=True)
+    if missing:
+        click.echo(
+            f"warning: no node answered for partition(s) {', '.join(map(str, missing))}: "
+            "their workflows are not in this answer",
+            err=True,
+        )
+
+
+@main.command("counts")
+@click.option("--json", "as_json", is_flag=True, help="the counts as JSON (docs/operations.md)")
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.pass_context
+def counts_cmd(ctx: click.Context, as_json: bool, timeout: float) -> None:
+    """How many workflows the nodes hold, by status and by type."""
+    with _client(ctx) as client:
+        counts = client.counts(timeout=timeout)
+    if as_json:
+        click.echo(counts.model_dump_json(indent=2))
+    else:
+        click.echo(f"{counts.total} workflows")
+        for status, n in counts.by_status.items():
+            click.echo(f"  {status or '(not started)':12} {n}")
+        click.echo("by type:")
+        for kind, n in counts.by_type.items():
+            click.echo(f"  {kind:24} {n}")
+    _coverage_warnings(counts.missing_partitions, counts.errors)
 
 
 # --------------------------------------------------------------------------- dead letters
@@ -788,7 +910,17 @@ def render_description(d: WorkflowDescription) -> str:
         rows.append(("cancel", "requested"))
     if not d.complete:
         rows.append(("warning", "the history has gaps; the state is folded up to the first gap"))
+    rows.append(("source", d.source))
     lines = [f"{label:9} {value}" for label, value in rows]
+    if d.dead_letters:
+        lines.append("")
+        lines.append(f"dead letters ({len(d.dead_letters)}; `orchestrator dlq show WHERE`):")
+        for letter in d.dead_letters:
+            when = datetime.fromtimestamp(letter.failed_at_ms / 1000, UTC)
+            lines.append(
+                f"  {letter.where:8} {when.isoformat(timespec='seconds')}  {letter.kind:16} "
+                f"{letter.error_type}: {letter.reason[:100]}"
+            )
     lines.append("")
     lines.append(f"events ({len(d.events)}):")
     origin = d.started_at or (d.events[0].time if d.events else None)
