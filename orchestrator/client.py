@@ -654,6 +654,7 @@ class Client:
                 )
             except NodeAnswerError as exc:
                 log.info("describe %s: %s; trying elsewhere", workflow_id, exc)
+                self._nodes_cache = None
                 continue
             where = f"node {node.node_id}"
             return (where, None) if detail is None else (where, detail.history())
@@ -1023,6 +1024,8 @@ class Client:
         )
         nodes, partitions = self._query_targets(timeout)
         page = merged_list(nodes, query, partitions, timeout)
+        if page.errors:
+            self._nodes_cache = None  # a node moved or went: read the registrations again
         if not page.partitions and page.errors:
             raise NoNodes(self._no_nodes(page.errors))
         return page
@@ -1031,6 +1034,8 @@ class Client:
         """How many workflows every node holds, by status, by type and by both."""
         nodes, partitions = self._query_targets(timeout)
         counts = merged_counts(nodes, partitions, timeout)
+        if counts.errors:
+            self._nodes_cache = None
         if not counts.partitions and counts.errors:
             raise NoNodes(self._no_nodes(counts.errors))
         return counts

@@ -307,6 +307,17 @@ class ListQuery(_Model):
             cursor=one("cursor"),
         )
 
+    def matches(self, summary: WorkflowSummary) -> bool:
+        """Whether ``summary`` passes the filters (the page itself aside)."""
+        started = summary.started_at_ms
+        return (
+            (not self.statuses or summary.status in self.statuses)
+            and (not self.types or summary.workflow_type in self.types)
+            and (self.since_ms is None or started >= self.since_ms)
+            and (self.until_ms is None or started <= self.until_ms)
+            and summary.workflow_id.startswith(self.prefix)
+        )
+
     def index_query(self) -> IndexQuery:
         return IndexQuery(
             statuses=self.statuses,
@@ -340,7 +351,9 @@ def list_stores(stores: Sequence[tuple[int, PartitionStore]], query: ListQuery) 
     for number, store in stores:
         ids = by_store.get(number, [])
         for wf, summary in zip(ids, store.summaries_of(ids), strict=True):
-            if summary is not None:  # removed since the keys were read (retention)
+            # The processing thread may have written since the keys were read: a workflow
+            # removed (retention) or moved to a status the filter leaves out is not shown.
+            if summary is not None and query.matches(summary):
                 found[(number, wf)] = summary
     items = [
         WorkflowRow.of(found[(number, pos.workflow_id)], number)
