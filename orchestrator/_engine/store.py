@@ -178,15 +178,21 @@ def _groups(statuses: Collection[str], types: Collection[str]) -> list[bytes]:
     return [b"ia\0"]
 
 
-def _index_keys(summary: WorkflowSummary) -> set[bytes]:
-    tail = _pos(summary.started_at_ms) + summary.workflow_id.encode()
-    status, kind = summary.status, summary.workflow_type
-    return {
+def _identity(summary: WorkflowSummary) -> bytes:
+    """What the index files a workflow under (the value of its ``ip`` key): its position in
+    time, status and type. Most writes leave it as it was, and then the index is not touched."""
+    return _pos(summary.started_at_ms) + f"{summary.status}\0{summary.workflow_type}".encode()
+
+
+def _index_keys(workflow_id: bytes, identity: bytes) -> tuple[bytes, ...]:
+    tail = identity[:8] + workflow_id
+    status, kind = identity[8:].split(b"\0", 1)
+    return (
         b"ia\0" + tail,
-        b"is" + f"{status}\0".encode() + tail,
-        b"it" + f"{kind}\0".encode() + tail,
-        b"ix" + f"{status}\0{kind}\0".encode() + tail,
-    }
+        b"is" + status + b"\0" + tail,
+        b"it" + kind + b"\0" + tail,
+        b"ix" + status + b"\0" + kind + b"\0" + tail,
+    )
 
 
 def _count_key(status: str, workflow_type: str) -> bytes:
@@ -406,9 +412,11 @@ class PartitionStore:
         wb = WriteBatch(raw_mode=True)
         for event, encoded in batch.events:
             wb.put(_event_key(event.workflow_id, event.event_seq), encoded)
-        # The index follows each summary: it needs the one it replaces (one read for all).
+        # The index follows each summary: it needs what it filed the workflow under (the
+        # ``ip`` values, one read for all), and changes only where that changed.
         touched = list(dict.fromkeys([*batch.summaries, *batch.removed]))
-        current = dict(zip(touched, self.summaries_of(touched), strict=True))
+        filed = self._multi_get([b"ip" + wf.encode() for wf in touched])
+        current = dict(zip(touched, filed, strict=True))
         counts: dict[tuple[str, str], int] = {}
         for summary, old_due in batch.summaries.values():
             wf = summary.workflow_id
@@ -417,15 +425,18 @@ class PartitionStore:
             if summary.next_due_ms is not None:
                 wb.put(_timer_key(summary.next_due_ms, wf), b"")
             wb.put(b"w" + wf.encode(), summary.to_json())
-            _reindex(wb, current[wf], summary, counts)
-            current[wf] = summary
+            identity = _identity(summary)
+            if identity != current[wf]:
+                _reindex(wb, wf, current[wf], identity, counts)
+                current[wf] = identity
         for wf, (last_seq, due) in batch.removed.items():
             wb.delete_range(_event_key(wf, 0), _event_key(wf, last_seq + 1))
             if due is not None:
                 wb.delete(_timer_key(due, wf))
             wb.delete(b"w" + wf.encode())
-            _reindex(wb, current[wf], None, counts)
-            current[wf] = None
+            if current[wf] is not None:
+                _reindex(wb, wf, current[wf], None, counts)
+                current[wf] = None
         self._add_counts(wb, counts)
         if batch.checkpoint is not None:
             written = int(time.time() * 1000)
@@ -448,24 +459,29 @@ class PartitionStore:
 
 def _reindex(
     wb: WriteBatch,
-    before: WorkflowSummary | None,
-    after: WorkflowSummary | None,
+    workflow_id: str,
+    before: bytes | None,
+    after: bytes | None,
     counts: dict[tuple[str, str], int],
 ) -> None:
-    old = _index_keys(before) if before is not None else set()
-    new = _index_keys(after) if after is not None else set()
-    for key in old - new:
-        wb.delete(key)
-    for key in new - old:
-        wb.put(key, b"")
-    if after is not None:
-        where = _pos(after.started_at_ms) + f"{after.status}\0{after.workflow_type}".encode()
-        wb.put(b"ip" + after.workflow_id.encode(), where)
-    elif before is not None:
-        wb.delete(b"ip" + before.workflow_id.encode())
+    """Move a workflow's index keys and counts from identity ``before`` to ``after`` (None: not
+    indexed / removed)."""
+    wf = workflow_id.encode()
     if before is not None:
-        group = (before.status, before.workflow_type)
+        for key in _index_keys(wf, before):
+            wb.delete(key)
+        group = _group_of(before)
         counts[group] = counts.get(group, 0) - 1
     if after is not None:
-        group = (after.status, after.workflow_type)
+        for key in _index_keys(wf, after):
+            wb.put(key, b"")
+        wb.put(b"ip" + wf, after)
+        group = _group_of(after)
         counts[group] = counts.get(group, 0) + 1
+    else:
+        wb.delete(b"ip" + wf)
+
+
+def _group_of(identity: bytes) -> tuple[str, str]:
+    status, _, kind = identity[8:].decode().partition("\0")
+    return status, kind
