@@ -81,6 +81,7 @@ class ActivityState:
     parked: ErrorInfo | None = None  # a compensation gave up: waits for an operator
     skipped: bool = False  # marked done by an operator (skip)
     attempts_before: int = 0  # attempts spent before an operator's retry gave a new round
+    rounds: int = 0  # operator retries of this step after it parked
 
     @property
     def waits_for_retry(self) -> bool:
@@ -295,6 +296,11 @@ def _operator(s: WorkflowState, e: OperatorActed, at: int) -> None:
         act.parked = None
         act.attempts_before = act.attempt
         act.scheduled_at_ms = at
+        # A new operation for the service: its dedupe store keeps the final failure under the
+        # old key and would answer it again instead of running the step.
+        base = act.idempotency_key.removesuffix(f"/retry{act.rounds}") if act.rounds else None
+        act.rounds += 1
+        act.idempotency_key = f"{base or act.idempotency_key}/retry{act.rounds}"
     if e.input is not None:
         act.input = e.input
 

@@ -560,13 +560,14 @@ def test_a_parked_compensation_is_retried_by_an_operator_and_the_saga_ends(core:
         codec.decode_as(o.value or b"", ActivityCommand) for o in on(retried, "svc-a.commands")
     ]
     assert (command.seq, command.attempt, command.is_compensation) == (5, 2, True)
+    assert command.idempotency_key == f"{wf}/5/retry1"  # the service runs it again
     done = core.feed(
         codec.encode(
             ActivityReply(
                 workflow_id=wf,
                 seq=5,
                 attempt=2,
-                idempotency_key=f"{wf}/5",
+                idempotency_key=command.idempotency_key,
                 outcome=ReplyOutcome.SUCCESS,
                 sent_at_ms=NOW,
                 result=to_payload(Done(n=5, ref="u")),

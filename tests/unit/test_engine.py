@@ -285,7 +285,13 @@ def test_an_operator_retry_of_a_parked_compensation_gives_it_a_new_round() -> No
     assert retried[1].event == ActivityAttemptStarted(seq=5, attempt=21)
     history += retried
     # the service works again: the compensation succeeds, the saga ends COMPENSATED
-    history += run.on_reply(ok(_scheduled(history, "a.undo"), 21), 5_001)
+    # a new operation for the service (its dedupe store holds the failure under the old key)
+    undo = run.state.activities[5]
+    assert undo.idempotency_key == _scheduled(history, "a.undo").idempotency_key + "/retry1"
+    again = _scheduled(history, "a.undo").model_copy(
+        update={"idempotency_key": undo.idempotency_key}
+    )
+    history += run.on_reply(ok(again, 21), 5_001)
     assert run.state.status is WorkflowStatus.COMPENSATED
     assert run.state.error is not None and run.state.error.type == "Declined"
     assert WorkflowRun.replay("wf", history, REGISTRY).state == run.state
