@@ -58,9 +58,18 @@ __all__ = [
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
-#: What ``status`` may be: the final statuses, RUNNING, and BLOCKED (running, but its code
-#: cannot go on with its history).
-STATUSES = ("RUNNING", "BLOCKED", "COMPLETED", "FAILED", "COMPENSATED", "CANCELLED", "PARKED")
+#: What ``status`` may be: RUNNING; BLOCKED and PARKED (running, but waiting for new code, or for
+#: an operator to retry or skip a compensation that gave up); and the end states.
+STATUSES = (
+    "RUNNING",
+    "BLOCKED",
+    "PARKED",
+    "COMPLETED",
+    "FAILED",
+    "COMPENSATED",
+    "CANCELLED",
+    "TERMINATED",
+)
 
 
 class QueryError(OrchestratorError, ValueError):

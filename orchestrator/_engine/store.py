@@ -81,14 +81,11 @@ class WorkflowSummary:
 
     @classmethod
     def of(cls, state: WorkflowState) -> WorkflowSummary:
-        blocked = state.blocked is not None and not state.finished
-        error = state.blocked if blocked else state.error
         attempts = sum(a.attempt for a in state.activities.values())
         return cls(
             workflow_id=state.workflow_id,
             workflow_type=state.workflow_type,
-            # BLOCKED is no end state (the workflow is RUNNING), but operators count it apart.
-            status="BLOCKED" if blocked else (state.status.value if state.status else ""),
+            status=_status(state),
             last_seq=state.last_seq,
             next_due_ms=state.next_due_ms(),
             finished_at_ms=state.finished_at_ms,
@@ -98,7 +95,7 @@ class WorkflowSummary:
             steps_done=state.steps_done,
             attempts=attempts,
             retries=attempts - len(state.activities),
-            reason=_cut(f"{error.type}: {error.message}") if error is not None else None,
+            reason=_reason(state),
             cancel_requested=state.cancel_requested,
         )
 
@@ -149,6 +146,30 @@ class IndexQuery:
     until_ms: int | None = None
     prefix: str = ""
     after: IndexPosition | None = None
+
+
+def _reason(state: WorkflowState) -> str | None:
+    """Why the workflow is BLOCKED, PARKED or ended other than COMPLETED, in one line."""
+    if not state.finished:
+        if state.blocked is not None:
+            return _cut(f"{state.blocked.type}: {state.blocked.message}")
+        for act in state.parked:
+            if act.parked is not None:
+                return _cut(f"{act.name} #{act.seq}: {act.parked.type}: {act.parked.message}")
+        return None
+    error = state.error
+    return _cut(f"{error.type}: {error.message}") if error is not None else None
+
+
+def _status(state: WorkflowState) -> str:
+    # BLOCKED and PARKED are no end states (the workflow is RUNNING, waiting for new code or
+    # for an operator), but operators count them apart and alert on them.
+    if not state.finished:
+        if state.blocked is not None:
+            return "BLOCKED"
+        if state.parked:
+            return "PARKED"
+    return state.status.value if state.status else ""
 
 
 def _event_prefix(workflow_id: str) -> bytes:
