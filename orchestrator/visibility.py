@@ -25,7 +25,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import islice
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import parse_qs, unquote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -184,13 +184,16 @@ class ActivityInfo(_Model):
 
 
 class WorkflowDetail(_Model):
-    """What a node holds of one workflow. ``events`` are the history events as the history
-    topic holds them (Avro single-object encoding, base64): ``contracts.codec`` decodes them;
+    """What a node holds of one workflow. ``description`` is the JSON of
+    ``orchestrator describe --json`` (status, current step, input, result, error, the timeline
+    of events in words). ``events`` are the history events as the history topic holds them
+    (Avro single-object encoding, base64): ``contracts.codec`` decodes them, and
     ``orchestrator.client.Client.describe`` folds them into a ``WorkflowDescription``."""
 
     node_id: str
     partition: int
     summary: WorkflowRow
+    description: dict[str, Any]
     pending_timers: list[TimerInfo]
     pending_activities: list[ActivityInfo]
     events: list[str]
@@ -396,17 +399,25 @@ def detail_of(store: PartitionStore, number: int, node_id: str, wf: str) -> Work
     records = store.event_records(wf)
     if summary is None or not records:
         return None
+    # The client's describe folds events the same way; imported here, as the client imports
+    # this module for its models.
+    from orchestrator.client import describe_events
+
+    events = [codec.decode_as(record, HistoryEvent) for record in records]
     run: list[HistoryEvent] = []
-    for expected, record in enumerate(records, start=1):
-        event = codec.decode_as(record, HistoryEvent)
+    for expected, event in enumerate(events, start=1):
         if event.event_seq != expected:
             break  # folded up to a gap, as describe does
         run.append(event)
     state = fold(wf, run)
+    description = describe_events(wf, events).to_dict()
+    description["source"] = f"node {node_id}"
+    del description["dead_letters"]  # the node does not read the dead-letter topic
     return WorkflowDetail(
         node_id=node_id,
         partition=number,
         summary=WorkflowRow.of(summary, number),
+        description=description,
         pending_timers=[TimerInfo(seq=s, fire_at_ms=at) for s, at in sorted(state.timers.items())],
         pending_activities=[
             ActivityInfo(

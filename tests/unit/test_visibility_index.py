@@ -217,6 +217,9 @@ def test_the_api_answers_list_counts_and_detail_and_refuses_bad_queries(tmp_path
     assert status == 200 and detail.partition == 0 and detail.node_id == "n1"
     assert [e.event_seq for e in detail.history()] == [1, 2]
     assert [(t.seq, t.fire_at_ms) for t in detail.pending_timers] == [(1, 9_000)]
+    assert detail.description["status"] == "RUNNING"
+    assert detail.description["current_step"] == "timer #1"
+    assert [e["kind"] for e in detail.description["events"]] == ["WorkflowStarted", "TimerStarted"]
 
     status, body, _ = api("/workflows/nope", "") or (0, b"", "")
     assert status == 404 and json.loads(body)["partitions"] == [0, 1]
