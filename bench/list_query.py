@@ -35,6 +35,7 @@ _MIX = [  # status, share
 ]
 _TYPES = ["place-order", "refund", "ship", "subscribe", "onboard"]
 _WEEK_MS = 7 * 24 * 3600 * 1000
+_OLD = 6_000
 
 
 def fill(stores: list[PartitionStore], workflows: int, now_ms: int, seed: int = 7) -> float:
@@ -46,8 +47,11 @@ def fill(stores: list[PartitionStore], workflows: int, now_ms: int, seed: int = 
     for i in range(workflows):
         status = rng.choices(statuses, weights)[0]
         started = now_ms - rng.randrange(_WEEK_MS)
-        finished = None if status in ("RUNNING", "BLOCKED") else started + rng.randrange(60_000)
         wf = f"order-{i:07d}"
+        if i >= workflows - _OLD:
+            # The worst case of a prefix list: many matches, all older than everything else.
+            started, wf = now_ms - _WEEK_MS - rng.randrange(_WEEK_MS), f"legacy-{i:07d}"
+        finished = None if status in ("RUNNING", "BLOCKED") else started + rng.randrange(60_000)
         summary = WorkflowSummary(
             workflow_id=wf,
             workflow_type=rng.choice(_TYPES),
@@ -116,6 +120,8 @@ def main() -> None:
             ("status=COMPENSATED since 1 h ago", {"status": "COMPENSATED", "since": hour_ago}),
             ("prefix=order-00123 (100 matches)", {"prefix": "order-00123"}),
             ("prefix=order-001 (10,000 matches)", {"prefix": "order-001"}),
+            ("prefix=order-0000 (1,000 matches)", {"prefix": "order-0000"}),
+            ("prefix=legacy- (6,000 matches, all oldest)", {"prefix": "legacy-"}),
             ("prefix=order- (all: walks the time keys)", {"prefix": "order-"}),
             ("prefix matching nothing", {"prefix": "nope"}),
             ("limit=1000, no filter (not a first page)", {"limit": "1000"}),
