@@ -71,7 +71,7 @@ class NodeRegistrar:
         record then belongs to the process that fenced this one."""
         if tombstone:
             self._send(None)
-        left = self._producer.flush(10)
+        left = self._producer.flush(5)
         if left:
             log.warning("%d registration record(s) for %s not sent", left, self.topic)
 
