@@ -795,11 +795,12 @@ class Client:
 
     # -- finding workflows (the nodes' query API) ----------------------------------------
 
-    def nodes(self, *, timeout: float = 10.0) -> list[NodeRecord]:
+    def nodes(self, *, timeout: float = 10.0, refresh: bool = False) -> list[NodeRecord]:
         """The nodes registered on ``<ns>.nodes`` (latest record per node id; a node that
-        stopped cleanly is gone; one that died may still be listed). Cached for a few seconds."""
+        stopped cleanly is gone; one that died may still be listed). Cached for a few seconds
+        unless ``refresh``."""
         cached = self._nodes_cache
-        if cached is not None and time.monotonic() - cached[0] < _NODES_TTL_S:
+        if not refresh and cached is not None and time.monotonic() - cached[0] < _NODES_TTL_S:
             return cached[1]
         topic = self.settings.topics.nodes
         deadline = time.monotonic() + timeout

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -16,7 +18,9 @@ from click.testing import CliRunner
 from orchestrator.cli import main
 from orchestrator.client import Client, NoNodes, WorkflowDescription
 from orchestrator.errors import UnknownWorkflow, WorkflowFailedError
-from orchestrator.visibility import WorkflowPage, WorkflowRow
+from orchestrator.node import OrchestratorNode
+from orchestrator.partitioner import partition_for
+from orchestrator.visibility import NodeRecord, WorkflowPage, WorkflowRow
 
 from .kit import Trip, TripResult
 from .stack import Stack
@@ -193,3 +197,53 @@ def _cli(stack: Stack) -> list[str]:
         "--partitions",
         str(s.partitions),
     ]
+
+
+def test_two_nodes_answer_for_their_partitions_and_the_client_merges_them(
+    stack: Stack, tmp_path: Path
+) -> None:
+    second_settings = stack.settings.model_copy(
+        update={"node_id": "n2", "state_dir": tmp_path / "n2"}
+    )
+    second = OrchestratorNode(second_settings, stack.kit.registry)
+    stop = threading.Event()
+    thread = threading.Thread(target=second.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        client = stack.client
+
+        def split() -> list[NodeRecord] | None:
+            nodes = client.nodes(refresh=True)  # the registrations are moving
+            owned = sorted(p for node in nodes for p in node.partitions)
+            both = len(nodes) == 2 and all(node.partitions for node in nodes)
+            return nodes if both and owned == [0, 1, 2] else None
+
+        nodes = _eventually(split, "the partitions split between n1 and n2", timeout=90)
+        assert {node.node_id for node in nodes} == {"n1", "n2"}
+        ids = [f"wf-{i}" for i in range(9)]
+        handles = [client.start("trip", Trip(), workflow_id=wf) for wf in ids]
+        for handle in handles:
+            handle.result(TripResult, timeout=60)
+
+        def listed() -> WorkflowPage | None:
+            page = client.list(status="COMPLETED")
+            return page if len(page.items) == len(ids) and not page.errors else None
+
+        whole = _eventually(listed, "nine workflows listed from two nodes")
+        assert whole.partitions == [0, 1, 2] and whole.missing_partitions == []
+        paged: list[str] = []
+        cursor: str | None = None
+        for _ in range(20):
+            page = client.list(status="COMPLETED", limit=2, cursor=cursor)
+            paged += _ids(page.items)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        assert paged == _ids(whole.items) and sorted(paged) == ids
+        assert client.counts().by_status == {"COMPLETED": len(ids)}
+        for wf in ids:  # each asked at the node that owns it
+            owner = next(n for n in nodes if partition_for(wf, 3) in n.partitions)
+            assert client.describe(wf, dead_letters=False).source == f"node {owner.node_id}"
+    finally:
+        stop.set()
+        thread.join(30)
