@@ -150,4 +150,5 @@ class OrchestratorNode:
             stopped = True  # fenced, maybe: the record may be another process's by now
             raise
         finally:
+            self.owned.unlisten(registrar.update)
             registrar.close(tombstone=not stopped)

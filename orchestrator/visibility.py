@@ -455,6 +455,9 @@ class OwnedStores:
     def listen(self, listener: Callable[[list[int]], None]) -> None:
         self._listeners.append(listener)
 
+    def unlisten(self, listener: Callable[[list[int]], None]) -> None:
+        self._listeners.remove(listener)
+
     def add(self, number: int, store: PartitionStore) -> None:
         with self._lock:
             self._stores[number] = store
