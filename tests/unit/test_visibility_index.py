@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +265,50 @@ def test_a_query_error_names_the_problem(kwargs: dict[str, Any], words: str) -> 
 def test_statuses_are_given_in_any_case_one_by_one_or_comma_separated() -> None:
     assert ListQuery.build(status="parked,failed").statuses == ("PARKED", "FAILED")
     assert ListQuery.build(status=["parked", "Failed"]).statuses == ("PARKED", "FAILED")
+
+
+def test_reads_from_another_thread_while_the_loop_writes_and_closes(tmp_path: Path) -> None:
+    """The node's HTTP threads read while the processing thread writes, then revokes and closes
+    the store: no read fails, and each page holds rows that match its filter."""
+    store = PartitionStore(tmp_path / "p0")
+    owned = OwnedStores()
+    owned.add(0, store)
+    api = VisibilityApi(owned, "n1")
+    failures: list[BaseException] = []
+    pages = 0
+    done = threading.Event()
+
+    def read() -> None:
+        nonlocal pages
+        try:
+            while not done.is_set():
+                status, body, _ = api("/workflows", "status=PARKED&limit=20") or (0, b"", "")
+                assert status == 200, body
+                page = WorkflowPage.model_validate_json(body)
+                assert all(row.status == "PARKED" for row in page.items)
+                api("/workflows/counts", "")
+                pages += 1
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for round_ in range(150):
+        batch = StoreBatch()
+        for i in range(20):
+            status = "PARKED" if (i + round_) % 3 == 0 else "RUNNING"
+            batch.set_summary(_summary(f"wf-{i}", status, "order", i), None)
+        store.write(batch)
+    while pages == 0 and reader.is_alive():  # at least one read overlapped the writes
+        time.sleep(0.01)
+    owned.remove(0)  # revoked: withdrawn first, then closed, as the processor does
+    store.close()
+    seen = pages
+    while pages == seen and reader.is_alive():  # and one read came after the close
+        time.sleep(0.01)
+    done.set()
+    reader.join(30)
+    assert failures == []
+    assert pages > 0
+    with owned.reading() as stores:
+        assert stores == []
