@@ -54,6 +54,9 @@ from contracts.envelopes import (
     ActivityScheduled,
     CancelRequested,
     CancelWorkflow,
+    ChildWorkflowCompleted,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
     ErrorInfo,
     HistoryEvent,
     LateReplyIgnored,
@@ -358,6 +361,22 @@ def _summaries(events: list[HistoryEvent]) -> tuple[EventSummary, ...]:
                 )
             case MarkerRecorded():
                 text = f"{body.marker} {body.change_id}"
+            case ChildWorkflowStarted():
+                names[body.seq] = body.child_workflow_id
+                text = (
+                    f"child {body.workflow_type} {body.child_workflow_id} #{body.seq} started "
+                    f"with {_preview(body.input)} (parent close: {body.parent_close_policy})"
+                )
+            case ChildWorkflowCompleted():
+                text = (
+                    f"child {names.get(body.seq, '?')} #{body.seq} completed: "
+                    f"{_preview(body.result)}"
+                )
+            case ChildWorkflowFailed():
+                text = (
+                    f"child {names.get(body.seq, '?')} #{body.seq} ended {body.status.value}: "
+                    f"{_err(body.error)}"
+                )
         if len(text) > _SUMMARY_MAX:
             text = text[: _SUMMARY_MAX - 3] + "..."
         out.append(EventSummary(event.event_seq, _time(event.recorded_at_ms), body.kind, text))

@@ -46,6 +46,10 @@ from contracts.envelopes import (
     ActivityScheduled,
     CancelRequested,
     CancelWorkflow,
+    ChildWorkflowCompleted,
+    ChildWorkflowEnded,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
     DeadLetter,
     Envelope,
     ErrorInfo,
@@ -53,6 +57,7 @@ from contracts.envelopes import (
     HistoryEvent,
     LateReplyIgnored,
     MarkerRecorded,
+    ParentRef,
     Payload,
     ReplyOutcome,
     RetryPolicy,
@@ -86,6 +91,7 @@ def opt(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 payloads = st.builds(Payload, encoding=texts, data=st.binary(max_size=64))
 traces = st.builds(TraceContext, traceparent=texts, tracestate=opt(texts))
 errors = st.builds(ErrorInfo, type=texts, message=texts, details=opt(texts))
+parents = st.builds(ParentRef, workflow_id=texts, seq=longs)
 retries = st.builds(
     RetryPolicy,
     max_attempts=longs,
@@ -106,6 +112,7 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         input=payloads,
         random_seed=longs,
         trace=opt(traces),
+        parent=opt(parents),
     ),
     ActivityScheduled: st.builds(
         ActivityScheduled,
@@ -140,6 +147,16 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         WorkflowBlocked, error=st.none() | errors, at_seq=longs, code_version=st.text(max_size=20)
     ),
     MarkerRecorded: st.builds(MarkerRecorded, marker=texts, change_id=texts),
+    ChildWorkflowStarted: st.builds(
+        ChildWorkflowStarted,
+        seq=longs,
+        child_workflow_id=texts,
+        workflow_type=texts,
+        input=payloads,
+        parent_close_policy=texts,
+    ),
+    ChildWorkflowCompleted: st.builds(ChildWorkflowCompleted, seq=longs, result=payloads),
+    ChildWorkflowFailed: st.builds(ChildWorkflowFailed, seq=longs, status=statuses, error=errors),
 }
 
 
@@ -163,6 +180,7 @@ ENVELOPES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         input=payloads,
         sent_at_ms=longs,
         trace=opt(traces),
+        parent=opt(parents),
     ),
     SignalWorkflow: st.builds(
         SignalWorkflow,
@@ -229,6 +247,17 @@ ENVELOPES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         value=opt(st.binary(max_size=64)),
     ),
     HistoryEvent: history_events(st.one_of(*EVENT_BODIES.values())),
+    ChildWorkflowEnded: st.builds(
+        ChildWorkflowEnded,
+        workflow_id=texts,
+        seq=longs,
+        child_workflow_id=texts,
+        status=statuses,
+        sent_at_ms=longs,
+        result=opt(payloads),
+        error=opt(errors),
+        trace=opt(traces),
+    ),
 }
 
 any_envelope = st.one_of(*ENVELOPES.values())
@@ -246,7 +275,7 @@ def _event_body_types() -> tuple[type[BaseModel], ...]:
 def test_strategies_cover_every_envelope_and_event_kind() -> None:
     assert set(ENVELOPES) == set(_union_members(Envelope))
     assert set(EVENT_BODIES) == set(_event_body_types())
-    assert len(EVENT_BODIES) == 15
+    assert len(EVENT_BODIES) == 18
 
 
 # --------------------------------------------------------------------------- round trips

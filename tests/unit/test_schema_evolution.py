@@ -32,12 +32,17 @@ from contracts.codec import (
 )
 from contracts.envelopes import (
     ActivityReply,
+    ChildWorkflowCompleted,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
     ErrorInfo,
     HistoryEvent,
     MarkerRecorded,
     Payload,
     ReplyOutcome,
+    StartWorkflow,
     WorkflowBlocked,
+    WorkflowStarted,
 )
 from tests.unit.test_codec import ENVELOPES, EVENT_BODIES, history_events
 
@@ -142,6 +147,8 @@ def test_a_v0_reader_can_read_current_records(reply: ActivityReply) -> None:
 
 # --------------------------------------------------------------------------- HistoryEvent v0
 
+CHILD_BODIES = (ChildWorkflowStarted, ChildWorkflowCompleted, ChildWorkflowFailed)
+CHILD_KINDS = [f"saga.v1.{t.__name__}" for t in CHILD_BODIES]
 HISTORY_V0 = Path(codec.__file__).parent / "schemas" / "legacy" / "HistoryEvent.v0.avsc"
 
 
@@ -163,6 +170,7 @@ def test_history_v0_is_the_current_schema_without_the_new_kinds() -> None:
         *_branches(v0),
         "saga.v1.MarkerRecorded",
         "saga.v1.WorkflowBlocked",
+        *CHILD_KINDS,
     ]
     assert fingerprint(v0) != current_schema(HistoryEvent).fingerprint
 
@@ -170,8 +178,12 @@ def test_history_v0_is_the_current_schema_without_the_new_kinds() -> None:
 @given(
     history_events(
         st.one_of(
-            *(s for t, s in EVENT_BODIES.items() if t not in (MarkerRecorded, WorkflowBlocked))
-        )
+            *(
+                s
+                for t, s in EVENT_BODIES.items()
+                if t not in (MarkerRecorded, WorkflowBlocked, *CHILD_BODIES)
+            )
+        ).filter(lambda e: not isinstance(e, WorkflowStarted) or e.parent is None)
     )
 )
 def test_history_written_before_markers_reads_as_the_current_model(event: HistoryEvent) -> None:
@@ -194,3 +206,45 @@ def test_a_marker_event_round_trips_with_the_current_schema() -> None:
     data = encode(event)
     assert data[2:10] == current_schema(HistoryEvent).fingerprint.to_bytes(8, "little")
     assert decode_as(data, HistoryEvent) == event
+
+
+# --------------------------------------------------------------------------- child workflows
+
+LEGACY = Path(codec.__file__).parent / "schemas" / "legacy"
+
+
+def _legacy(name: str) -> dict[str, Any]:
+    parsed = parse_schema(json.loads((LEGACY / name).read_text()))
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def _frame(schema: dict[str, Any], record: dict[str, Any]) -> bytes:
+    body = io.BytesIO()
+    schemaless_writer(body, schema, record)
+    return MAGIC + fingerprint(schema).to_bytes(8, "little") + body.getvalue()
+
+
+def test_history_v1_is_the_current_schema_before_child_workflows() -> None:
+    v1 = _legacy("HistoryEvent.v1.avsc")
+    assert _branches(current_schema(HistoryEvent).schema) == [*_branches(v1), *CHILD_KINDS]
+
+
+@given(
+    history_events(
+        st.one_of(*(s for t, s in EVENT_BODIES.items() if t not in CHILD_BODIES))
+    ).filter(lambda e: not isinstance(e.event, WorkflowStarted) or e.event.parent is None)
+)
+def test_history_written_before_child_workflows_reads_as_the_current_model(
+    event: HistoryEvent,
+) -> None:
+    record = _history_to_avro(event)
+    if record["event"][0] == "saga.v1.WorkflowStarted":
+        record["event"][1].pop("parent")
+    assert decode_as(_frame(_legacy("HistoryEvent.v1.avsc"), record), HistoryEvent) == event
+
+
+@given(ENVELOPES[StartWorkflow].filter(lambda s: s.parent is None))
+def test_a_start_without_parent_written_by_an_older_client_reads(start: StartWorkflow) -> None:
+    record = start.model_dump(exclude={"parent"})
+    assert decode_as(_frame(_legacy("StartWorkflow.v0.avsc"), record), StartWorkflow) == start
