@@ -23,9 +23,12 @@ from orchestrator.client import Client, WorkflowDescription, WorkflowHandle
 from orchestrator.errors import (
     ActivityError,
     BusinessError,
+    ChildWorkflowError,
     CompensationFailed,
     NonDeterminismError,
+    QueryFailed,
     RetryableError,
+    UnknownQuery,
     UnknownWorkflow,
     WorkflowCancelled,
     WorkflowFailedError,
@@ -35,23 +38,35 @@ from orchestrator.errors import (
 from orchestrator.node import OrchestratorNode
 from orchestrator.service import CommandInfo, Service
 from orchestrator.settings import Settings
-from orchestrator.workflow import Compensation, Saga, WorkflowContext, WorkflowRegistry
+from orchestrator.workflow import (
+    ChildHandle,
+    Compensation,
+    ParentClosePolicy,
+    Saga,
+    WorkflowContext,
+    WorkflowRegistry,
+)
 
 __all__ = [
     "ActivityContract",
     "ActivityError",
     "BusinessError",
+    "ChildHandle",
+    "ChildWorkflowError",
     "Client",
     "CommandInfo",
     "Compensation",
     "CompensationFailed",
     "NonDeterminismError",
     "OrchestratorNode",
+    "ParentClosePolicy",
+    "QueryFailed",
     "RetryPolicy",
     "RetryableError",
     "Saga",
     "Service",
     "Settings",
+    "UnknownQuery",
     "UnknownWorkflow",
     "WorkflowCancelled",
     "WorkflowContext",

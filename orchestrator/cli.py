@@ -504,6 +504,33 @@ def result(ctx: click.Context, workflow_id: str, timeout: float) -> None:
 
 @main.command()
 @click.argument("workflow_id", metavar="ID")
+@click.argument("name")
+@click.option(
+    "--arg",
+    "arg",
+    metavar="JSON",
+    callback=_json_option,
+    help="the query's argument, as JSON (or @file); default: none",
+)
+@click.option(
+    "--url",
+    metavar="URL",
+    help="the HTTP server of the node that owns the workflow (default: found from the group)",
+)
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.pass_context
+def query(
+    ctx: click.Context, workflow_id: str, name: str, arg: Any, url: str | None, timeout: float
+) -> None:
+    """Ask workflow ID its @workflow.query NAME and print the answer as JSON (nothing is
+    recorded; the node that owns the workflow answers from its state)."""
+    with _client(ctx) as client:
+        value = client.query(workflow_id, name, arg, timeout=timeout, url=url)
+    click.echo(_dump(value))
+
+
+@main.command()
+@click.argument("workflow_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--timeout", type=float, default=10.0, show_default=True)
 @click.pass_context
