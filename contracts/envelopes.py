@@ -88,6 +88,17 @@ class CancelWorkflow(_Envelope):
     trace: TraceContext | None = None
 
 
+class TerminateWorkflow(_Envelope):
+    """End a workflow at once, without compensating: it ends FAILED with ``WorkflowTerminated``
+    (sent for a child whose parent ends with parent-close policy TERMINATE)."""
+
+    workflow_id: str
+    request_id: str
+    reason: str
+    sent_at_ms: int
+    trace: TraceContext | None = None
+
+
 class ReplyOutcome(StrEnum):
     SUCCESS = "SUCCESS"
     RETRYABLE_FAILURE = "RETRYABLE_FAILURE"
@@ -370,4 +381,5 @@ Envelope = (
     | DeadLetter
     | HistoryEvent
     | ChildWorkflowEnded
+    | TerminateWorkflow
 )

@@ -39,6 +39,7 @@ from contracts.envelopes import (
     ReplyOutcome,
     SignalWorkflow,
     StartWorkflow,
+    TerminateWorkflow,
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowResult,
@@ -241,7 +242,7 @@ class Decider:
                 self._on_start(part, envelope, batch, msg, now)
             elif isinstance(envelope, ActivityReply):
                 self._on_reply(part, envelope, batch, msg, now)
-            elif isinstance(envelope, SignalWorkflow | CancelWorkflow):
+            elif isinstance(envelope, SignalWorkflow | CancelWorkflow | TerminateWorkflow):
                 self._on_existing(part, envelope, batch, msg, now)
             elif isinstance(envelope, ChildWorkflowEnded):
                 self._on_child_ended(part, envelope, batch, msg, now)
@@ -403,28 +404,35 @@ class Decider:
         )
 
     def _cancel_children(self, cached: Cached, batch: Batch, *, closing: bool) -> None:
-        """A cancel of this workflow passes down to its running children; when it ends
-        (``closing``), each child that still runs is handled as its parent-close policy says."""
+        """A cancel of this workflow passes down to its running children (but ABANDON ones): they
+        compensate. When it ends (``closing``) without having been cancelled, each child that
+        still runs is cancelled (REQUEST_CANCEL), terminated (TERMINATE) or left alone
+        (ABANDON); a cancelled one's children were cancelled already, and terminating them then
+        would cut their compensations short."""
         state = cached.run.state
         for child in state.running_children():
-            policy = child.parent_close_policy if closing else "REQUEST_CANCEL"
-            if policy == "ABANDON" or (
-                closing and policy == "REQUEST_CANCEL" and state.cancel_requested
-            ):
-                continue  # abandoned, or cancelled already when the cancel came
-            reason = (
-                f"parent {state.workflow_id} ended {state.status.value if state.status else ''}"
-                if closing
-                else f"parent {state.workflow_id} was cancelled"
-            )
-            cancel = CancelWorkflow(
-                workflow_id=child.workflow_id,
-                request_id=f"{state.workflow_id}/{child.seq}/{'close' if closing else 'cancel'}",
-                reason=reason,
-                sent_at_ms=now_ms(),
-            )
+            policy = child.parent_close_policy
+            if policy == "ABANDON" or (closing and state.cancel_requested):
+                continue
+            request_id = f"{state.workflow_id}/{child.seq}/{'close' if closing else 'cancel'}"
+            envelope: CancelWorkflow | TerminateWorkflow
+            if closing and policy == "TERMINATE":
+                envelope = TerminateWorkflow(
+                    workflow_id=child.workflow_id,
+                    request_id=request_id,
+                    reason=f"parent {state.workflow_id} ended (parent-close policy TERMINATE)",
+                    sent_at_ms=now_ms(),
+                )
+            else:
+                ended = f"ended {state.status.value}" if closing and state.status else ""
+                envelope = CancelWorkflow(
+                    workflow_id=child.workflow_id,
+                    request_id=request_id,
+                    reason=f"parent {state.workflow_id} {ended or 'was cancelled'}",
+                    sent_at_ms=now_ms(),
+                )
             batch.outputs.append(
-                Out(self.settings.inbox, child.workflow_id.encode(), codec.encode(cancel))
+                Out(self.settings.inbox, child.workflow_id.encode(), codec.encode(envelope))
             )
 
     def _on_reply(
@@ -444,13 +452,13 @@ class Decider:
     def _on_existing(
         self,
         part: Partition,
-        envelope: SignalWorkflow | CancelWorkflow,
+        envelope: SignalWorkflow | CancelWorkflow | TerminateWorkflow,
         batch: Batch,
         msg: InboxRecord,
         now: int,
     ) -> None:
         wf = envelope.workflow_id
-        kind = "signal" if isinstance(envelope, SignalWorkflow) else "cancel"
+        kind = type(envelope).__name__.removesuffix("Workflow").lower()
         cached = self._live(part, wf, batch, now)
         if cached is None:
             return self._dead_letter(
@@ -464,6 +472,8 @@ class Decider:
                     "WorkflowFinished",
                 )  # fmt: skip
             events = run.on_signal(envelope.signal_name, envelope.payload, envelope.request_id, now)
+        elif isinstance(envelope, TerminateWorkflow):
+            events = run.terminate(envelope.reason, now)
         else:
             events = run.on_cancel(envelope.reason, envelope.request_id, now)
         self._record(part, cached, events, batch, now)

@@ -100,6 +100,10 @@ _CODE_EVENTS = (
     MarkerRecorded,
     ChildWorkflowStarted,
 )
+#: ``ErrorInfo.type`` of the WorkflowFailed the engine records, without the code, when a workflow
+#: is terminated (a child whose parent ended with parent-close policy TERMINATE): no compensation
+#: runs. (The same name and mechanism as the id reuse policy TERMINATE_IF_RUNNING of wt-feat1.)
+TERMINATED = "WorkflowTerminated"
 _BOOKKEEPING = (ActivityAttemptStarted, ActivityAttemptFailed, LateReplyIgnored, WorkflowBlocked)
 _DEFAULT_RETRY = RetryPolicy()
 
@@ -738,6 +742,16 @@ class WorkflowRun:
         body = SignalReceived(signal_name=name, payload=payload, request_id=request_id)
         return self._record([body], now_ms)
 
+    def terminate(self, reason: str, now_ms: int) -> list[HistoryEvent]:
+        """End the run at once, without compensations: its coroutines are closed, it ends FAILED
+        with ``WorkflowTerminated``; replies to its activities become late replies."""
+        if self.state.finished or self.state.status is None:
+            return []
+        body = WorkflowFailed(
+            status=WorkflowStatus.FAILED, error=ErrorInfo(type=TERMINATED, message=reason)
+        )
+        return self._record([body], now_ms)
+
     def on_child_ended(self, msg: ChildWorkflowEnded, now_ms: int) -> list[HistoryEvent]:
         """A child's end, reported by its node. Raises UnknownActivity for a child this workflow
         never started; after this workflow's end (or a repeat) it changes nothing."""
@@ -850,6 +864,16 @@ class WorkflowRun:
         if event.event_seq <= self.state.last_seq:
             return
         body = event.event
+        if isinstance(body, WorkflowFailed) and body.error.type == TERMINATED:
+            # Ended by the engine, not asked for by the code: nothing of the code runs again.
+            self._pending.clear()
+            for task in self._tasks:
+                with suppress(RuntimeError):
+                    task.coro.close()
+            self._tasks.clear()
+            self._main = None
+            self.state.apply(event)
+            return
         # While blocked, the history holds only inputs: what the code asks for meanwhile is not
         # in it and is recorded when the workflow moves again (WorkflowBlocked without error).
         if isinstance(body, _CODE_EVENTS) or (

@@ -241,16 +241,29 @@ def test_cancelling_the_parent_cancels_the_running_child_and_both_compensate(net
 
 
 @pytest.mark.parametrize(
-    ("policy", "child_status"),
-    [("REQUEST_CANCEL", WorkflowStatus.CANCELLED), ("ABANDON", None)],
+    ("policy", "child_status", "undone"),
+    [
+        ("REQUEST_CANCEL", WorkflowStatus.CANCELLED, 1),
+        ("TERMINATE", WorkflowStatus.FAILED, 0),
+        ("ABANDON", None, 0),
+    ],
 )
 def test_a_child_still_running_when_its_parent_ends_follows_the_policy(
-    net: Net, policy: str, child_status: WorkflowStatus | None
+    net: Net, policy: str, child_status: WorkflowStatus | None, undone: int
 ) -> None:
     net.send(start(PARENT, Job(child_waits=True, detach=True, policy=policy)))
     net.run()
     assert net.status(PARENT) is WorkflowStatus.COMPLETED
     assert net.status("kid") is child_status
+    assert net.commands.count("kid:a.undo") == undone  # a terminated child does not compensate
+    if policy == "TERMINATE":
+        error = net.results["kid"].error
+        assert error is not None and error.type == "WorkflowTerminated"
+        kinds = net.kinds("kid")
+        # terminated while its step was in flight: the step's reply comes late, and is ignored
+        assert kinds[kinds.index("WorkflowFailed") + 1 :] == ["LateReplyIgnored"]
+        # its history replays: the engine's end is no command of the code
+        WorkflowRun.replay("kid", net.history["kid"], net.core.decider.registry)
     if child_status is None:  # abandoned: it goes on alone, and its end changes nothing above
         go = SignalWorkflow(
             workflow_id="kid", signal_name="go", request_id="g", payload=to_payload(Step(n=1)),

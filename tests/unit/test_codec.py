@@ -64,6 +64,7 @@ from contracts.envelopes import (
     SignalReceived,
     SignalWorkflow,
     StartWorkflow,
+    TerminateWorkflow,
     TimerFired,
     TimerStarted,
     TraceContext,
@@ -256,6 +257,14 @@ ENVELOPES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         sent_at_ms=longs,
         result=opt(payloads),
         error=opt(errors),
+        trace=opt(traces),
+    ),
+    TerminateWorkflow: st.builds(
+        TerminateWorkflow,
+        workflow_id=texts,
+        request_id=texts,
+        reason=texts,
+        sent_at_ms=longs,
         trace=opt(traces),
     ),
 }
