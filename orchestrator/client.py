@@ -994,7 +994,10 @@ def _http_query(url: str, body: bytes | None, timeout: float) -> tuple[int, byte
         with urllib.request.urlopen(request, timeout=timeout) as answer:
             return int(answer.status), bytes(answer.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        try:
+            return exc.code, exc.read()
+        finally:
+            exc.close()
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise QueryFailed(f"cannot reach the node at {url}: {reason}", error_type="NoNode") from exc

@@ -355,7 +355,11 @@ class Processor:
                 return request.fail(
                     "UnknownWorkflow", f"no workflow {wf!r} on partition {number} of this node"
                 )
-            request.reply(cached.run.query(request.name, request.arg))
+            try:
+                request.reply(cached.run.query(request.name, request.arg))
+            finally:
+                if cached.run.finished:
+                    part.forget(wf)  # finished ones are not kept cached (see _commit)
         except UnknownQuery as exc:
             request.fail("UnknownQuery", str(exc))
         except QueryFailed as exc:
