@@ -386,6 +386,7 @@ class WorkflowContext(ABC):
         id: str | None = None,
         parent_close_policy: ParentClosePolicy = ParentClosePolicy.REQUEST_CANCEL,
         result_type: Any = None,
+        compensate: Compensation | Callable[[Any], Compensation] | None = None,
     ) -> Awaitable[ChildHandle[Any]]:
         """Start a child workflow: ``workflow`` is its ``@workflow.defn`` class (its result is
         then decoded as the class's output type) or its type name (then ``result_type``, default
@@ -394,7 +395,12 @@ class WorkflowContext(ABC):
 
         Cancelling this workflow cancels its running children; when this workflow ends, a child
         that still runs is treated as ``parent_close_policy`` says. ``await`` it for the handle,
-        then ``await handle.result()``."""
+        then ``await handle.result()``.
+
+        ``compensate`` makes the child a step of the innermost ``ctx.saga()``, as for
+        :meth:`call`: if the saga fails or the workflow is cancelled, the saga waits for the
+        child's end and, if it completed, runs the compensation (an activity; a function of the
+        child's result, or a :class:`Compensation`)."""
 
     @abstractmethod
     async def execute_child(
@@ -405,6 +411,7 @@ class WorkflowContext(ABC):
         id: str | None = None,
         parent_close_policy: ParentClosePolicy = ParentClosePolicy.REQUEST_CANCEL,
         result_type: Any = None,
+        compensate: Compensation | Callable[[Any], Compensation] | None = None,
     ) -> Any:
         """:meth:`start_child`, then wait for its result."""
 

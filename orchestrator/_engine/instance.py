@@ -212,6 +212,7 @@ class _ChildCall:
     future: _Future[Any]
     output_type: Any
     workflow_id: str
+    undo: _StepUndo | None = None  # compensate= given: the saga undoes the child like a step
 
 
 class _ChildHandle(ChildHandle[Any]):
@@ -508,6 +509,7 @@ class _Context(WorkflowContext):
         id: str | None = None,
         parent_close_policy: ParentClosePolicy = ParentClosePolicy.REQUEST_CANCEL,
         result_type: Any = None,
+        compensate: Compensation | Callable[[Any], Compensation] | None = None,
     ) -> Awaitable[ChildHandle[Any]]:
         if isinstance(workflow, str):
             type_name, output_type = workflow, Any
@@ -531,6 +533,15 @@ class _Context(WorkflowContext):
                 f"parent_close_policy must be a ParentClosePolicy, not {parent_close_policy!r}"
             )
         run = self._run
+        saga: _SagaImpl | None = None
+        if compensate is not None:
+            sagas = run._task().sagas
+            if not sagas:
+                raise TypeError(
+                    f"ctx.start_child({type_name}, compensate=...) outside `async with "
+                    "ctx.saga()`: no saga would run the compensation"
+                )
+            saga = sagas[-1]
         seq = run._next_command_seq()
         child_id = f"{run.state.workflow_id}-child-{seq}" if id is None else id
         if not child_id or len(child_id) > 256 or "\0" in child_id:
@@ -542,7 +553,10 @@ class _Context(WorkflowContext):
                 f"a workflow cannot be its own child ({child_id!r})", error_type="InvalidChildId"
             )
         future: _Future[Any] = _Future()
-        run._children[seq] = _ChildCall(future, output_type, child_id)
+        call = run._children[seq] = _ChildCall(future, output_type, child_id)
+        if saga is not None and compensate is not None:
+            call.undo = _StepUndo(saga, future, compensate, f"child {child_id}", seq)
+            saga._inflight.append(call.undo)
         run._command(
             ChildWorkflowStarted(
                 seq=seq,
@@ -564,10 +578,12 @@ class _Context(WorkflowContext):
         id: str | None = None,
         parent_close_policy: ParentClosePolicy = ParentClosePolicy.REQUEST_CANCEL,
         result_type: Any = None,
+        compensate: Compensation | Callable[[Any], Compensation] | None = None,
     ) -> Any:
         handle = await self.start_child(
-            workflow, arg, id=id, parent_close_policy=parent_close_policy, result_type=result_type
-        )
+            workflow, arg, id=id, parent_close_policy=parent_close_policy,
+            result_type=result_type, compensate=compensate,
+        )  # fmt: skip
         return await handle.result()
 
     def now(self) -> datetime:
@@ -908,6 +924,8 @@ class WorkflowRun:
             child = self._children.get(body.seq)
             if child is not None:
                 _resolve_payload(child.future, body.result, child.output_type)
+                if child.undo is not None:
+                    child.undo.ended(succeeded=True)
         elif isinstance(body, ChildWorkflowFailed):
             child = self._children.get(body.seq)
             if child is not None:
@@ -920,6 +938,8 @@ class WorkflowRun:
                         body.error.message,
                     )
                 )
+                if child.undo is not None:
+                    child.undo.ended(succeeded=False)
         elif isinstance(body, TimerFired):
             timer = self._timers.get(body.seq)
             if timer is not None:
@@ -1089,7 +1109,9 @@ class WorkflowRun:
             elif isinstance(body, TimerStarted):
                 self._timers.pop(body.seq, None)
             elif isinstance(body, ChildWorkflowStarted):
-                self._children.pop(body.seq, None)
+                child = self._children.pop(body.seq, None)
+                if child is not None and child.undo is not None:
+                    child.undo.ended(succeeded=False)
         self._pending = kept
 
     def _finish_ok(self, value: Any) -> None:

@@ -33,7 +33,7 @@ from orchestrator.partitioner import partition_for
 from orchestrator.payloads import to_payload
 from orchestrator.workflow import Compensation, ParentClosePolicy, WorkflowContext
 
-from .sagas import Done, Step, step_a, step_b, undo_a
+from .sagas import Done, Step, step_a, step_b, step_c, undo_a, undo_b, undo_c
 from .test_decide import NOW, PARTITIONS, Core
 
 
@@ -101,6 +101,23 @@ class Parent:
     @workflow.query
     def broken(self) -> str:
         raise KeyError("nope")
+
+
+@workflow.defn(name="parent-saga")
+class ParentSaga:
+    """The child is a step of the saga: undone (by an activity) when a later step fails."""
+
+    @workflow.run
+    async def run(self, ctx: WorkflowContext, job: Job) -> Out:
+        async with ctx.saga():
+            await ctx.call(step_a, Step(n=1), compensate=Compensation(undo_a, Step(n=1)))
+            child = await ctx.execute_child(
+                Child, job, id="kid", compensate=lambda out: Compensation(undo_b, Step(n=99))
+            )
+            if job.detach:  # here: fail after the child completed
+                await ctx.call(step_c, Step(n=3), compensate=Compensation(undo_c, Step(n=3)))
+                raise WorkflowFailure("too late", error_type="TooLate")
+        return Out(refs=child.refs)
 
 
 # The parent's and the child's ids hash to different partitions: the start and the end cross.
@@ -172,7 +189,7 @@ def start(wf: str, job: Job, kind: str = "parent") -> StartWorkflow:
 
 @pytest.fixture
 def net(tmp_path: Path) -> Iterator[Net]:
-    core = Core(tmp_path, workflows=(Parent, Child))
+    core = Core(tmp_path, workflows=(Parent, Child, ParentSaga))
     yield Net(core)
     core.close()
 
@@ -318,3 +335,28 @@ def test_a_query_answers_from_the_state_and_cannot_change_it(net: Net) -> None:
     part.forget(PARENT)
     rebuilt = part.get(PARENT)
     assert rebuilt is not None and rebuilt.run.query("progress", None) == to_payload("child")
+
+
+def test_a_child_with_compensate_is_undone_like_a_step_in_reverse_order(net: Net) -> None:
+    net.send(start(PARENT, Job(detach=True), kind="parent-saga"))
+    net.run()
+    assert net.status("kid") is WorkflowStatus.COMPLETED
+    assert net.status(PARENT) is WorkflowStatus.COMPENSATED
+    mine = [c.split(":")[1] for c in net.commands if c.startswith(f"{PARENT}:")]
+    assert mine == ["a.do", "c.do", "c.undo", "b.undo", "a.undo"]  # the child's undo: b.undo
+
+
+def test_a_cancelled_parent_waits_for_its_compensatable_child_to_end(net: Net) -> None:
+    net.send(start(PARENT, Job(child_waits=True), kind="parent-saga"))
+    net.run()
+    net.send(CancelWorkflow(workflow_id=PARENT, request_id="c1", reason="stop", sent_at_ms=NOW))
+    net.run()
+    assert net.status("kid") is WorkflowStatus.CANCELLED
+    assert net.status(PARENT) is WorkflowStatus.CANCELLED
+    # the child's cancelled end is in the parent's history before the parent's own end, and the
+    # child (which undid its own step) is not undone again by the parent
+    assert net.kinds(PARENT)[-2:] == ["ActivityCompleted", "WorkflowFailed"]
+    assert "ChildWorkflowFailed" in net.kinds(PARENT)
+    mine = [c.split(":")[1] for c in net.commands if c.startswith(f"{PARENT}:")]
+    assert mine == ["a.do", "a.undo"]
+    assert net.commands.count("kid:a.undo") == 1
