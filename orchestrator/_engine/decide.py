@@ -303,7 +303,8 @@ class Decider:
         self, part: Partition, msg: InboxRecord, value: bytes, batch: Batch, now: int
     ) -> None:
         """A record over the inbox limit is parked; whoever waits on it hears of it: a start
-        gets its FAILED result, an activity reply fails its attempt (the saga moves on)."""
+        gets its FAILED result, an activity reply fails its attempt (the saga moves on), a
+        child's end fails the parent's await."""
         reason = f"record of {len(value)} bytes exceeds {MAX_RECORD_BYTES}"
         try:
             envelope = codec.decode(value)
@@ -329,6 +330,26 @@ class Decider:
             if cached is not None:
                 with contextlib.suppress(UnknownActivity):
                     self._record(part, cached, cached.run.on_reply(failure, now), batch, now)
+        if isinstance(envelope, ChildWorkflowEnded):
+            # A child's result too large for the inbox: the parent's await fails instead of
+            # waiting for ever (the child itself ended as it did; describe shows it).
+            if partition_for(envelope.workflow_id, self.settings.partitions) != part.number:
+                return
+            ended = envelope.model_copy(
+                update={
+                    "status": WorkflowStatus.FAILED,
+                    "result": None,
+                    "error": ErrorInfo(
+                        type="PayloadTooLarge",
+                        message=f"the end of child {envelope.child_workflow_id} was {reason}: "
+                        "return less from it, e.g. a reference",
+                    ),
+                }
+            )
+            cached = self._live(part, ended.workflow_id, batch, now)
+            if cached is not None:
+                with contextlib.suppress(UnknownActivity):
+                    self._record(part, cached, cached.run.on_child_ended(ended, now), batch, now)
 
     def _reject(
         self, batch: Batch, msg: InboxRecord, start: StartWorkflow, error_type: str, reason: str

@@ -58,6 +58,7 @@ from contracts.envelopes import (
     WorkflowStarted,
     WorkflowStatus,
 )
+from contracts.limits import MAX_INBOX_RECORD_BYTES
 from orchestrator.errors import (
     ActivityError,
     AsyncioInWorkflow,
@@ -104,6 +105,8 @@ _CODE_EVENTS = (
 #: is terminated (a child whose parent ended with parent-close policy TERMINATE): no compensation
 #: runs. (The same name and mechanism as the id reuse policy TERMINATE_IF_RUNNING of wt-feat1.)
 TERMINATED = "WorkflowTerminated"
+#: A child's input, with room left under the inbox limit for the rest of its StartWorkflow.
+MAX_CHILD_INPUT_BYTES = MAX_INBOX_RECORD_BYTES - 4096
 _BOOKKEEPING = (ActivityAttemptStarted, ActivityAttemptFailed, LateReplyIgnored, WorkflowBlocked)
 _DEFAULT_RETRY = RetryPolicy()
 
@@ -552,6 +555,14 @@ class _Context(WorkflowContext):
             raise WorkflowFailure(
                 f"a workflow cannot be its own child ({child_id!r})", error_type="InvalidChildId"
             )
+        payload = to_payload(arg)
+        if len(payload.data) > MAX_CHILD_INPUT_BYTES:
+            # Its StartWorkflow would be refused by the child's node (or by the producer).
+            raise WorkflowFailure(
+                f"the input of child {child_id!r} is {len(payload.data)} bytes, over the "
+                f"{MAX_CHILD_INPUT_BYTES} a start may carry: pass a reference to the data",
+                error_type="PayloadTooLarge",
+            )
         future: _Future[Any] = _Future()
         call = run._children[seq] = _ChildCall(future, output_type, child_id)
         if saga is not None and compensate is not None:
@@ -562,7 +573,7 @@ class _Context(WorkflowContext):
                 seq=seq,
                 child_workflow_id=child_id,
                 workflow_type=type_name,
-                input=to_payload(arg),
+                input=payload,
                 parent_close_policy=parent_close_policy.value,
             )
         )

@@ -43,6 +43,8 @@ class Job(BaseModel):
     child_type: str = "child"
     detach: bool = False  # start the child and end without waiting for it
     policy: str = "REQUEST_CANCEL"
+    pad: int = 0  # the parent gives its child an input of this many more bytes
+    note: str = ""
 
 
 class Out(BaseModel):
@@ -81,8 +83,9 @@ class Parent:
                 )
                 self.stage = f"left {handle.workflow_id}"
                 return Out(refs=self.refs)
+            arg = job.model_copy(update={"note": "x" * job.pad, "pad": 0})
             child = await ctx.execute_child(
-                Child if job.child_type == "child" else job.child_type, job, id="kid",
+                Child if job.child_type == "child" else job.child_type, arg, id="kid",
                 parent_close_policy=policy,
             )  # fmt: skip
             self.refs.extend(Out.model_validate(child).refs)
@@ -360,3 +363,28 @@ def test_a_cancelled_parent_waits_for_its_compensatable_child_to_end(net: Net) -
     mine = [c.split(":")[1] for c in net.commands if c.startswith(f"{PARENT}:")]
     assert mine == ["a.do", "a.undo"]
     assert net.commands.count("kid:a.undo") == 1
+
+
+def test_a_child_input_or_result_too_large_for_the_inbox_fails_the_parent_not_hangs(
+    net: Net,
+) -> None:
+    big = "x" * (600 * 1024)
+    net.send(start(PARENT, Job(pad=len(big))))  # the child's input is too big
+    net.run()
+    error = net.results[PARENT].error
+    assert error is not None and error.type == "PayloadTooLarge"
+    assert net.status(PARENT) is WorkflowStatus.COMPENSATED
+    assert not [e for e in net.inbox if isinstance(e, StartWorkflow)]  # nothing was sent
+
+    # A child's end over the limit (a result too big): the parent's await fails.
+    net.send(start("job-2", Job(child_waits=True)))
+    net.run()
+    huge = ChildWorkflowEnded(
+        workflow_id="job-2", seq=2, child_workflow_id="kid", status=WorkflowStatus.COMPLETED,
+        sent_at_ms=NOW, result=to_payload(big),
+    )  # fmt: skip
+    net.queue.append((codec.encode(huge), b"job-2"))
+    net.run()
+    assert net.letters[-1] == "Oversized"
+    failed = [e.event for e in net.history["job-2"] if isinstance(e.event, ChildWorkflowFailed)]
+    assert [f.error.type for f in failed] == ["PayloadTooLarge"]
