@@ -111,7 +111,12 @@ def test_the_statefulset_runs_nodes_with_their_own_state_and_probes() -> None:
     assert node["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
     assert node["startupProbe"]["httpGet"]["path"] == "/healthz"
 
-    assert node["args"][:3] == ["run", "--workflows", "services_example.orders.saga"]
+    assert node["args"][:4] == [
+        "orchestrator",
+        "run",
+        "--workflows",
+        "services_example.orders.saga",
+    ]
     assert pod["terminationGracePeriodSeconds"] == 60
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert node["securityContext"]["readOnlyRootFilesystem"] is True
@@ -125,7 +130,13 @@ def test_the_topics_job_runs_before_the_nodes_with_their_kafka_settings() -> Non
     job = _one(objects, "Job")
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
     (container,) = job["spec"]["template"]["spec"]["containers"]
-    assert container["args"][:4] == ["topics", "create", "--replication-factor", "3"]
+    assert container["args"][:5] == [
+        "orchestrator",
+        "topics",
+        "create",
+        "--replication-factor",
+        "3",
+    ]
     (node,) = _one(objects, "StatefulSet")["spec"]["template"]["spec"]["containers"]
     kafka_env = {k: v for k, v in _env(node).items() if k.startswith(("KAFKA_", "SAGA_KAFKA"))}
     kafka_env |= {"SAGA_NAMESPACE": "saga", "SAGA_PARTITIONS": "6"}
