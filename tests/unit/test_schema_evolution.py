@@ -17,7 +17,7 @@ from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.schema import parse_schema
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from contracts import codec
@@ -31,13 +31,17 @@ from contracts.codec import (
     fingerprint,
 )
 from contracts.envelopes import (
+    ActivityParked,
     ActivityReply,
     ErrorInfo,
     HistoryEvent,
     MarkerRecorded,
+    OperatorActed,
     Payload,
     ReplyOutcome,
     WorkflowBlocked,
+    WorkflowFailed,
+    WorkflowStatus,
 )
 from tests.unit.test_codec import ENVELOPES, EVENT_BODIES, history_events
 
@@ -163,19 +167,62 @@ def test_history_v0_is_the_current_schema_without_the_new_kinds() -> None:
         *_branches(v0),
         "saga.v1.MarkerRecorded",
         "saga.v1.WorkflowBlocked",
+        "saga.v1.ActivityParked",
+        "saga.v1.OperatorActed",
     ]
     assert fingerprint(v0) != current_schema(HistoryEvent).fingerprint
+
+
+HISTORY_V1 = HISTORY_V0.with_name("HistoryEvent.v1.avsc")
+_OPERATOR_KINDS = (ActivityParked, OperatorActed)
+
+
+def _history_v1_schema() -> dict[str, Any]:
+    parsed = parse_schema(json.loads(HISTORY_V1.read_text()))
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def test_history_v1_is_the_current_schema_without_the_operator_kinds() -> None:
+    assert _branches(current_schema(HistoryEvent).schema) == [
+        *_branches(_history_v1_schema()),
+        "saga.v1.ActivityParked",
+        "saga.v1.OperatorActed",
+    ]
+
+
+def _old_status(event: HistoryEvent) -> bool:
+    """TERMINATED came with the operator kinds: old writers never wrote it."""
+    body = event.event
+    return not (isinstance(body, WorkflowFailed) and body.status is WorkflowStatus.TERMINATED)
+
+
+@given(history_events(st.one_of(*(s for t, s in EVENT_BODIES.items() if t not in _OPERATOR_KINDS))))
+def test_history_written_before_operator_actions_reads_as_the_current_model(
+    event: HistoryEvent,
+) -> None:
+    assume(_old_status(event))
+    v1 = _history_v1_schema()
+    body = io.BytesIO()
+    schemaless_writer(body, v1, _history_to_avro(event))
+    framed = MAGIC + fingerprint(v1).to_bytes(8, "little") + body.getvalue()
+    assert decode_as(framed, HistoryEvent) == event
 
 
 @given(
     history_events(
         st.one_of(
-            *(s for t, s in EVENT_BODIES.items() if t not in (MarkerRecorded, WorkflowBlocked))
+            *(
+                s
+                for t, s in EVENT_BODIES.items()
+                if t not in (MarkerRecorded, WorkflowBlocked, *_OPERATOR_KINDS)
+            )
         )
     )
 )
 def test_history_written_before_markers_reads_as_the_current_model(event: HistoryEvent) -> None:
     """A history written by nodes on the old code stays readable by nodes on the new one."""
+    assume(_old_status(event))
     v0 = _history_v0_schema()
     record = _history_to_avro(event)
     body = io.BytesIO()
