@@ -58,8 +58,8 @@ Names as in docs/configuration.md: SAGA_KAFKA__<KEY> is the librdkafka key <key>
     secretKeyRef:
       name: {{ .Values.kafka.sasl.existingSecret }}
       key: {{ .Values.kafka.sasl.usernameKey }}
-{{- /* As SAGA_KAFKA__SASL_PASSWORD, not SAGA_SASL_PASSWORD: the settings check the librdkafka
-     keys together, and SCRAM wants the username and the password side by side there. */}}
+{{- /* SAGA_KAFKA__SASL_PASSWORD: sasl.password beside sasl.username in the librdkafka settings,
+     where the settings check them together (and mask the password, a secret key). */}}
 - name: SAGA_KAFKA__SASL_PASSWORD
   valueFrom:
     secretKeyRef:
