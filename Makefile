@@ -34,7 +34,7 @@ check: lint typecheck
 
 ## helm, for the chart's lint/template test (tests/deploy/test_helm.py): built from source through
 ## the Go module proxy, since the release tarballs' host is not reachable from every build machine
-## (about 2 minutes on 2 cores the first time, then cached). When it cannot be built, the reason is
+## (2 to 7 minutes on 2 cores the first time, seconds once cached). When it cannot be built, the reason is
 ## written to $(TOOLS)/helm.unavailable, `make test` goes on and that test skips, quoting it.
 HELM_VERSION := v3.22.0
 # The Kubernetes version helm's own Makefile stamps in: from the client-go it builds with (v0.37).
@@ -45,9 +45,11 @@ HELM_LDFLAGS := -X helm.sh/helm/v3/internal/version.version=$(HELM_VERSION) \
 	$(foreach pkg,pkg/lint/rules pkg/chartutil,\
 	-X helm.sh/helm/v3/$(pkg).k8sVersionMajor=1 -X helm.sh/helm/v3/$(pkg).k8sVersionMinor=$(HELM_K8S_MINOR))
 
-helm: $(TOOLS)/helm
+# The stamp names the version, so that a new HELM_VERSION rebuilds; a failed build leaves none
+# and is tried again by the next `make test`.
+helm: $(TOOLS)/.helm-$(HELM_VERSION)
 
-$(TOOLS)/helm:
+$(TOOLS)/.helm-$(HELM_VERSION):
 	@mkdir -p $(TOOLS)
 	@rm -f $(TOOLS)/helm.unavailable
 	@if [ -z "$(GO)" ]; then \
@@ -57,6 +59,7 @@ $(TOOLS)/helm:
 		echo "building helm $(HELM_VERSION) from the Go module proxy (go install)"; \
 		GOBIN="$(abspath $(TOOLS))" GOFLAGS=-modcacherw "$(GO)" install -ldflags "$(HELM_LDFLAGS)" \
 			helm.sh/helm/v3/cmd/helm@$(HELM_VERSION) 2> $(TOOLS)/helm.build.log \
+		&& touch $@ \
 		|| { echo "helm $(HELM_VERSION) not built: go install failed: $$(tail -n 3 $(TOOLS)/helm.build.log | tr '\n' ' ')" \
 			| tee $(TOOLS)/helm.unavailable; }; \
 	fi
