@@ -146,6 +146,7 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def test_a_node_a_service_and_the_client_run_from_the_wheel(
+    wheel: Path,
     installed: Path,
     app: Path,
     kafka_bootstrap: str,
@@ -174,7 +175,8 @@ def test_a_node_a_service_and_the_client_run_from_the_wheel(
     venv_dir = installed.parent.resolve()
     assert all(Path(line).resolve().is_relative_to(venv_dir) for line in where[:2]), where
     assert where[2] == "None None None", "the repository is on sys.path"
-    assert _run([installed / "orchestrator", "--version"], **run).stdout.startswith("orchestrator")
+    printed = _run([installed / "orchestrator", "--version"], **run).stdout
+    assert printed.strip() == f"orchestrator, version {wheel.name.split('-')[1]}"
 
     _run([installed / "orchestrator", "topics", "create"], **run)
     for name, args in {
