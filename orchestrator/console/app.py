@@ -123,7 +123,8 @@ class Console:
         return self.render(
             "workflow.html",
             d=detail,
-            actions=[(a, a.available(self.client), a.applies_to(detail.status)) for a in ACTIONS],
+            # Only the actions for this status; those the client lacks are shown disabled.
+            actions=[(a, a.available(self.client)) for a in ACTIONS if a.applies_to(detail.status)],
             trace_link=(
                 self.trace_url.format(trace_id=detail.trace_id)
                 if self.trace_url and detail.trace_id
