@@ -283,3 +283,13 @@ def server_client(server: ConsoleServer) -> StubClient:
     client = server.console.client
     assert isinstance(client, StubClient)
     return client
+
+
+def test_the_command_refuses_a_trace_url_without_the_trace_id() -> None:
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    outcome = CliRunner().invoke(main, ["console", "--trace-url", "http://jaeger/trace/"])
+    assert outcome.exit_code == 2
+    assert "must contain {trace_id}" in outcome.output

@@ -13,6 +13,12 @@ document.addEventListener("submit", (event) => {
   form.elements.namedItem("confirmed").value = "yes";
 });
 
+// The outcome of an action (?sent=... / ?refused=...) is shown once: drop it from the address, so
+// neither the refresh nor a reload shows it again.
+if (/[?&](sent|refused)=/.test(location.search)) {
+  history.replaceState(null, "", location.pathname);
+}
+
 // Every data-refresh seconds, fetch the page again and swap #live if it changed; skipped
 // while the tab is hidden or the operator is typing into one of its forms.
 (() => {
