@@ -12,6 +12,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -28,11 +29,12 @@ from contracts.envelopes import (
     SignalReceived,
     TimerStarted,
     TraceContext,
+    WorkflowBlocked,
     WorkflowFailed,
     WorkflowStarted,
     WorkflowStatus,
 )
-from orchestrator.client import Client
+from orchestrator.client import Client, ClientError
 from orchestrator.console import Console, ConsoleServer, serve
 from orchestrator.errors import UnknownWorkflow
 from orchestrator.payloads import to_payload
@@ -86,17 +88,35 @@ class StubClient(Client):
 
 
 class QueryClient(StubClient):
-    """A client that has the nodes' query API: the console must use it, not the scan."""
+    """A client that has the nodes' query API (the shapes of ``Client.list``/``counts``): the
+    console must use it, not the scan."""
 
-    def list(self, **filters: Any) -> builtins.list[dict[str, Any]]:
+    def list(self, **filters: Any) -> SimpleNamespace:
         self.sent.append(("list", filters))
-        return [{"workflow_id": "from-api", "workflow_type": "trip", "status": "PARKED"}]
+        row = {
+            "workflow_id": "from-api", "workflow_type": "trip", "status": "PARKED",
+            "started_at_ms": T0, "updated_at_ms": T0 + 5, "waiting_for": "",
+            "reason": "Refused: the undo gave up",
+        }  # fmt: skip
+        return SimpleNamespace(
+            items=[row], next_cursor="c2", missing_partitions=[2], errors=["node n2: refused"]
+        )
 
-    def counts(self) -> dict[str, int]:
-        return {"PARKED": 7, "COMPLETED": 3}
+    def counts(self) -> SimpleNamespace:
+        return SimpleNamespace(total=10, by_status={"PARKED": 7, "COMPLETED": 3})
 
     def histories(self, *, timeout: float = 60.0) -> dict[str, builtins.list[HistoryEvent]]:
         raise AssertionError("the console scanned the history though the client has list()")
+
+
+class NoNodeClient(StubClient):
+    """A client with the query API but no node to answer it: the console scans the history."""
+
+    def list(self, **filters: Any) -> SimpleNamespace:
+        raise ClientError("no orchestrator node of namespace 'console-unit' answered")
+
+    def counts(self) -> SimpleNamespace:
+        raise AssertionError("counts() after list() failed")
 
 
 class TerminatingClient(StubClient):
@@ -179,11 +199,28 @@ def test_a_bad_filter_is_a_400_that_says_why(server: ConsoleServer) -> None:
 def test_the_list_reads_through_the_query_api_when_the_client_has_one(
     server: ConsoleServer,
 ) -> None:
-    status, page = _get(server, "/?status=PARKED&prefix=fr")
+    status, page = _get(server, "/?status=PARKED&prefix=fr&limit=1")
     assert status == 200
     assert _ids(page) == ["from-api"]
     assert "read through the query API" in page
     assert re.search(r'data-status="PARKED"[^>]*>PARKED <b>7</b>', page)
+    assert "Refused: the undo gave up" in page
+    assert "<td>2027-01-15 08:00:00.000</td>" in page  # started_at_ms, T0
+    assert "no node answered for partitions [2]" in page and "node n2: refused" in page
+    assert 'href="/?status=PARKED&amp;prefix=fr&amp;limit=1&amp;cursor=c2" id="next"' in page
+    assert server_client(server).sent == [
+        ("list", {"status": "PARKED", "type": None, "prefix": "fr", "limit": 1, "cursor": None})
+    ]
+
+
+@pytest.mark.parametrize("server", [NoNodeClient], indirect=True)
+def test_the_list_scans_the_history_when_no_node_answers_the_query_api(
+    server: ConsoleServer,
+) -> None:
+    status, page = _get(server, "/")
+    assert status == 200
+    assert _ids(page) == ["b-cancelled", "a-wait", "a-done"]
+    assert "the nodes&#39; query API did not answer: no orchestrator node" in page
 
 
 def test_a_workflow_page_shows_its_timers_signals_and_a_404_for_an_unknown_one(
@@ -293,3 +330,20 @@ def test_the_command_refuses_a_trace_url_without_the_trace_id() -> None:
     outcome = CliRunner().invoke(main, ["console", "--trace-url", "http://jaeger/trace/"])
     assert outcome.exit_code == 2
     assert "must contain {trace_id}" in outcome.output
+
+
+def test_a_blocked_workflow_is_listed_as_blocked_and_can_be_filtered() -> None:
+    blocked = WorkflowBlocked(
+        error=ErrorInfo(type="NonDeterminismError", message="step 2 changed"),
+        at_seq=2,
+        code_version="v2",
+    )
+    client = StubClient({**HISTORIES, "stuck": _events("stuck", blocked, start=T0 + 30)})
+    with serve(Console(client, refresh=0)) as server:
+        page = _get(server, "/?status=BLOCKED")[1]
+        assert _ids(page) == ["stuck"]
+        assert re.search(r'data-status="BLOCKED"[^>]*>BLOCKED <b>1</b>', page)
+        assert re.search(r'data-status="RUNNING"[^>]*>RUNNING <b>1</b>', page)  # a-wait
+        detail = _get(server, "/workflows/stuck")[1]
+    assert '<span class="badge blocked">BLOCKED</span>' in detail
+    assert "NonDeterminismError: step 2 changed" in detail
