@@ -126,7 +126,7 @@ class Console:
             # Only the actions for this status; those the client lacks are shown disabled.
             actions=[(a, a.available(self.client)) for a in ACTIONS if a.applies_to(detail.status)],
             trace_link=(
-                self.trace_url.format(trace_id=detail.trace_id)
+                self.trace_url.replace("{trace_id}", detail.trace_id)
                 if self.trace_url and detail.trace_id
                 else None
             ),
@@ -145,7 +145,8 @@ class Console:
         return lines or ["(no span of this workflow in the file)"]
 
     def act(self, form: Mapping[str, str]) -> tuple[str, str | None]:
-        """Handle an action's POST: (where to redirect, or None) and the page to show instead."""
+        """Handle an action's POST: where to redirect to, or ``""`` and a page to show instead
+        (the confirmation page, when the dialog did not confirm it)."""
         if not secrets.compare_digest(form.get("token", ""), self.token):
             raise BadRequest("the form's token is not this console's (a stale page?): reload it")
         workflow_id = form.get("id", "")
