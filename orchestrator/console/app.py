@@ -124,7 +124,7 @@ class Console:
             "workflow.html",
             d=detail,
             # Only the actions for this status; those the client lacks are shown disabled.
-            actions=[(a, a.available(self.client)) for a in ACTIONS if a.applies_to(detail.status)],
+            actions=[(a, a.available(self.client)) for a in ACTIONS if a.applies(detail)],
             trace_link=(
                 self.trace_url.replace("{trace_id}", detail.trace_id)
                 if self.trace_url and detail.trace_id
@@ -164,11 +164,9 @@ class Console:
                 back=back,
             )
             return "", page
-        status = self.source.workflow(workflow_id).status
+        detail = self.source.workflow(workflow_id)  # as it is now, not as the page showed it
         try:
-            if not action.applies_to(status):
-                raise ActionError(f"workflow {workflow_id} is {status}: {action.label} not sent")
-            request_id = perform(self.client, action, workflow_id, form, self.operator)
+            request_id = perform(self.client, action, detail, form, self.operator)
         except ActionError as exc:
             return back + "?" + urlencode({"refused": str(exc)}), None
         log.info("console: %s of %s sent by %s", action.name, workflow_id, self.operator)

@@ -24,8 +24,10 @@ from contracts.envelopes import (
     ActivityAttemptStarted,
     ActivityCompleted,
     ActivityFailed,
+    ActivityParked,
     ActivityScheduled,
     HistoryEvent,
+    OperatorActed,
     SignalReceived,
     WorkflowStatus,
 )
@@ -123,7 +125,29 @@ class Detail:
 
     @property
     def status(self) -> str:
-        return self.state.status.value if self.state.status else "UNKNOWN"
+        return operator_status(self.state)
+
+    @property
+    def parked_steps(self) -> list[int]:
+        """Compensations that gave up: an operator retries or skips them."""
+        return [a.seq for a in self.state.parked]
+
+    @property
+    def retry_steps(self) -> list[int]:
+        """Steps an operator's retry runs at once: parked, or between attempts."""
+        return sorted(a.seq for a in self.state.activities.values() if a.waits_for_retry)
+
+
+def operator_status(state: WorkflowState) -> str:
+    """The status as operators count it (as ``WorkflowDescription.operator_status``): BLOCKED or
+    PARKED while the workflow waits for one of them, else its status."""
+    if state.status is None:
+        return "UNKNOWN"
+    if not state.finished and state.blocked is not None:
+        return "BLOCKED"
+    if not state.finished and state.parked:
+        return "PARKED"
+    return state.status.value
 
 
 class Source:
@@ -216,7 +240,7 @@ def _list_from_histories(found: Mapping[str, list[HistoryEvent]], filters: Filte
             Row(
                 workflow_id=workflow_id,
                 workflow_type=state.workflow_type,
-                status="BLOCKED" if state.blocked and not state.finished else state.status.value,
+                status=operator_status(state),
                 current_step=state.current_step,
                 started_at=_ms(state.started_at_ms),
                 updated_at=_ms(events[-1].recorded_at_ms),
@@ -287,6 +311,12 @@ def detail_of(workflow_id: str, events: list[HistoryEvent]) -> Detail:
             case ActivityFailed() if step:
                 step.outcome = "business failure" if body.business else "failed"
                 step.detail, step.retry_at = f"{body.error.type}: {body.error.message}", None
+            case ActivityParked() if step:
+                step.outcome, step.retry_at = "parked", None
+                step.detail = f"{body.error.type}: {body.error.message}"
+            case OperatorActed() if step and body.action == "skip":
+                step.outcome = "skipped"
+                step.detail = f"by {body.operator}: {body.reason or '(no reason)'}"
             case SignalReceived():
                 signals.append(Signal(body.signal_name, at, _preview(body.payload)))
     trace_id = None

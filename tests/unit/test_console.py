@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from contracts.envelopes import (
+    ActivityParked,
     ActivityScheduled,
     ErrorInfo,
     EventBody,
@@ -86,6 +87,26 @@ class StubClient(Client):
         self.sent.append(("cancel", (workflow_id, reason)))
         return "req-1"
 
+    def terminate(self, workflow_id: str, reason: str = "", *, operator: str = "") -> str:
+        self.sent.append(("terminate", (workflow_id, reason, operator)))
+        return "req-2"
+
+    def retry(
+        self,
+        workflow_id: str,
+        *,
+        step: int | None = None,
+        input: object = None,
+        reason: str = "",
+        operator: str = "",
+    ) -> str:
+        self.sent.append(("retry", (workflow_id, step, input, reason, operator)))
+        return "req-3"
+
+    def skip(self, workflow_id: str, step: int, *, reason: str = "", operator: str = "") -> str:
+        self.sent.append(("skip", (workflow_id, step, reason, operator)))
+        return "req-4"
+
 
 class QueryClient(StubClient):
     """A client that has the nodes' query API (the shapes of ``Client.list``/``counts``): the
@@ -119,10 +140,10 @@ class NoNodeClient(StubClient):
         raise AssertionError("counts() after list() failed")
 
 
-class TerminatingClient(StubClient):
-    def terminate(self, workflow_id: str, reason: str) -> str:
-        self.sent.append(("terminate", (workflow_id, reason)))
-        return "req-2"
+class OldClient(StubClient):
+    """A client from before the operator actions: the console greys out what it lacks."""
+
+    retry = None  # type: ignore[assignment]
 
 
 HISTORIES = {
@@ -135,6 +156,13 @@ HISTORIES = {
     ),
     "b-cancelled": _events("b-cancelled", _failed(WorkflowStatus.CANCELLED), start=T0 + 20),
 }
+UNDO = ActivityScheduled(
+    seq=1, activity_name="t-a.undo", topic="t-a.commands", input=Payload(),
+    idempotency_key="p/1", is_compensation=True, retry=RetryPolicy(),
+)  # fmt: skip
+PARKED = _events(
+    "parked", UNDO, ActivityParked(seq=1, attempt=3, error=ErrorInfo(type="Down", message="x"))
+)
 
 
 @pytest.fixture
@@ -280,17 +308,11 @@ def _form(server: ConsoleServer, page: str, **fields: str) -> dict[str, str]:
     return {"token": token.group(1), **fields}
 
 
-@pytest.mark.parametrize("server", [TerminatingClient], indirect=True)
-def test_actions_need_the_token_and_a_confirmation_and_follow_the_client(
-    server: ConsoleServer,
-) -> None:
+def test_actions_need_the_token_and_a_confirmation_and_record_who(server: ConsoleServer) -> None:
     page = _get(server, "/workflows/a-wait")[1]
-    # This client has terminate() but no retry_now(): only what it has is enabled.
-    assert "disabled" not in _button(page, "terminate")
-    assert 'disabled title="not available: this client has no retry_now() yet"' in _button(
-        page, "retry_now"
-    )
-    assert "disabled" not in _button(page, "cancel")
+    for action in ("cancel", "terminate", "signal"):
+        assert "disabled" not in _button(page, action)
+    assert 'id="do-retry"' not in page and 'id="do-skip"' not in page  # nothing parked
     form = _form(server, page, id="a-wait", action="terminate", reason="stuck")
 
     assert _post(server, {**form, "token": "forged", "confirmed": "yes"})[0] == 400
@@ -300,20 +322,53 @@ def test_actions_need_the_token_and_a_confirmation_and_follow_the_client(
 
     status, location, _ = _post(server, {**form, "confirmed": "yes"})
     assert status == 303 and location.startswith("/workflows/a-wait?sent=Terminate")
+    # terminate() takes the operator; cancel() does not: it goes into the reason
+    _post(server, {**form, "action": "cancel", "confirmed": "yes"})
     assert server_client(server).sent == [
-        ("terminate", ("a-wait", "stuck (by ops via the console)"))
+        ("terminate", ("a-wait", "stuck", "ops")),
+        ("cancel", ("a-wait", "stuck (by ops via the console)")),
     ]
 
     # A cancel of a workflow that has ended is refused before anything is sent.
     status, location, _ = _post(
         server, {**form, "id": "a-done", "action": "cancel", "confirmed": "yes"}
     )
-    assert (
-        status == 303
-        and "refused=" in location
-        and "COMPENSATED" in urllib.parse.unquote_plus(location)
+    assert status == 303 and "refused=" in location
+    assert "does not apply to workflow a-done" in urllib.parse.unquote_plus(location)
+    assert len(server_client(server).sent) == 2
+
+
+def test_a_parked_compensation_is_retried_or_skipped_by_its_step() -> None:
+    client = StubClient({**HISTORIES, "parked": PARKED})
+    with serve(Console(client, refresh=0, operator="ops")) as server:
+        page = _get(server, "/workflows/parked")[1]
+        assert '<span class="badge status-PARKED" id="status">PARKED</span>' in page
+        assert re.search(r'<tr class="compensation" data-seq="1">.*?>parked<', page, re.S)
+        assert _ids(_get(server, "/?status=PARKED")[1]) == ["parked"]
+        form = _form(server, page, id="parked", confirmed="yes", reason="fixed")
+        for fields in (
+            {"action": "skip", "step": "2"},  # not a parked step
+            {"action": "retry", "input": "{}"},  # a new input without its step
+            {"action": "retry", "step": "1", "input": "{oops"},
+        ):
+            assert "refused=" in _post(server, {**form, **fields})[1]
+        _post(server, {**form, "action": "retry", "step": "1", "input": '{"n": 2}'})
+        _post(server, {**form, "action": "skip", "step": "1"})
+    assert client.sent == [
+        ("retry", ("parked", 1, {"n": 2}, "fixed", "ops")),
+        ("skip", ("parked", 1, "fixed", "ops")),
+    ]
+
+
+@pytest.mark.parametrize("server", [OldClient], indirect=True)
+def test_an_action_the_client_lacks_is_shown_greyed_out(server: ConsoleServer) -> None:
+    server_client(server).found["parked"] = PARKED
+    page = _get(server, "/workflows/parked")[1]
+    assert 'disabled title="not available: this client has no retry() yet"' in _button(
+        page, "retry"
     )
-    assert len(server_client(server).sent) == 1
+    assert "disabled" not in _button(page, "skip")
+    assert "Greyed out: not in this version" in page
 
 
 def server_client(server: ConsoleServer) -> StubClient:
