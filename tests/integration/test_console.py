@@ -2,8 +2,8 @@
 its own process over a namespace where sagas completed, compensated and wait for a signal.
 
 An operator lists the workflows, filters to COMPENSATED, opens one and sees its compensations,
-then cancels the waiting one from its page (a confirmation dialog first) and the history shows
-the cancel, with who and why.
+then cancels a waiting one from its page (a confirmation dialog first) and the history shows
+the cancel, with who and why; then terminates the other waiting one the same way.
 
 Chromium is Debian's (`make browser` installs it); Playwright for Python drives it, with no
 browser download of its own. Set SAGA_CONSOLE_SCREENSHOTS=docs to refresh the docs' screenshots.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from contracts.envelopes import CancelRequested, WorkflowFailed, WorkflowStatus
+from contracts.envelopes import CancelRequested, OperatorActed, WorkflowFailed, WorkflowStatus
 from orchestrator.errors import WorkflowFailedError
 
 from .kit import Trip, TripResult
@@ -98,17 +98,19 @@ def _start_sagas(stack: Stack) -> None:
         client.start("trip", Trip(fail_at=3), workflow_id=wf) for wf in ("comp-1", "comp-2")
     ]
     done = client.start("trip", Trip(), workflow_id="ok-1")
-    client.start("trip", Trip(wait_signal=True), workflow_id="wait-1")
+    for wf in ("wait-1", "wait-2"):
+        client.start("trip", Trip(wait_signal=True), workflow_id=wf)
     for handle in compensating:
         with pytest.raises(WorkflowFailedError) as info:
             handle.result(TripResult, timeout=60)
         assert info.value.status == WorkflowStatus.COMPENSATED.value
     done.result(TripResult, timeout=60)
-    _until("wait-1 waits for its signal", lambda: len(stack.kit.steps_of("wait-1")) == 2)
-    _until(
-        "wait-1's history says it waits",
-        lambda: stack.client.describe("wait-1").current_step == "waiting for a signal",
-    )
+    for wf in ("wait-1", "wait-2"):
+        _until(f"{wf} waits for its signal", lambda: len(stack.kit.steps_of(wf)) == 2)  # noqa: B023
+        _until(
+            f"{wf}'s history says it waits",
+            lambda: stack.client.describe(wf).current_step == "waiting for a signal",  # noqa: B023
+        )
 
 
 def _shot(page: object, name: str) -> None:
@@ -132,10 +134,10 @@ def test_an_operator_finds_a_compensated_saga_and_cancels_a_waiting_one_from_the
 
     # The list: every saga, with the counts per status.
     page.goto(console_url)
-    expect(page.locator("tr[data-id]")).to_have_count(4)
+    expect(page.locator("tr[data-id]")).to_have_count(5)
     expect(page.locator(".count[data-status=COMPENSATED] b")).to_have_text("2")
     expect(page.locator(".count[data-status=COMPLETED] b")).to_have_text("1")
-    expect(page.locator(".count[data-status=RUNNING] b")).to_have_text("1")
+    expect(page.locator(".count[data-status=RUNNING] b")).to_have_text("2")
     _shot(page, "console.png")
 
     # Filter to COMPENSATED: only the two compensated sagas are left.
@@ -198,6 +200,20 @@ def test_an_operator_finds_a_compensated_saga_and_cancels_a_waiting_one_from_the
     last = history[-1].event
     assert isinstance(last, WorkflowFailed) and last.status == WorkflowStatus.CANCELLED
     assert stack.kit.steps_of("wait-1") == ["do", "do", "undo", "undo"]
+
+    # The other waiting saga: terminated from its page, nothing compensated, who and why kept.
+    page.goto(console_url + "workflows/wait-2")
+    page.fill("input[aria-label='Terminate reason']", "customer gone")
+    page.once("dialog", accept)
+    page.click("#do-terminate")
+    assert questions[-1] == "Terminate workflow wait-2? It ends at once, WITHOUT compensations."
+    expect(page.locator("#status")).to_have_text("TERMINATED")
+    expect(page.locator("#timeline")).to_contain_text("terminate by test-operator: customer gone")
+    acted = [e.event for e in stack.history("wait-2") if isinstance(e.event, OperatorActed)]
+    assert [(a.action, a.operator, a.reason) for a in acted] == [
+        ("terminate", "test-operator", "customer gone")
+    ]
+    assert stack.kit.steps_of("wait-2") == ["do", "do"]
 
     # A workflow that does not exist: a 404 page that says so.
     response = page.goto(console_url + "workflows/nope")
