@@ -296,7 +296,8 @@ def detail_of(workflow_id: str, events: list[HistoryEvent]) -> Detail:
     signals: list[Signal] = []
     for event in run:
         body, at = event.event, _ms(event.recorded_at_ms)
-        step = steps.get(getattr(body, "seq", -1))
+        seq = body.step_seq if isinstance(body, OperatorActed) else getattr(body, "seq", None)
+        step = steps.get(seq) if seq is not None else None
         match body:
             case ActivityScheduled():
                 steps[body.seq] = StepRow(body.seq, body.activity_name, body.is_compensation, at)

@@ -3,7 +3,8 @@ its own process over a namespace where sagas completed, compensated and wait for
 
 An operator lists the workflows, filters to COMPENSATED, opens one and sees its compensations,
 then cancels a waiting one from its page (a confirmation dialog first) and the history shows
-the cancel, with who and why; then terminates the other waiting one the same way.
+the cancel, with who and why; then terminates the other waiting one the same way, and skips the
+parked compensation of a third saga, which then ends COMPENSATED.
 
 Chromium is Debian's (`make browser` installs it); Playwright for Python drives it, with no
 browser download of its own. Set SAGA_CONSOLE_SCREENSHOTS=docs to refresh the docs' screenshots.
@@ -21,11 +22,20 @@ from pathlib import Path
 
 import pytest
 
-from contracts.envelopes import CancelRequested, OperatorActed, WorkflowFailed, WorkflowStatus
-from orchestrator.errors import WorkflowFailedError
+from contracts.activity import ActivityContract
+from contracts.envelopes import (
+    CancelRequested,
+    OperatorActed,
+    RetryPolicy,
+    WorkflowFailed,
+    WorkflowStatus,
+)
+from orchestrator import workflow
+from orchestrator.errors import UnknownWorkflow, WorkflowFailedError
+from orchestrator.workflow import Compensation, WorkflowContext
 
-from .kit import Trip, TripResult
-from .stack import Stack
+from .kit import Done, Step, Trip, TripResult, build, settings_for
+from .stack import Stack, running_stack
 
 pytestmark = pytest.mark.broker
 
@@ -56,6 +66,35 @@ def browser() -> Iterator[object]:
         chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
+
+
+def _parking_workflow(prefix: str) -> type:
+    """Step 2 is refused; the compensation of step 1 is refused too, so it parks."""
+    a, b = f"{prefix}-a", f"{prefix}-b"
+    do_a, undo_a = (ActivityContract(f"{a}.{op}", a, Step, Done) for op in ("do", "undo"))
+    do_b = ActivityContract(f"{b}.do", b, Step, Done)
+
+    @workflow.defn(name="parks")
+    class Parks:
+        @workflow.run
+        async def run(self, ctx: WorkflowContext, step: Step) -> Done:
+            retry = RetryPolicy(max_attempts=2, initial_interval_ms=50)
+            async with ctx.saga():
+                undo = Compensation(undo_a, Step(n=1, fail=True), retry=retry)
+                await ctx.call(do_a, Step(n=1), retry=retry, compensate=undo)
+                done = await ctx.call(do_b, Step(n=2, fail=True), retry=retry)
+            return done
+
+    return Parks
+
+
+@pytest.fixture
+def stack(kafka_bootstrap: str, namespace: str, tmp_path: Path) -> Iterator[Stack]:
+    kit = build(namespace)
+    kit.registry.add(_parking_workflow(namespace))
+    settings = settings_for(kafka_bootstrap, namespace, tmp_path / "state")
+    with running_stack(kit, settings) as running:
+        yield running
 
 
 @pytest.fixture
@@ -111,6 +150,13 @@ def _start_sagas(stack: Stack) -> None:
             f"{wf}'s history says it waits",
             lambda: stack.client.describe(wf).current_step == "waiting for a signal",  # noqa: B023
         )
+
+
+def _parked_steps(stack: Stack, workflow_id: str) -> tuple[int, ...]:
+    try:
+        return stack.client.describe(workflow_id).parked_steps
+    except UnknownWorkflow:  # just started: the node has not written its history yet
+        return ()
 
 
 def _shot(page: object, name: str) -> None:
@@ -214,6 +260,27 @@ def test_an_operator_finds_a_compensated_saga_and_cancels_a_waiting_one_from_the
         ("terminate", "test-operator", "customer gone")
     ]
     assert stack.kit.steps_of("wait-2") == ["do", "do"]
+
+    # A parked compensation: skipped from the page (the step chosen from the parked ones).
+    parked = stack.client.start("parks", Step(n=0), workflow_id="parked-1")
+    _until("parked-1 parks", lambda: _parked_steps(stack, "parked-1"))
+    page.goto(console_url + "workflows/parked-1")
+    expect(page.locator("#status")).to_have_text("PARKED")
+    expect(page.locator("#steps tr.compensation td:nth-child(5)")).to_have_text("parked")
+    (step,) = _parked_steps(stack, "parked-1")
+    page.select_option("select[aria-label='Skip step step']", str(step))
+    page.fill("input[aria-label='Skip step reason']", "undone by hand")
+    page.once("dialog", accept)
+    page.click("#do-skip")
+    expect(page.locator("#status")).to_have_text("COMPENSATED")
+    expect(page.locator("#steps tr.compensation td:nth-child(5)")).to_have_text("skipped")
+    with pytest.raises(WorkflowFailedError) as info:
+        parked.result(Done, timeout=30)
+    assert info.value.status == WorkflowStatus.COMPENSATED.value
+    acted = [e.event for e in stack.history("parked-1") if isinstance(e.event, OperatorActed)]
+    assert [(a.action, a.step_seq, a.operator, a.reason) for a in acted] == [
+        ("skip", step, "test-operator", "undone by hand")
+    ]
 
     # A workflow that does not exist: a 404 page that says so.
     response = page.goto(console_url + "workflows/nope")
