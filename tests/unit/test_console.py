@@ -25,6 +25,7 @@ from contracts.envelopes import (
     ErrorInfo,
     EventBody,
     HistoryEvent,
+    OperatorActed,
     Payload,
     RetryPolicy,
     SignalReceived,
@@ -402,3 +403,17 @@ def test_a_blocked_workflow_is_listed_as_blocked_and_can_be_filtered() -> None:
         detail = _get(server, "/workflows/stuck")[1]
     assert '<span class="badge blocked">BLOCKED</span>' in detail
     assert "NonDeterminismError: step 2 changed" in detail
+
+
+def test_a_skipped_compensation_is_shown_skipped_with_who_and_why() -> None:
+    skipped = OperatorActed(
+        action="skip", request_id="r9", reason="undone by hand", operator="ops", step_seq=1
+    )
+    events = [*PARKED, *_events("parked", skipped)[1:]]
+    events[-1] = events[-1].model_copy(update={"event_seq": len(PARKED) + 1})
+    with serve(Console(StubClient({"parked": events}), refresh=0)) as server:
+        page = _get(server, "/workflows/parked")[1]
+    row = re.search(r'<tr class="compensation" data-seq="1">(.*?)</tr>', page, re.S)
+    assert row is not None
+    assert ">skipped<" in row.group(1) and "by ops: undone by hand" in row.group(1)
+    assert "skip #1 by ops: undone by hand" in page  # the timeline
