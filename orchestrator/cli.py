@@ -676,7 +676,10 @@ def skip(
     help="show each workflow's span tree from this JSON-lines span file "
     "(default: the traces_file setting, SAGA_TRACES_FILE)",
 )  # fmt: skip
-@click.option("--operator", default="", help="who the actions are recorded as (default: $USER)")
+@click.option(
+    "--operator", default="",
+    help="who the actions are recorded as (default: SAGA_OPERATOR, else user@host)",
+)  # fmt: skip
 @click.pass_context
 def console(
     ctx: click.Context,

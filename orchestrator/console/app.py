@@ -16,7 +16,6 @@ cannot post an action through an operator's browser.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import logging
 import secrets
 import threading
@@ -32,7 +31,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from orchestrator.client import Client
+from orchestrator.client import Client, _operator_name
 from orchestrator.errors import OrchestratorError, UnknownWorkflow
 from orchestrator.tracing import format_trace_tree, load_spans
 
@@ -66,7 +65,7 @@ class Console:
 
     def __post_init__(self) -> None:
         self.source = Source(self.client, timeout=self.timeout)
-        self.operator = self.operator or getpass.getuser()
+        self.operator = self.operator or _operator_name()  # as the CLI: SAGA_OPERATOR, user@host
         self.token = secrets.token_urlsafe(24)
         self.templates = Environment(
             loader=PackageLoader("orchestrator.console", "templates"),
