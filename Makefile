@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck unit bench broker broker-stop kafka-jars install clean helm
+.PHONY: demo test check lint typecheck unit bench broker broker-stop kafka-jars browser install clean helm
 
 install: $(STAMP)
 
@@ -64,8 +64,19 @@ $(TOOLS)/.helm-$(HELM_VERSION):
 			| tee $(TOOLS)/helm.unavailable; }; \
 	fi
 
+## Debian's Chromium, for the console's browser test (tests/integration/test_console.py; Playwright
+## drives it, no browser download). Installed when missing, with sudo unless root; if that fails
+## the test is skipped and says why.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+browser:
+	@test -x $(CHROMIUM) || { echo "make browser: installing Debian's chromium"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null; } || \
+	  echo "make browser: could not install Debian's chromium; the console's browser test will be skipped"
+
 ## The test command: lint, types, then every test against a real broker.
-test: check broker helm
+test: check broker browser helm
 	$(BIN)/pytest -q
 
 unit: install

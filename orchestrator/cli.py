@@ -660,6 +660,65 @@ def skip(
         _await_action(client, workflow_id, request_id, wait)
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option(
+    "--refresh", type=click.FloatRange(min=0), default=5.0, show_default=True,
+    help="seconds between the pages' background refreshes (0: never)",
+)  # fmt: skip
+@click.option(
+    "--trace-url", envvar="SAGA_CONSOLE_TRACE_URL", default=None, metavar="TEMPLATE",
+    help="link each workflow to its trace, e.g. http://jaeger:16686/trace/{trace_id}",
+)  # fmt: skip
+@click.option(
+    "--traces-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="show each workflow's span tree from this JSON-lines span file "
+    "(default: the traces_file setting, SAGA_TRACES_FILE)",
+)  # fmt: skip
+@click.option(
+    "--operator", default="",
+    help="who the actions are recorded as (default: SAGA_OPERATOR, else user@host)",
+)  # fmt: skip
+@click.pass_context
+def console(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    refresh: float,
+    trace_url: str | None,
+    traces_file: Path | None,
+    operator: str,
+) -> None:
+    """Serve the web console: list, inspect and act on workflows (docs/operations.md)."""
+    from orchestrator.console import Console, make_server
+
+    if trace_url is not None and "{trace_id}" not in trace_url:
+        raise click.BadParameter("must contain {trace_id}", param_hint="'--trace-url'")
+    settings = _settings(ctx)
+    with _client(ctx) as client:
+        app = Console(
+            client,
+            trace_url=trace_url,
+            traces_file=traces_file or settings.traces_file,
+            refresh=refresh,
+            operator=operator,
+        )
+        try:
+            server = make_server(app, host, port)
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
+        # The first line, flushed: scripts and tests read the port from it (--port 0).
+        click.echo(f"console of namespace {settings.namespace} on {server.url}")
+        sys.stdout.flush()
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+
+
 # --------------------------------------------------------------------------- dead letters
 
 
