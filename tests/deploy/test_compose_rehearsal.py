@@ -45,6 +45,9 @@ APPS = {
     if s.get("image") == "saga-orchestrator:example"
 }
 RUNNING = ("orchestrator-1", "orchestrator-2", "inventory", "payments", "shipping", "orders")
+#: The processes whose health check is their own HTTP port (in the compose file), not /healthz
+#: on the metrics port: that port, which the rehearsal moves to a free one.
+OWN_PORT = {"orders": "8080", "console": "8081"}
 WORKFLOW_ID = "saga.workflow.id"
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(600)]
@@ -121,13 +124,15 @@ class Stack:
         self.bootstrap = bootstrap
         self.namespace = namespace
         self.collector = collector
-        self.orders_port = _free_port()
+        self.ports = {name: _free_port() for name in OWN_PORT}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def command(self, name: str) -> list[str]:
         """The service's command, with the container network's names replaced by this host's."""
         joined = "\0".join(APPS[name]["command"])
-        joined = joined.replace("http://orders:8080", f"http://127.0.0.1:{self.orders_port}")
+        joined = joined.replace("http://orders:8080", f"http://127.0.0.1:{self.ports['orders']}")
+        if name in OWN_PORT:
+            joined = joined.replace(OWN_PORT[name], str(self.ports[name]))
         if name == "topics":  # one broker here: one replica, where the file asks for three
             for old, new in {
                 "--replication-factor 3": "--replication-factor 1",
@@ -150,7 +155,7 @@ class Stack:
             "OTEL_BSP_SCHEDULE_DELAY": "200",  # export soon, not every 5 s
         }
         if "ORDERS_HTTP_PORT" in env:
-            env["ORDERS_HTTP_PORT"] = str(self.orders_port)
+            env["ORDERS_HTTP_PORT"] = str(self.ports["orders"])
         return env
 
     def run_job(self, name: str) -> str:
@@ -172,9 +177,9 @@ class Stack:
             self.procs[name] = subprocess.Popen(
                 self.command(name), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
             )
-        if name == "orders":  # its own health check, from the compose file
+        if name in OWN_PORT:  # its own health check, from the compose file
             check = APPS[name]["healthcheck"]["test"][1:]
-            probe = [a.replace("8080", str(self.orders_port)) for a in check]
+            probe = [a.replace(OWN_PORT[name], str(self.ports[name])) for a in check]
             self._wait(name, lambda: subprocess.run(probe, capture_output=True).returncode == 0)
         else:
             url = f"http://127.0.0.1:{env['SAGA_METRICS_PORT']}/ready"
@@ -224,7 +229,7 @@ def stack(tmp_path: Path, kafka_bootstrap: str, namespace: str) -> Iterator[Stac
 
 def test_every_order_is_one_trace_through_the_api_a_node_and_the_services(stack: Stack) -> None:
     stack.run_job("topics")
-    for name in RUNNING:
+    for name in (*RUNNING, "console"):
         stack.start(name)
     placed = stack.run_job("place-orders")
     assert placed.count("202 ") == 5, placed
