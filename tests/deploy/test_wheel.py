@@ -1,8 +1,8 @@
 """The wheel is the library, and the library works from it alone.
 
 Builds the wheel from a copy of the repository, checks what it holds (``orchestrator/`` and
-``contracts/`` with their schemas, ``py.typed`` and the LICENSE, nothing else), installs it into a
-fresh venv (no system site-packages; its dependencies from the package index), then runs the
+``contracts/``, every file of theirs in git but notes, and the LICENSE; nothing else), installs
+it into a fresh venv (no system site-packages; its dependencies from the package index), runs the
 complete example of docs/client.md from a directory outside the repository: the topics by the
 ``orchestrator`` command, the service, a node, and the client script. The example's output must be
 the one the page shows.
@@ -85,8 +85,12 @@ def test_the_wheel_holds_the_library_only(wheel: Path) -> None:
     assert {n.split("/")[0] for n in names} == {"orchestrator", "contracts", dist_info}
     assert f"{dist_info}/licenses/LICENSE" in names
     assert "orchestrator/py.typed" in names and "contracts/py.typed" in names
-    schemas = {Path(n).name for n in names if n.endswith(".avsc")}
-    assert schemas == {p.name for p in (ROOT / "contracts" / "schemas").rglob("*.avsc")}
+    # Every file of the two packages, package data included (schemas, py.typed, the console's
+    # templates and static files): a new kind of file not declared in pyproject.toml fails here.
+    # (Notes for developers, *.md, stay out.)
+    tracked = _run(["git", "ls-files", "orchestrator", "contracts"], cwd=ROOT).stdout.split()
+    assert {f for f in tracked if not f.endswith(".md")} - set(names) == set()
+    assert any(n.endswith(".avsc") for n in names)
     assert not [n for n in names if n.startswith(("orchestrator/", "contracts/")) and "orders" in n]
     metadata = zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode()
     assert "License-Expression: Apache-2.0" in metadata
