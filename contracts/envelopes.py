@@ -88,13 +88,19 @@ class CancelWorkflow(_Envelope):
     trace: TraceContext | None = None
 
 
-class TerminateWorkflow(_Envelope):
-    """End a workflow at once, without compensating: it ends FAILED with ``WorkflowTerminated``
-    (sent for a child whose parent ends with parent-close policy TERMINATE)."""
+class OperatorAction(_Envelope):
+    """An operator's request to act on a workflow (``orchestrator terminate|retry|skip``).
+
+    ``action`` is ``terminate``, ``retry`` or ``skip`` (a string on the wire, so a new action
+    does not change the schema); the node records it as :class:`OperatorActed`."""
 
     workflow_id: str
     request_id: str
+    action: str
     reason: str
+    operator: str
+    step_seq: int | None = None
+    input: Payload | None = None
     sent_at_ms: int
     trace: TraceContext | None = None
 
@@ -143,7 +149,8 @@ class WorkflowStatus(StrEnum):
     FAILED = "FAILED"  # failed with nothing to compensate, or compensations all succeeded
     COMPENSATED = "COMPENSATED"  # failed and every registered compensation succeeded
     CANCELLED = "CANCELLED"  # cancelled, compensations all succeeded
-    PARKED = "PARKED"  # a compensation gave up: needs an operator, never silently done
+    PARKED = "PARKED"  # old histories: a compensation gave up (now it waits, see ActivityParked)
+    TERMINATED = "TERMINATED"  # ended by an operator; nothing was compensated
 
 
 class WorkflowResult(_Envelope):
@@ -311,6 +318,28 @@ class WorkflowBlocked(_Envelope):
     code_version: str
 
 
+class ActivityParked(_Envelope):
+    """A compensation gave up (out of attempts, or a business failure). The saga waits for an
+    operator: ``retry`` (a new round of attempts) or ``skip`` (marked done); see OperatorActed."""
+
+    kind: Literal["ActivityParked"] = "ActivityParked"
+    seq: int
+    attempt: int
+    error: ErrorInfo
+
+
+class OperatorActed(_Envelope):
+    """An operator acted on the workflow: who, why, and on which step (see OperatorAction)."""
+
+    kind: Literal["OperatorActed"] = "OperatorActed"
+    action: str
+    request_id: str
+    reason: str
+    operator: str
+    step_seq: int | None = None
+    input: Payload | None = None
+
+
 class ChildWorkflowStarted(_Envelope):
     """The code started a child workflow: its StartWorkflow goes to the inbox (keyed by the
     child's id) in the same transaction."""
@@ -354,6 +383,8 @@ EventBody = Annotated[
     | WorkflowFailed
     | MarkerRecorded
     | WorkflowBlocked
+    | ActivityParked
+    | OperatorActed
     | ChildWorkflowStarted
     | ChildWorkflowCompleted
     | ChildWorkflowFailed,
@@ -375,11 +406,11 @@ Envelope = (
     StartWorkflow
     | SignalWorkflow
     | CancelWorkflow
+    | OperatorAction
     | ActivityCommand
     | ActivityReply
     | WorkflowResult
     | DeadLetter
     | HistoryEvent
     | ChildWorkflowEnded
-    | TerminateWorkflow
 )

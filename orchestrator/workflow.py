@@ -270,7 +270,7 @@ class Compensation:
 class ParentClosePolicy(Enum):
     """What happens to a child workflow that still runs when its parent ends."""
 
-    TERMINATE = "TERMINATE"  # the child ends at once, FAILED (Terminated), without compensating
+    TERMINATE = "TERMINATE"  # the child ends at once, TERMINATED, without compensating
     REQUEST_CANCEL = "REQUEST_CANCEL"  # the child is cancelled: its sagas compensate (default)
     ABANDON = "ABANDON"  # the child goes on alone; nobody hears how it ends
 

@@ -33,6 +33,7 @@ from contracts.envelopes import (
     ActivityAttemptStarted,
     ActivityCompleted,
     ActivityFailed,
+    ActivityParked,
     ActivityReply,
     ActivityScheduled,
     CancelRequested,
@@ -45,6 +46,8 @@ from contracts.envelopes import (
     HistoryEvent,
     LateReplyIgnored,
     MarkerRecorded,
+    OperatorActed,
+    OperatorAction,
     Payload,
     RetryPolicy,
     SignalReceived,
@@ -87,7 +90,14 @@ from orchestrator.workflow import (
 )
 
 from . import determinism
-from .state import UnknownActivity, WorkflowState, decide_reply, decide_timers
+from .state import (
+    OperatorActionKind,
+    UnknownActivity,
+    WorkflowState,
+    decide_operator,
+    decide_reply,
+    decide_timers,
+)
 
 T = TypeVar("T")
 InT = TypeVar("InT", bound=BaseModel)
@@ -101,13 +111,16 @@ _CODE_EVENTS = (
     MarkerRecorded,
     ChildWorkflowStarted,
 )
-#: ``ErrorInfo.type`` of the WorkflowFailed the engine records, without the code, when a workflow
-#: is terminated (a child whose parent ended with parent-close policy TERMINATE): no compensation
-#: runs. (The same name and mechanism as the id reuse policy TERMINATE_IF_RUNNING of wt-feat1.)
-TERMINATED = "WorkflowTerminated"
 #: A child's input, with room left under the inbox limit for the rest of its StartWorkflow.
 MAX_CHILD_INPUT_BYTES = MAX_INBOX_RECORD_BYTES - 4096
-_BOOKKEEPING = (ActivityAttemptStarted, ActivityAttemptFailed, LateReplyIgnored, WorkflowBlocked)
+_BOOKKEEPING = (
+    ActivityAttemptStarted,
+    ActivityAttemptFailed,
+    LateReplyIgnored,
+    WorkflowBlocked,
+    ActivityParked,
+    OperatorActed,
+)
 _DEFAULT_RETRY = RetryPolicy()
 
 
@@ -714,6 +727,9 @@ class WorkflowRun:
 
     def _break(self, exc: Exception) -> None:
         self.broken = exc
+        self._close_tasks()
+
+    def _close_tasks(self) -> None:
         self._pending.clear()
         for task in self._tasks:
             with suppress(RuntimeError):
@@ -767,16 +783,6 @@ class WorkflowRun:
         if request_id in self.state.signal_request_ids:
             return []  # the same signal delivered twice
         body = SignalReceived(signal_name=name, payload=payload, request_id=request_id)
-        return self._record([body], now_ms)
-
-    def terminate(self, reason: str, now_ms: int) -> list[HistoryEvent]:
-        """End the run at once, without compensations: its coroutines are closed, it ends FAILED
-        with ``WorkflowTerminated``; replies to its activities become late replies."""
-        if self.state.finished or self.state.status is None:
-            return []
-        body = WorkflowFailed(
-            status=WorkflowStatus.FAILED, error=ErrorInfo(type=TERMINATED, message=reason)
-        )
         return self._record([body], now_ms)
 
     def on_child_ended(self, msg: ChildWorkflowEnded, now_ms: int) -> list[HistoryEvent]:
@@ -845,6 +851,32 @@ class WorkflowRun:
             return []
         return self._record([CancelRequested(reason=reason, request_id=request_id)], now_ms)
 
+    def on_operator(self, action: OperatorAction, now_ms: int) -> list[HistoryEvent]:
+        """An operator's action, recorded with who and why (``OperatorRefused`` when it does
+        not apply). A retry starts the step's next attempt at once."""
+        steps = decide_operator(
+            self.state, action.action, action.request_id, action.step_seq, action.input is not None
+        )
+        bodies: list[EventBody] = []
+        for seq in steps:
+            bodies.append(
+                OperatorActed(
+                    action=action.action,
+                    request_id=action.request_id,
+                    reason=action.reason,
+                    operator=action.operator,
+                    step_seq=seq,
+                    input=action.input if seq is not None else None,
+                )
+            )
+            if action.action == OperatorActionKind.RETRY and seq is not None:
+                act = self.state.activities[seq]
+                bodies.append(ActivityAttemptStarted(seq=seq, attempt=act.attempt + 1))
+        out: list[HistoryEvent] = []
+        for body in bodies:  # one at a time: a step's attempt number follows its own retry
+            out.extend(self._record([body], now_ms))
+        return out
+
     def on_timers(self, now_ms: int) -> list[HistoryEvent]:
         out: list[HistoryEvent] = []
         while bodies := decide_timers(self.state, now_ms, self._jitter):
@@ -891,16 +923,6 @@ class WorkflowRun:
         if event.event_seq <= self.state.last_seq:
             return
         body = event.event
-        if isinstance(body, WorkflowFailed) and body.error.type == TERMINATED:
-            # Ended by the engine, not asked for by the code: nothing of the code runs again.
-            self._pending.clear()
-            for task in self._tasks:
-                with suppress(RuntimeError):
-                    task.coro.close()
-            self._tasks.clear()
-            self._main = None
-            self.state.apply(event)
-            return
         # While blocked, the history holds only inputs: what the code asks for meanwhile is not
         # in it and is recorded when the workflow moves again (WorkflowBlocked without error).
         if isinstance(body, _CODE_EVENTS) or (
@@ -967,11 +989,17 @@ class WorkflowRun:
                     task.cancel = WorkflowCancelled(body.reason)
                 else:
                     task.throw = WorkflowCancelled(body.reason)
-        elif isinstance(
-            body,
-            ActivityAttemptStarted | ActivityAttemptFailed | LateReplyIgnored | WorkflowBlocked,
-        ):
-            return  # engine bookkeeping; the code does not see attempts or blocks
+        elif isinstance(body, OperatorActed):
+            if body.action == OperatorActionKind.TERMINATE:
+                self._close_tasks()  # ended from outside: the code neither runs nor undoes
+                return
+            if body.action != OperatorActionKind.SKIP or body.step_seq is None:
+                return  # a retry is engine bookkeeping, like attempts
+            call = self._activities.get(body.step_seq)
+            if call is not None:  # the parked compensation counts as done for the code
+                call.future.resolve(None)
+        elif isinstance(body, _BOOKKEEPING):
+            return  # engine bookkeeping; the code does not see attempts, blocks or parking
         self._resume()
 
     def _match_command(self, event: HistoryEvent) -> None:

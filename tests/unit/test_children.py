@@ -264,7 +264,7 @@ def test_cancelling_the_parent_cancels_the_running_child_and_both_compensate(net
     ("policy", "child_status", "undone"),
     [
         ("REQUEST_CANCEL", WorkflowStatus.CANCELLED, 1),
-        ("TERMINATE", WorkflowStatus.FAILED, 0),
+        ("TERMINATE", WorkflowStatus.TERMINATED, 0),
         ("ABANDON", None, 0),
     ],
 )
@@ -278,11 +278,13 @@ def test_a_child_still_running_when_its_parent_ends_follows_the_policy(
     assert net.commands.count("kid:a.undo") == undone  # a terminated child does not compensate
     if policy == "TERMINATE":
         error = net.results["kid"].error
-        assert error is not None and error.type == "WorkflowTerminated"
+        assert error is not None and error.type == "Terminated"
         kinds = net.kinds("kid")
         # terminated while its step was in flight: the step's reply comes late, and is ignored
-        assert kinds[kinds.index("WorkflowFailed") + 1 :] == ["LateReplyIgnored"]
-        # its history replays: the engine's end is no command of the code
+        assert kinds[kinds.index("OperatorActed") + 1 :] == ["LateReplyIgnored"]
+        (acted,) = [e.event for e in net.history["kid"] if e.event.kind == "OperatorActed"]
+        assert acted.operator == f"parent {PARENT}"
+        # its history replays: the end is no command of the code
         WorkflowRun.replay("kid", net.history["kid"], net.core.decider.registry)
     if child_status is None:  # abandoned: it goes on alone, and its end changes nothing above
         go = SignalWorkflow(

@@ -17,7 +17,7 @@ from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.schema import parse_schema
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from contracts import codec
@@ -31,6 +31,7 @@ from contracts.codec import (
     fingerprint,
 )
 from contracts.envelopes import (
+    ActivityParked,
     ActivityReply,
     ChildWorkflowCompleted,
     ChildWorkflowFailed,
@@ -38,11 +39,14 @@ from contracts.envelopes import (
     ErrorInfo,
     HistoryEvent,
     MarkerRecorded,
+    OperatorActed,
     Payload,
     ReplyOutcome,
     StartWorkflow,
     WorkflowBlocked,
+    WorkflowFailed,
     WorkflowStarted,
+    WorkflowStatus,
 )
 from tests.unit.test_codec import ENVELOPES, EVENT_BODIES, history_events
 
@@ -170,9 +174,59 @@ def test_history_v0_is_the_current_schema_without_the_new_kinds() -> None:
         *_branches(v0),
         "saga.v1.MarkerRecorded",
         "saga.v1.WorkflowBlocked",
+        "saga.v1.ActivityParked",
+        "saga.v1.OperatorActed",
         *CHILD_KINDS,
     ]
     assert fingerprint(v0) != current_schema(HistoryEvent).fingerprint
+
+
+HISTORY_V1 = HISTORY_V0.with_name("HistoryEvent.v1.avsc")
+_OPERATOR_KINDS = (ActivityParked, OperatorActed)
+
+
+def _history_v1_schema() -> dict[str, Any]:
+    parsed = parse_schema(json.loads(HISTORY_V1.read_text()))
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def test_history_v1_is_the_current_schema_without_the_operator_kinds() -> None:
+    assert _branches(current_schema(HistoryEvent).schema) == [
+        *_branches(_history_v1_schema()),
+        "saga.v1.ActivityParked",
+        "saga.v1.OperatorActed",
+        *CHILD_KINDS,
+    ]
+
+
+def _old_status(event: HistoryEvent) -> bool:
+    """TERMINATED came with the operator kinds: old writers never wrote it."""
+    body = event.event
+    return not (isinstance(body, WorkflowFailed) and body.status is WorkflowStatus.TERMINATED)
+
+
+def _no_parent(event: HistoryEvent) -> bool:
+    """WorkflowStarted.parent came with the child workflow kinds."""
+    return not isinstance(event.event, WorkflowStarted) or event.event.parent is None
+
+
+@given(
+    history_events(
+        st.one_of(
+            *(s for t, s in EVENT_BODIES.items() if t not in (*_OPERATOR_KINDS, *CHILD_BODIES))
+        )
+    )
+)
+def test_history_written_before_operator_actions_reads_as_the_current_model(
+    event: HistoryEvent,
+) -> None:
+    assume(_old_status(event) and _no_parent(event))
+    v1 = _history_v1_schema()
+    body = io.BytesIO()
+    schemaless_writer(body, v1, _history_to_avro(event))
+    framed = MAGIC + fingerprint(v1).to_bytes(8, "little") + body.getvalue()
+    assert decode_as(framed, HistoryEvent) == event
 
 
 @given(
@@ -181,13 +235,14 @@ def test_history_v0_is_the_current_schema_without_the_new_kinds() -> None:
             *(
                 s
                 for t, s in EVENT_BODIES.items()
-                if t not in (MarkerRecorded, WorkflowBlocked, *CHILD_BODIES)
+                if t not in (MarkerRecorded, WorkflowBlocked, *_OPERATOR_KINDS, *CHILD_BODIES)
             )
-        ).filter(lambda e: not isinstance(e, WorkflowStarted) or e.parent is None)
+        )
     )
 )
 def test_history_written_before_markers_reads_as_the_current_model(event: HistoryEvent) -> None:
     """A history written by nodes on the old code stays readable by nodes on the new one."""
+    assume(_old_status(event) and _no_parent(event))
     v0 = _history_v0_schema()
     record = _history_to_avro(event)
     body = io.BytesIO()
@@ -225,9 +280,9 @@ def _frame(schema: dict[str, Any], record: dict[str, Any]) -> bytes:
     return MAGIC + fingerprint(schema).to_bytes(8, "little") + body.getvalue()
 
 
-def test_history_v1_is_the_current_schema_before_child_workflows() -> None:
-    v1 = _legacy("HistoryEvent.v1.avsc")
-    assert _branches(current_schema(HistoryEvent).schema) == [*_branches(v1), *CHILD_KINDS]
+def test_history_v2_is_the_current_schema_before_child_workflows() -> None:
+    v2 = _legacy("HistoryEvent.v2.avsc")
+    assert _branches(current_schema(HistoryEvent).schema) == [*_branches(v2), *CHILD_KINDS]
 
 
 @given(
@@ -241,7 +296,7 @@ def test_history_written_before_child_workflows_reads_as_the_current_model(
     record = _history_to_avro(event)
     if record["event"][0] == "saga.v1.WorkflowStarted":
         record["event"][1].pop("parent")
-    assert decode_as(_frame(_legacy("HistoryEvent.v1.avsc"), record), HistoryEvent) == event
+    assert decode_as(_frame(_legacy("HistoryEvent.v2.avsc"), record), HistoryEvent) == event
 
 
 @given(ENVELOPES[StartWorkflow].filter(lambda s: s.parent is None))
