@@ -26,6 +26,9 @@ from contracts.envelopes import (
     ActivityFailed,
     ActivityParked,
     ActivityScheduled,
+    ChildWorkflowCompleted,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
     HistoryEvent,
     OperatorActed,
     SignalReceived,
@@ -89,7 +92,8 @@ class Overview:
 
 @dataclass
 class StepRow:
-    """One activity of the workflow (a step or a compensation), from its events."""
+    """One activity of the workflow (a step or a compensation), or a child workflow, from its
+    events."""
 
     seq: int
     name: str
@@ -318,6 +322,14 @@ def detail_of(workflow_id: str, events: list[HistoryEvent]) -> Detail:
             case OperatorActed() if step and body.action == "skip":
                 step.outcome = "skipped"
                 step.detail = f"by {body.operator}: {body.reason or '(no reason)'}"
+            case ChildWorkflowStarted():
+                name = f"child {body.workflow_type} {body.child_workflow_id}"
+                steps[body.seq] = StepRow(body.seq, name, False, at)
+            case ChildWorkflowCompleted() if step:
+                step.outcome, step.detail = "completed", _preview(body.result)
+            case ChildWorkflowFailed() if step:
+                step.outcome = body.status.value.lower()
+                step.detail = f"{body.error.type}: {body.error.message}"
             case SignalReceived():
                 signals.append(Signal(body.signal_name, at, _preview(body.payload)))
     trace_id = None

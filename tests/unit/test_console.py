@@ -417,3 +417,27 @@ def test_a_skipped_compensation_is_shown_skipped_with_who_and_why() -> None:
     assert row is not None
     assert ">skipped<" in row.group(1) and "by ops: undone by hand" in row.group(1)
     assert "skip #1 by ops: undone by hand" in page  # the timeline
+
+
+def test_child_workflows_are_rows_of_the_steps_with_how_they_ended() -> None:
+    from contracts.envelopes import (
+        ChildWorkflowCompleted,
+        ChildWorkflowFailed,
+        ChildWorkflowStarted,
+    )
+    from orchestrator.console.source import detail_of
+
+    events = _events(
+        "p",
+        ChildWorkflowStarted(seq=1, child_workflow_id="p-a", workflow_type="ship", input=Payload()),
+        ChildWorkflowStarted(seq=2, child_workflow_id="p-b", workflow_type="ship", input=Payload()),
+        ChildWorkflowCompleted(seq=1, result=to_payload({"ref": "x"})),
+        ChildWorkflowFailed(
+            seq=2, status=WorkflowStatus.COMPENSATED, error=ErrorInfo(type="Refused", message="no")
+        ),
+    )
+    rows = [(s.seq, s.name, s.outcome, s.detail) for s in detail_of("p", events).steps]
+    assert rows == [
+        (1, "child ship p-a", "completed", '{"ref":"x"}'),
+        (2, "child ship p-b", "compensated", "Refused: no"),
+    ]
