@@ -22,6 +22,7 @@ import binascii
 import contextlib
 import heapq
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import islice
@@ -55,6 +56,8 @@ __all__ = [
     "decode_cursor",
     "encode_cursor",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
@@ -498,10 +501,26 @@ class VisibilityApi:
         self.owned = owned
         self.node_id = node_id
 
+    def route(self, method: str, target: str, body: bytes | None) -> tuple[int, bytes] | None:
+        """As ``orchestrator.health.Routes``: (status, JSON body), or None for a request that
+        is not this API's."""
+        if method != "GET":
+            return None
+        path, _, query = target.partition("?")
+        answer = self(path, query)
+        return (answer[0], answer[1]) if answer is not None else None
+
     def __call__(self, path: str, query: str) -> tuple[int, bytes, str] | None:
         """(status, body, content type), or None for a path that is not this API's."""
         if path != "/workflows" and not path.startswith("/workflows/"):
             return None
+        try:
+            return self._answer(path, query)
+        except Exception as exc:  # one request's bug must not take the server down
+            log.exception("GET %s failed", path)
+            return _error(500, f"{type(exc).__name__}: {exc}")
+
+    def _answer(self, path: str, query: str) -> tuple[int, bytes, str]:
         try:
             if path in ("/workflows", "/workflows/"):
                 params = parse_qs(query, keep_blank_values=False)
