@@ -1224,7 +1224,10 @@ class Client:
         return counts
 
     def _query_targets(self, timeout: float) -> tuple[builtins.list[NodeRecord], int]:
-        nodes = self.nodes(timeout=timeout)
+        try:
+            nodes = self.nodes(timeout=timeout)
+        except TimeoutError as exc:
+            raise NoNodes(f"could not read {self.settings.topics.nodes}: {exc}") from exc
         if not nodes:
             raise NoNodes(
                 f"no orchestrator node of namespace {self.settings.namespace!r} is registered "

@@ -43,6 +43,7 @@ from orchestrator.client import (
     _preview,
     _summaries,
 )
+from orchestrator.visibility import QueryError
 
 __all__ = ["Detail", "Filters", "Overview", "Row", "Source", "StepRow"]
 
@@ -178,7 +179,8 @@ class Source:
                 cursor=filters.cursor or None,
             )
             counts = client.counts()
-        except ClientError as exc:  # no node answers (none running?): the history still does
+        except (ClientError, QueryError) as exc:
+            # No node answers (none running?), or a cursor of the scan below: the history does.
             found = _list_from_histories(self.client.histories(timeout=self.timeout), filters)
             found.warnings.append(f"the nodes' query API did not answer: {exc}")
             return found
