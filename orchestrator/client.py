@@ -630,7 +630,8 @@ class Client:
         from its state; nothing is recorded in the history.
 
         ``url`` is that node's HTTP server (``http://host:port``); by default it is found
-        (``orchestrator/_nodes.py``: the registrations on ``<ns>.nodes``). Raises :class:`~orchestrator.errors.UnknownWorkflow`,
+        (``orchestrator/_nodes.py``: the registrations on ``<ns>.nodes``). Raises
+        :class:`~orchestrator.errors.UnknownWorkflow`,
         :class:`~orchestrator.errors.UnknownQuery`, or
         :class:`~orchestrator.errors.QueryFailed` (its method raised, a bad argument, a
         BLOCKED workflow, no node reachable; ``error_type`` says which).
