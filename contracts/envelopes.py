@@ -54,6 +54,14 @@ class RetryPolicy(_Envelope):
 # --------------------------------------------------------------------------- inbox envelopes
 
 
+class IdReusePolicy(StrEnum):
+    """What a start does when a workflow with its id exists (docs/workflows.md, "Id reuse")."""
+
+    REJECT_DUPLICATE = "REJECT_DUPLICATE"  # only the same start again, as a no-op
+    ALLOW_DUPLICATE = "ALLOW_DUPLICATE"  # a new run once the previous one has closed
+    TERMINATE_IF_RUNNING = "TERMINATE_IF_RUNNING"  # end a running one, then a new run
+
+
 class StartWorkflow(_Envelope):
     workflow_id: str
     workflow_type: str
@@ -61,6 +69,8 @@ class StartWorkflow(_Envelope):
     input: Payload
     sent_at_ms: int
     trace: TraceContext | None = None
+    execution_timeout_ms: int | None = None
+    id_reuse: IdReusePolicy = IdReusePolicy.REJECT_DUPLICATE
 
 
 class SignalWorkflow(_Envelope):
@@ -161,6 +171,7 @@ class WorkflowStarted(_Envelope):
     input: Payload
     random_seed: int
     trace: TraceContext | None = None
+    execution_timeout_ms: int | None = None
 
 
 class ActivityScheduled(_Envelope):
@@ -277,6 +288,33 @@ class WorkflowBlocked(_Envelope):
     code_version: str
 
 
+class WorkflowTimedOut(_Envelope):
+    """The execution timeout passed: the code gets ``WorkflowTimedOut`` at its current await
+    (its saga compensates) and the workflow fails with it."""
+
+    kind: Literal["WorkflowTimedOut"] = "WorkflowTimedOut"
+    timeout_ms: int
+
+
+class WorkflowContinuedAsNew(_Envelope):
+    """The run ended by ``ctx.continue_as_new(input)``: the next event is the ``WorkflowStarted``
+    of a new run of the same workflow; this run's events are tombstoned."""
+
+    kind: Literal["WorkflowContinuedAsNew"] = "WorkflowContinuedAsNew"
+    input: Payload
+
+
+class WorkflowStartSent(_Envelope):
+    """The workflow asked for another workflow to be started (a schedule's tick): a
+    ``StartWorkflow`` went to the inbox in the same transaction."""
+
+    kind: Literal["WorkflowStartSent"] = "WorkflowStartSent"
+    target_id: str
+    workflow_type: str
+    input: Payload
+    request_id: str
+
+
 EventBody = Annotated[
     WorkflowStarted
     | ActivityScheduled
@@ -292,7 +330,10 @@ EventBody = Annotated[
     | WorkflowCompleted
     | WorkflowFailed
     | MarkerRecorded
-    | WorkflowBlocked,
+    | WorkflowBlocked
+    | WorkflowTimedOut
+    | WorkflowContinuedAsNew
+    | WorkflowStartSent,
     Field(discriminator="kind"),
 ]
 

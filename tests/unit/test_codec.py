@@ -62,12 +62,16 @@ from contracts.envelopes import (
     TimerFired,
     TimerStarted,
     TraceContext,
+    IdReusePolicy,
     WorkflowBlocked,
     WorkflowCompleted,
+    WorkflowContinuedAsNew,
     WorkflowFailed,
     WorkflowResult,
     WorkflowStarted,
+    WorkflowStartSent,
     WorkflowStatus,
+    WorkflowTimedOut,
 )
 
 SCHEMA_DIR = Path(codec.__file__).parent / "schemas"
@@ -106,6 +110,7 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         input=payloads,
         random_seed=longs,
         trace=opt(traces),
+        execution_timeout_ms=opt(longs),
     ),
     ActivityScheduled: st.builds(
         ActivityScheduled,
@@ -140,6 +145,11 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         WorkflowBlocked, error=st.none() | errors, at_seq=longs, code_version=st.text(max_size=20)
     ),
     MarkerRecorded: st.builds(MarkerRecorded, marker=texts, change_id=texts),
+    WorkflowTimedOut: st.builds(WorkflowTimedOut, timeout_ms=longs),
+    WorkflowContinuedAsNew: st.builds(WorkflowContinuedAsNew, input=payloads),
+    WorkflowStartSent: st.builds(
+        WorkflowStartSent, target_id=texts, workflow_type=texts, input=payloads, request_id=texts
+    ),
 }
 
 
@@ -163,6 +173,8 @@ ENVELOPES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         input=payloads,
         sent_at_ms=longs,
         trace=opt(traces),
+        execution_timeout_ms=opt(longs),
+        id_reuse=st.sampled_from(IdReusePolicy),
     ),
     SignalWorkflow: st.builds(
         SignalWorkflow,
@@ -246,7 +258,7 @@ def _event_body_types() -> tuple[type[BaseModel], ...]:
 def test_strategies_cover_every_envelope_and_event_kind() -> None:
     assert set(ENVELOPES) == set(_union_members(Envelope))
     assert set(EVENT_BODIES) == set(_event_body_types())
-    assert len(EVENT_BODIES) == 15
+    assert len(EVENT_BODIES) == 18
 
 
 # --------------------------------------------------------------------------- round trips

@@ -38,6 +38,10 @@ from contracts.envelopes import (
     Payload,
     ReplyOutcome,
     WorkflowBlocked,
+    WorkflowContinuedAsNew,
+    WorkflowStarted,
+    WorkflowStartSent,
+    WorkflowTimedOut,
 )
 from tests.unit.test_codec import ENVELOPES, EVENT_BODIES, history_events
 
@@ -143,6 +147,9 @@ def test_a_v0_reader_can_read_current_records(reply: ActivityReply) -> None:
 # --------------------------------------------------------------------------- HistoryEvent v0
 
 HISTORY_V0 = Path(codec.__file__).parent / "schemas" / "legacy" / "HistoryEvent.v0.avsc"
+HISTORY_V1 = Path(codec.__file__).parent / "schemas" / "legacy" / "HistoryEvent.v1.avsc"
+_LIFECYCLE = (WorkflowTimedOut, WorkflowContinuedAsNew, WorkflowStartSent)
+_LIFECYCLE_KINDS = [f"saga.v1.{t.__name__}" for t in _LIFECYCLE]
 
 
 def _history_v0_schema() -> dict[str, Any]:
@@ -163,6 +170,7 @@ def test_history_v0_is_the_current_schema_without_the_new_kinds() -> None:
         *_branches(v0),
         "saga.v1.MarkerRecorded",
         "saga.v1.WorkflowBlocked",
+        *_LIFECYCLE_KINDS,
     ]
     assert fingerprint(v0) != current_schema(HistoryEvent).fingerprint
 
@@ -170,17 +178,50 @@ def test_history_v0_is_the_current_schema_without_the_new_kinds() -> None:
 @given(
     history_events(
         st.one_of(
-            *(s for t, s in EVENT_BODIES.items() if t not in (MarkerRecorded, WorkflowBlocked))
+            *(
+                s
+                for t, s in EVENT_BODIES.items()
+                if t not in (MarkerRecorded, WorkflowBlocked, *_LIFECYCLE)
+            )
         )
     )
 )
 def test_history_written_before_markers_reads_as_the_current_model(event: HistoryEvent) -> None:
     """A history written by nodes on the old code stays readable by nodes on the new one."""
+    event = _without_new_fields(event)
     v0 = _history_v0_schema()
     record = _history_to_avro(event)
     body = io.BytesIO()
     schemaless_writer(body, v0, record)
     framed = MAGIC + fingerprint(v0).to_bytes(8, "little") + body.getvalue()
+    assert decode_as(framed, HistoryEvent) == event
+
+
+def _without_new_fields(event: HistoryEvent) -> HistoryEvent:
+    """What an older schema can hold: WorkflowStarted had no execution timeout."""
+    body = event.event
+    if isinstance(body, WorkflowStarted):
+        body = body.model_copy(update={"execution_timeout_ms": None})
+    return event.model_copy(update={"event": body})
+
+
+def test_history_v1_is_the_current_schema_without_the_lifecycle_kinds() -> None:
+    v1 = parse_schema(json.loads(HISTORY_V1.read_text()))
+    assert isinstance(v1, dict)
+    assert _branches(current_schema(HistoryEvent).schema) == [*_branches(v1), *_LIFECYCLE_KINDS]
+
+
+@given(history_events(st.one_of(*(s for t, s in EVENT_BODIES.items() if t not in _LIFECYCLE))))
+def test_history_written_before_lifecycle_kinds_reads_as_the_current_model(
+    event: HistoryEvent,
+) -> None:
+    """Histories of nodes without timeouts / continue-as-new stay readable (timeout: None)."""
+    event = _without_new_fields(event)
+    v1 = parse_schema(json.loads(HISTORY_V1.read_text()))
+    assert isinstance(v1, dict)
+    body = io.BytesIO()
+    schemaless_writer(body, v1, _history_to_avro(event))
+    framed = MAGIC + fingerprint(v1).to_bytes(8, "little") + body.getvalue()
     assert decode_as(framed, HistoryEvent) == event
 
 
