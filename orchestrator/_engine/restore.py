@@ -86,8 +86,15 @@ class _Restorer:
             self.skipped_keys.append(key)
             return self.skip(where, f"key {key[:80]!r} is not <workflow id>/<seq>")
         if value is None:
-            # Retention tombstoned this finished workflow: its events go, one key at a time.
             self.tombstones += 1
+            if workflow_id not in self.batch.removed:
+                state = self.state(workflow_id)
+                if int(seq) < state.run_start_seq:
+                    # An event of a run before the current one (continue-as-new, id reuse):
+                    # only the old run's events go.
+                    self.batch.truncate(workflow_id, state.run_start_seq)
+                    return
+            # Retention tombstoned this finished workflow: its events go, one key at a time.
             if workflow_id not in self.batch.removed:
                 self.state(workflow_id)  # learn its timer entry, if any
                 self.batch.remove_workflow(workflow_id, 1 << 40, self.old_due.get(workflow_id))
@@ -113,7 +120,7 @@ class _Restorer:
         state = self.state(event.workflow_id)
         if event.event_seq <= state.last_seq:
             return
-        if event.event_seq != state.last_seq + 1:
+        if event.event_seq != state.last_seq + 1 and not state.begins_run(event):
             if not self.from_scratch:
                 raise _Gap(f"{where}: {workflow_id} event {event.event_seq} after {state.last_seq}")
             return self.skip(where, f"{workflow_id} event {event.event_seq} after {state.last_seq}")
