@@ -17,13 +17,14 @@ activities with :class:`Service`, and start workflows with :class:`Client`.
 """
 
 from contracts.activity import ActivityContract
-from contracts.envelopes import RetryPolicy, WorkflowStatus
+from contracts.envelopes import IdReusePolicy, RetryPolicy, WorkflowStatus
 from orchestrator import workflow
 from orchestrator.client import Client, WorkflowDescription, WorkflowHandle
 from orchestrator.errors import (
     ActivityError,
     BusinessError,
     CompensationFailed,
+    ContinueAsNew,
     NonDeterminismError,
     RetryableError,
     UnknownWorkflow,
@@ -31,6 +32,7 @@ from orchestrator.errors import (
     WorkflowFailedError,
     WorkflowFailure,
     WorkflowIdConflict,
+    WorkflowTimedOut,
 )
 from orchestrator.node import OrchestratorNode
 from orchestrator.service import CommandInfo, Service
@@ -45,6 +47,8 @@ __all__ = [
     "CommandInfo",
     "Compensation",
     "CompensationFailed",
+    "ContinueAsNew",
+    "IdReusePolicy",
     "NonDeterminismError",
     "OrchestratorNode",
     "RetryPolicy",
@@ -62,5 +66,6 @@ __all__ = [
     "WorkflowIdConflict",
     "WorkflowRegistry",
     "WorkflowStatus",
+    "WorkflowTimedOut",
     "workflow",
 ]

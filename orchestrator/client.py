@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, overload
 
 from confluent_kafka import (
@@ -56,6 +56,7 @@ from contracts.envelopes import (
     CancelWorkflow,
     ErrorInfo,
     HistoryEvent,
+    IdReusePolicy,
     LateReplyIgnored,
     MarkerRecorded,
     Payload,
@@ -67,10 +68,13 @@ from contracts.envelopes import (
     TraceContext,
     WorkflowBlocked,
     WorkflowCompleted,
+    WorkflowContinuedAsNew,
     WorkflowFailed,
     WorkflowResult,
     WorkflowStarted,
+    WorkflowStartSent,
     WorkflowStatus,
+    WorkflowTimedOut,
 )
 from contracts.limits import MAX_INBOX_RECORD_BYTES
 from orchestrator._engine.state import fold
@@ -358,6 +362,12 @@ def _summaries(events: list[HistoryEvent]) -> tuple[EventSummary, ...]:
                 )
             case MarkerRecorded():
                 text = f"{body.marker} {body.change_id}"
+            case WorkflowTimedOut():
+                text = f"execution timeout of {body.timeout_ms} ms passed"
+            case WorkflowContinuedAsNew():
+                text = f"continued as new with {_preview(body.input)}"
+            case WorkflowStartSent():
+                text = f"started {body.workflow_type} {body.target_id}"
         if len(text) > _SUMMARY_MAX:
             text = text[: _SUMMARY_MAX - 3] + "..."
         out.append(EventSummary(event.event_seq, _time(event.recorded_at_ms), body.kind, text))
@@ -417,16 +427,31 @@ class Client:
         *,
         workflow_id: str | None = None,
         trace: TraceContext | None = None,
+        execution_timeout: timedelta | float | None = None,
+        id_reuse: IdReusePolicy | str = IdReusePolicy.REJECT_DUPLICATE,
     ) -> WorkflowHandle:
         """Ask the orchestrator to start a workflow; return once the request is on the inbox.
 
-        ``workflow_id`` defaults to a fresh UUID. Starting an id that exists with the same type
-        and input is a no-op (the handle refers to the running workflow); with another type or
-        input the orchestrator rejects it, and the handle's ``result()`` raises
-        :class:`~orchestrator.errors.WorkflowIdConflict`.
+        ``workflow_id`` defaults to a fresh UUID. With ``id_reuse=REJECT_DUPLICATE`` (the
+        default), starting an id that exists with the same type and input is a no-op (the
+        handle refers to that workflow); with another type or input the orchestrator rejects
+        it, and the handle's ``result()`` raises
+        :class:`~orchestrator.errors.WorkflowIdConflict`. ``ALLOW_DUPLICATE`` starts a new run
+        once the previous one has closed (while it runs, as REJECT_DUPLICATE);
+        ``TERMINATE_IF_RUNNING`` ends a running one (``WorkflowTerminated``, no compensation)
+        and starts a new run. The handle's ``result()`` is the result of the run this start
+        made (or, after continue-as-new, of its last run).
+
+        ``execution_timeout`` (a ``timedelta`` or seconds) bounds the whole workflow, all its
+        continue-as-new runs included: when it passes, the code gets
+        :class:`~orchestrator.errors.WorkflowTimedOut` at its current await, its saga
+        compensates, and the workflow ends FAILED or COMPENSATED with error type
+        ``WorkflowTimedOut``.
         """
         if not workflow_type:
             raise ValueError("workflow_type must not be empty")
+        timeout_ms = _timeout_ms(execution_timeout)
+        policy = IdReusePolicy(id_reuse)
         workflow_id = str(uuid.uuid4()) if workflow_id is None else workflow_id
         _check_id(workflow_id)
         request_id = uuid.uuid4().hex
@@ -443,6 +468,8 @@ class Client:
             input=payload,
             sent_at_ms=_now_ms(),
             trace=trace,
+            execution_timeout_ms=timeout_ms,
+            id_reuse=policy,
         )
         try:
             self._send(workflow_id, encode(envelope), trace, f"start of {workflow_id}")
@@ -556,9 +583,10 @@ class Client:
         no event of ``workflow_id`` (never started, or its history expired), ``TimeoutError`` if
         the partition could not be read within ``timeout`` seconds.
         """
-        ordered = self.history(workflow_id, timeout=timeout)
+        ordered = _newest_run(self.history(workflow_id, timeout=timeout))
         prefix_run = []
-        for expected, event in enumerate(ordered, start=1):
+        first = ordered[0].event_seq if ordered else 1
+        for expected, event in enumerate(ordered, start=first):
             if event.event_seq != expected:
                 break
             prefix_run.append(event)
@@ -903,6 +931,22 @@ def _is_eof(msg: Message) -> bool:
         raise ClientError(f"reading {msg.topic()} failed: {_kafka_error(err)}")
     log.warning("consumer error on %s: %s", msg.topic(), _kafka_error(err))
     return False
+
+
+def _newest_run(events: list[HistoryEvent]) -> list[HistoryEvent]:
+    """The events of the workflow's newest run: from its last WorkflowStarted on (the earlier
+    runs' events are tombstoned, but may still be read until the tombstones are)."""
+    starts = [i for i, e in enumerate(events) if isinstance(e.event, WorkflowStarted)]
+    return events[starts[-1] :] if starts else events
+
+
+def _timeout_ms(value: timedelta | float | None) -> int | None:
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds <= 0:
+        raise ValueError(f"execution_timeout must be positive, got {value}")
+    return int(seconds * 1000)
 
 
 def _check_id(workflow_id: str) -> None:

@@ -173,11 +173,13 @@ class WorkflowTimedOut(WorkflowFailure):
     ``WorkflowTimedOut``."""
 
     def __init__(self, timeout_ms: int) -> None:
-        super().__init__(f"the workflow did not finish within its execution timeout of {timeout_ms} ms")
+        super().__init__(
+            f"the workflow did not finish within its execution timeout of {timeout_ms} ms"
+        )
         self.timeout_ms = timeout_ms
 
 
-class ContinueAsNew(BaseException):  # noqa: N818 (a control-flow signal, not an error)
+class ContinueAsNew(BaseException):
     """Raised by ``ctx.continue_as_new(input)``: ends this run, and a new run of the same
     workflow starts with ``input``. A ``BaseException``, so that ``except Exception`` in
     workflow code does not swallow it; a saga does not compensate for it."""

@@ -23,6 +23,7 @@ from orchestrator._engine.processor import Processor
 from orchestrator.errors import NodeStopped
 from orchestrator.health import Health, HealthServer, serve_http
 from orchestrator.metrics import NodeMetrics
+from orchestrator.schedule import with_schedules
 from orchestrator.settings import Settings
 from orchestrator.topics import verify_topics
 from orchestrator.tracing import WorkflowTracer
@@ -58,7 +59,8 @@ class OrchestratorNode:
         metrics at all (the benchmark measures what they cost)."""
         self.settings = settings
         # The node's setting is the default attempt timeout of every activity its workflows call.
-        self.registry = registry.with_activity_timeout(settings.activity_timeout)
+        # Every node runs the schedule workflow too (orchestrator schedule create).
+        self.registry = with_schedules(registry).with_activity_timeout(settings.activity_timeout)
         self.tracer_provider = tracer_provider
         self.metrics: NodeMetrics | None = None
         if with_metrics:

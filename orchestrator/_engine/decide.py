@@ -464,15 +464,6 @@ class Decider:
             return
         store = batch.store(part.number)
         run = cached.run
-        while run.ended_runs:
-            # A new run follows a closed one: the old run's events go (tombstones), so a
-            # long-lived loop of continue-as-new keeps a bounded history.
-            first, next_start = run.ended_runs.pop(0)
-            wf = run.state.workflow_id
-            for seq in range(first, next_start):
-                key = f"{wf}/{seq}".encode()
-                batch.outputs.append(Out(self.settings.history, key, None, part.number))
-            store.truncate(wf, next_start)
         if self.tracer is not None:
             state = run.state
             self.tracer.step(
@@ -497,6 +488,16 @@ class Decider:
                 if act is not None and act.attempt == body.attempt:
                     seconds = (event.recorded_at_ms - act.attempt_started_ms) / 1000
                     self.metrics.step(act.name, body.kind, seconds)
+        while run.ended_runs:
+            # A new run follows a closed one: the old run's events go (tombstones), so a
+            # long-lived loop of continue-as-new keeps a bounded history. After the events:
+            # the old run's last ones are in this batch, and the later record wins.
+            first, next_start = run.ended_runs.pop(0)
+            wf = run.state.workflow_id
+            for seq in range(first, next_start):
+                key = f"{wf}/{seq}".encode()
+                batch.outputs.append(Out(self.settings.history, key, None, part.number))
+            store.truncate(wf, next_start)
         batch.touched[(part.number, run.state.workflow_id)] = cached
         if run.broken is not None and run.state.blocked is None and not run.finished:
             # The code broke on what was just recorded (a bug in it): nothing it asked for in

@@ -89,6 +89,10 @@ class _Restorer:
             self.tombstones += 1
             if workflow_id not in self.batch.removed:
                 state = self.state(workflow_id)
+                if state.status is None:
+                    # Nothing held under this id (an earlier run's key, its event compacted).
+                    self.states.pop(workflow_id, None)
+                    return
                 if int(seq) < state.run_start_seq:
                     # An event of a run before the current one (continue-as-new, id reuse):
                     # only the old run's events go.

@@ -362,11 +362,14 @@ def decide_reply(
 ) -> list[EventBody]:
     """The events a service's reply leads to. Raises UnknownActivity for a stranger's reply."""
     act = state.activities.get(reply.seq)
-    if act is None and 0 < reply.seq < state.run_start_seq:
+    if (
+        act is None
+        and 0 < reply.seq < state.run_start_seq
+        and reply.idempotency_key == f"{state.workflow_id}/{reply.seq}"
+    ):
         # An activity of an earlier run (its commands have seqs below this run's start): that
         # run is over, so its reply changes nothing.
-        if reply.idempotency_key == f"{state.workflow_id}/{reply.seq}":
-            return [LateReplyIgnored(seq=reply.seq, attempt=reply.attempt, outcome=reply.outcome)]
+        return [LateReplyIgnored(seq=reply.seq, attempt=reply.attempt, outcome=reply.outcome)]
     if act is None or act.idempotency_key != reply.idempotency_key:
         raise UnknownActivity(
             f"workflow {state.workflow_id} has no activity #{reply.seq} "
