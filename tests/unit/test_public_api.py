@@ -14,6 +14,8 @@ def test_the_exported_names_are_pinned() -> None:
         "CommandInfo",
         "Compensation",
         "CompensationFailed",
+        "ContinueAsNew",
+        "IdReusePolicy",
         "NonDeterminismError",
         "OrchestratorNode",
         "RetryPolicy",
@@ -31,6 +33,7 @@ def test_the_exported_names_are_pinned() -> None:
         "WorkflowIdConflict",
         "WorkflowRegistry",
         "WorkflowStatus",
+        "WorkflowTimedOut",
         "workflow",
     ]
     for name in orchestrator.__all__:
