@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import click
 from pydantic import ValidationError
 
-from contracts.envelopes import HistoryEvent
+from contracts.envelopes import HistoryEvent, IdReusePolicy
 from orchestrator._engine.state import fold
 from orchestrator.client import Client, WorkflowDescription
 from orchestrator.errors import (
@@ -399,6 +399,19 @@ def _dump(value: Any) -> str:
 @click.option("--id", "workflow_id", help="the workflow id (default: a new UUID)")
 @click.option("--wait", is_flag=True, help="wait for the result and print it")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="with --wait")
+@click.option(
+    "--execution-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="fail the workflow (WorkflowTimedOut, its saga compensates) if not done by then",
+)
+@click.option(
+    "--id-reuse",
+    type=click.Choice([p.value for p in IdReusePolicy], case_sensitive=False),
+    default=IdReusePolicy.REJECT_DUPLICATE.value,
+    show_default=True,
+    help="when a workflow with this id exists (docs/workflows.md, Id reuse)",
+)
 @click.pass_context
 def start(
     ctx: click.Context,
@@ -407,12 +420,20 @@ def start(
     workflow_id: str | None,
     wait: bool,
     timeout: float,
+    execution_timeout: float | None,
+    id_reuse: str,
 ) -> None:
     """Start a workflow of type TYPE; print its id (or, with --wait, its result)."""
     if workflow_id == "":
         raise click.BadParameter("must not be empty", param_hint="'--id'")
     with _client(ctx) as client:
-        handle = client.start(workflow_type, input_, workflow_id=workflow_id)
+        handle = client.start(
+            workflow_type,
+            input_,
+            workflow_id=workflow_id,
+            execution_timeout=execution_timeout,
+            id_reuse=IdReusePolicy(id_reuse.upper()),
+        )
         if not wait:
             click.echo(handle.workflow_id)
             return
@@ -799,6 +820,103 @@ def render_description(d: WorkflowDescription) -> str:
             f"  {_relative(offset):>10}  #{event.seq:<4} {event.kind:{kind_width}}  {event.summary}"
         )
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+@main.group()
+def schedule() -> None:
+    """Durable cron schedules: start a workflow at every tick (docs/operations.md)."""
+
+
+@schedule.command("create")
+@click.argument("name")
+@click.option("--cron", help="a cron expression in UTC: 5 fields, or 6 with seconds first")
+@click.option(
+    "--every",
+    type=click.FloatRange(min=1),
+    metavar="SECONDS",
+    help="a fixed interval instead of --cron (ticks aligned to the Unix epoch)",
+)
+@click.option("--type", "workflow_type", required=True, help="the workflow type to start")
+@click.option(
+    "--input",
+    "input_",
+    metavar="JSON",
+    callback=_json_option,
+    help="the input of every start, as JSON (or @file); default: null",
+)
+@click.option(
+    "--catch-up",
+    type=click.FloatRange(min=0),
+    default=3600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="after an outage, start missed ticks at most this old; older ones are skipped",
+)
+@click.pass_context
+def schedule_create(
+    ctx: click.Context,
+    name: str,
+    cron: str | None,
+    every: float | None,
+    workflow_type: str,
+    input_: Any,
+    catch_up: float,
+) -> None:
+    """Create schedule NAME: starts TYPE with id NAME-<tick time> at every tick."""
+    from datetime import timedelta
+
+    from orchestrator.schedule import create_schedule
+
+    if (cron is None) == (every is None):
+        raise click.UsageError("give one of --cron and --every")
+    with _client(ctx) as client:
+        handle = create_schedule(
+            client,
+            name,
+            workflow_type,
+            input_,
+            cron=cron,
+            every=None if every is None else timedelta(seconds=every),
+            catch_up=timedelta(seconds=catch_up),
+        )
+    click.echo(f"created schedule {name} (workflow {handle.workflow_id})")
+
+
+@schedule.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print JSON lines")
+@click.pass_context
+def schedule_list(ctx: click.Context, as_json: bool) -> None:
+    """The running schedules: name, cadence, workflow type, next tick, starts so far."""
+    from orchestrator.schedule import list_schedules
+
+    with _client(ctx) as client:
+        found = list_schedules(client)
+    for s in found:
+        when = s.next_tick.isoformat(timespec="seconds") if s.next_tick else "-"
+        if as_json:
+            row = {"name": s.name, "cadence": s.cadence, "type": s.workflow_type}
+            click.echo(json.dumps({**row, "next_tick": when, "started": s.started}))
+        else:
+            click.echo(
+                f"{s.name}\t{s.cadence}\t{s.workflow_type}\tnext {when}\t{s.started} started"
+            )
+    if not found and not as_json:
+        click.echo("no schedules", err=True)
+
+
+@schedule.command("delete")
+@click.argument("name")
+@click.pass_context
+def schedule_delete(ctx: click.Context, name: str) -> None:
+    """Delete schedule NAME (no more ticks; what it started goes on)."""
+    from orchestrator.schedule import delete_schedule
+
+    with _client(ctx) as client:
+        request_id = delete_schedule(client, name)
+    click.echo(f"deleting schedule {name} (request {request_id})")
 
 
 if __name__ == "__main__":  # pragma: no cover
