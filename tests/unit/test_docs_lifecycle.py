@@ -113,6 +113,7 @@ def test_the_feed_loop_continues_as_new_with_a_fresh_history(doc: types.ModuleTy
             "WorkflowStarted",
             "ActivityScheduled",
         ]
+    assert run.state.input is not None
     assert from_payload(run.state.input, doc.Cursor) == doc.Cursor(position=30, handled=6)
     # The ended runs' events are what the node tombstones: 4 per run, in order.
     assert run.ended_runs == [(1, 5), (5, 9), (9, 13)]
