@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import click
 from pydantic import ValidationError
 
-from contracts.envelopes import HistoryEvent, IdReusePolicy
+from contracts.envelopes import HistoryEvent, IdReusePolicy, WorkflowStarted
 from orchestrator._engine.state import fold
 from orchestrator.client import Client, WorkflowDescription
 from orchestrator.errors import (
@@ -760,8 +760,12 @@ def _running_then_recent(events: list[HistoryEvent]) -> tuple[bool, int]:
 
 
 def _gapless(events: list[HistoryEvent]) -> list[HistoryEvent]:
-    out = []
-    for expected, event in enumerate(events, start=1):
+    out: list[HistoryEvent] = []
+    if not events:
+        return out
+    # A later run of the id starts at its WorkflowStarted's seq (continue-as-new, id reuse).
+    first = events[0].event_seq if isinstance(events[0].event, WorkflowStarted) else 1
+    for expected, event in enumerate(events, start=first):
         if event.event_seq != expected:
             break
         out.append(event)
