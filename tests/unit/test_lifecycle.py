@@ -489,3 +489,20 @@ def test_a_restore_leaves_no_summary_for_a_tombstone_alone(tmp_path: Path) -> No
         assert list(fresh.store.summaries()) == []
     finally:
         fresh.close()
+
+
+def test_retention_tombstones_only_the_last_run_of_a_continued_workflow(engine: Engine) -> None:
+    batch = engine.send(begin("old", "looper", Count(limit=3)))
+    for i in range(3):
+        (cmd,) = commands(batch)
+        batch = engine.send(answer(cmd), at=NOW + i)
+    summary = part_of(engine, "old").store.summary("old")
+    assert summary is not None and summary.run_start_seq > 1
+    expired = Batch()
+    later = NOW + engine.settings.retention_ms + 60_000
+    engine.decider.expire_finished(engine.parts.values(), expired, later)
+    keys = sorted(int(o.key.decode().split("/")[1]) for o in expired.outputs if o.value is None)
+    assert keys == list(range(summary.run_start_seq, summary.last_seq + 1))
+    engine._commit(expired)
+    assert part_of(engine, "old").store.events("old") == []
+    assert not any(k.startswith("old/") for k in engine.compacted)
