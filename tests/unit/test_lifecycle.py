@@ -506,3 +506,10 @@ def test_retention_tombstones_only_the_last_run_of_a_continued_workflow(engine: 
     engine._commit(expired)
     assert part_of(engine, "old").store.events("old") == []
     assert not any(k.startswith("old/") for k in engine.compacted)
+
+
+def test_a_cron_schedule_runs_inside_the_determinism_guard(engine: Engine) -> None:
+    spec = ScheduleSpec(name="cron", workflow_type="looper", input={}, cron="*/2 * * * * *")
+    engine.send(begin("schedule:cron", "orchestrator.schedule", spec, request="c"))
+    seen = [s.workflow_id for at in range(1, 7) for s in starts(engine.tick(NOW + at * 1000))]
+    assert seen == [target_id("cron", NOW + k * 1000) for k in (2, 4, 6)]
