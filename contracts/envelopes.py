@@ -90,6 +90,23 @@ class CancelWorkflow(_Envelope):
     trace: TraceContext | None = None
 
 
+class OperatorAction(_Envelope):
+    """An operator's request to act on a workflow (``orchestrator terminate|retry|skip``).
+
+    ``action`` is ``terminate``, ``retry`` or ``skip`` (a string on the wire, so a new action
+    does not change the schema); the node records it as :class:`OperatorActed`."""
+
+    workflow_id: str
+    request_id: str
+    action: str
+    reason: str
+    operator: str
+    step_seq: int | None = None
+    input: Payload | None = None
+    sent_at_ms: int
+    trace: TraceContext | None = None
+
+
 class ReplyOutcome(StrEnum):
     SUCCESS = "SUCCESS"
     RETRYABLE_FAILURE = "RETRYABLE_FAILURE"
@@ -134,7 +151,8 @@ class WorkflowStatus(StrEnum):
     FAILED = "FAILED"  # failed with nothing to compensate, or compensations all succeeded
     COMPENSATED = "COMPENSATED"  # failed and every registered compensation succeeded
     CANCELLED = "CANCELLED"  # cancelled, compensations all succeeded
-    PARKED = "PARKED"  # a compensation gave up: needs an operator, never silently done
+    PARKED = "PARKED"  # old histories: a compensation gave up (now it waits, see ActivityParked)
+    TERMINATED = "TERMINATED"  # ended by an operator; nothing was compensated
 
 
 class WorkflowResult(_Envelope):
@@ -288,6 +306,28 @@ class WorkflowBlocked(_Envelope):
     code_version: str
 
 
+class ActivityParked(_Envelope):
+    """A compensation gave up (out of attempts, or a business failure). The saga waits for an
+    operator: ``retry`` (a new round of attempts) or ``skip`` (marked done); see OperatorActed."""
+
+    kind: Literal["ActivityParked"] = "ActivityParked"
+    seq: int
+    attempt: int
+    error: ErrorInfo
+
+
+class OperatorActed(_Envelope):
+    """An operator acted on the workflow: who, why, and on which step (see OperatorAction)."""
+
+    kind: Literal["OperatorActed"] = "OperatorActed"
+    action: str
+    request_id: str
+    reason: str
+    operator: str
+    step_seq: int | None = None
+    input: Payload | None = None
+
+
 class WorkflowTimedOut(_Envelope):
     """The execution timeout passed: the code gets ``WorkflowTimedOut`` at its current await
     (its saga compensates) and the workflow fails with it."""
@@ -331,6 +371,8 @@ EventBody = Annotated[
     | WorkflowFailed
     | MarkerRecorded
     | WorkflowBlocked
+    | ActivityParked
+    | OperatorActed
     | WorkflowTimedOut
     | WorkflowContinuedAsNew
     | WorkflowStartSent,
@@ -352,6 +394,7 @@ Envelope = (
     StartWorkflow
     | SignalWorkflow
     | CancelWorkflow
+    | OperatorAction
     | ActivityCommand
     | ActivityReply
     | WorkflowResult

@@ -22,8 +22,11 @@ confluent-kafka stays private to this module; callers deal in envelopes, payload
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -51,6 +54,7 @@ from contracts.envelopes import (
     ActivityAttemptStarted,
     ActivityCompleted,
     ActivityFailed,
+    ActivityParked,
     ActivityScheduled,
     CancelRequested,
     CancelWorkflow,
@@ -59,6 +63,8 @@ from contracts.envelopes import (
     IdReusePolicy,
     LateReplyIgnored,
     MarkerRecorded,
+    OperatorActed,
+    OperatorAction,
     Payload,
     SignalReceived,
     SignalWorkflow,
@@ -77,7 +83,7 @@ from contracts.envelopes import (
     WorkflowTimedOut,
 )
 from contracts.limits import MAX_INBOX_RECORD_BYTES
-from orchestrator._engine.state import fold
+from orchestrator._engine.state import OperatorActionKind, fold
 from orchestrator.errors import (
     UNREACHABLE_HINT,
     KafkaUnavailable,
@@ -235,6 +241,21 @@ class WorkflowDescription:
     blocked: ErrorInfo | None = None
     """Set while the workflow is BLOCKED: its code cannot go on with its history (a deploy that
     changed it); ``status`` stays RUNNING and its inputs are kept (docs/workflows.md)."""
+    parked_steps: tuple[int, ...] = ()
+    """The steps (activity seq) of compensations that gave up and wait for an operator
+    (``retry`` or ``skip``); ``status`` stays RUNNING meanwhile (docs/operations.md)."""
+
+    @property
+    def operator_status(self) -> str:
+        """The status as operators count it: BLOCKED or PARKED while it waits for one of
+        them, else the status (``unknown`` without a start)."""
+        if self.status is None:
+            return "unknown"
+        if not self.finished and self.blocked is not None:
+            return "BLOCKED"
+        if not self.finished and self.parked_steps:
+            return "PARKED"
+        return self.status.value
 
     @property
     def finished(self) -> bool:
@@ -265,12 +286,25 @@ class WorkflowDescription:
             "result": _payload_json(self.result),
             "error": self.error.model_dump() if self.error else None,
             "blocked": self.blocked.model_dump() if self.blocked else None,
+            "parked_steps": list(self.parked_steps),
             "complete": self.complete,
             "events": [
                 {"seq": e.seq, "time": _iso(e.time), "kind": e.kind, "summary": e.summary}
                 for e in self.events
             ],
         }
+
+
+def _operator_name() -> str:
+    """Who acts, for the history: ``SAGA_OPERATOR``, else the login name and host."""
+    named = os.environ.get("SAGA_OPERATOR")
+    if named:
+        return named
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -362,6 +396,18 @@ def _summaries(events: list[HistoryEvent]) -> tuple[EventSummary, ...]:
                 )
             case MarkerRecorded():
                 text = f"{body.marker} {body.change_id}"
+            case ActivityParked():
+                text = (
+                    f"{names.get(body.seq, '?')} #{body.seq} PARKED after attempt {body.attempt}: "
+                    f"{_err(body.error)} (retry or skip it)"
+                )
+            case OperatorActed():
+                step = f" #{body.step_seq}" if body.step_seq is not None else ""
+                edited = " with a new input" if body.input is not None else ""
+                text = (
+                    f"{body.action}{step}{edited} by {body.operator or '?'}: "
+                    f"{body.reason or '(no reason)'}"
+                )
             case WorkflowTimedOut():
                 text = f"execution timeout of {body.timeout_ms} ms passed"
             case WorkflowContinuedAsNew():
@@ -438,7 +484,7 @@ class Client:
         it, and the handle's ``result()`` raises
         :class:`~orchestrator.errors.WorkflowIdConflict`. ``ALLOW_DUPLICATE`` starts a new run
         once the previous one has closed (while it runs, as REJECT_DUPLICATE);
-        ``TERMINATE_IF_RUNNING`` ends a running one (``WorkflowTerminated``, no compensation)
+        ``TERMINATE_IF_RUNNING`` ends a running one (TERMINATED, as ``terminate`` does: nothing compensated)
         and starts a new run. The handle's ``result()`` is the result of the run this start
         made (or, after continue-as-new, of its last run).
 
@@ -516,6 +562,63 @@ class Client:
             trace=trace,
         )
         self._send(workflow_id, encode(envelope), trace, f"cancel of {workflow_id}")
+        return request_id
+
+    # -- operator actions (recorded in the workflow's history as OperatorActed) -----------
+
+    def terminate(self, workflow_id: str, reason: str = "", *, operator: str = "") -> str:
+        """End a running workflow now, without compensations (status TERMINATED); returns the
+        request id. Terminating an ended workflow changes nothing."""
+        return self._act(workflow_id, OperatorActionKind.TERMINATE, reason, operator)
+
+    def retry(
+        self,
+        workflow_id: str,
+        *,
+        step: int | None = None,
+        input: object = None,
+        reason: str = "",
+        operator: str = "",
+    ) -> str:
+        """Run a parked step (a new round of its retry policy) or a pending retry at once;
+        without ``step``, every such step of the workflow; a BLOCKED workflow is re-run
+        against this node's code. ``input`` (with ``step``) replaces the step's input (a
+        redrive with an edited input). Returns the request id; one that does not apply is
+        dead-lettered ``OperatorRefused`` with the reason."""
+        if input is not None and step is None:
+            raise ValueError("a new input needs the step it is for (step=N)")
+        payload = (
+            None if input is None else (input if isinstance(input, Payload) else to_payload(input))
+        )
+        return self._act(workflow_id, OperatorActionKind.RETRY, reason, operator, step, payload)
+
+    def skip(self, workflow_id: str, step: int, *, reason: str = "", operator: str = "") -> str:
+        """Mark a parked compensation done without running it (the saga goes on); returns the
+        request id."""
+        return self._act(workflow_id, OperatorActionKind.SKIP, reason, operator, step)
+
+    def _act(
+        self,
+        workflow_id: str,
+        action: OperatorActionKind,
+        reason: str,
+        operator: str,
+        step: int | None = None,
+        payload: Payload | None = None,
+    ) -> str:
+        _check_id(workflow_id)
+        request_id = uuid.uuid4().hex
+        envelope = OperatorAction(
+            workflow_id=workflow_id,
+            request_id=request_id,
+            action=action.value,
+            reason=reason,
+            operator=operator or _operator_name(),
+            step_seq=step,
+            input=payload,
+            sent_at_ms=_now_ms(),
+        )
+        self._send(workflow_id, encode(envelope), None, f"{action.value} of {workflow_id}")
         return request_id
 
     def get_handle(self, workflow_id: str) -> WorkflowHandle:
@@ -606,6 +709,7 @@ class Client:
             events=_summaries(ordered),
             complete=len(prefix_run) == len(ordered),
             blocked=state.blocked if not state.finished else None,
+            parked_steps=tuple(a.seq for a in state.parked) if not state.finished else (),
         )
 
     def history(self, workflow_id: str, *, timeout: float = 10.0) -> list[HistoryEvent]:

@@ -17,6 +17,7 @@ class Rejection(StrEnum):
     INVALID_INPUT = "InvalidInput"
     OVERSIZED = "Oversized"
     PRODUCE_FAILED = "ProduceFailed"
+    OPERATOR_REFUSED = "OperatorRefused"  # an operator action that does not apply (dead letter)
 
 
 class OrchestratorError(Exception):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ from contracts.envelopes import (
     ErrorInfo,
     HistoryEvent,
     IdReusePolicy,
+    OperatorActed,
+    OperatorAction,
     ReplyOutcome,
     SignalWorkflow,
     StartWorkflow,
@@ -53,7 +56,7 @@ from orchestrator.workflow import WorkflowRegistry
 
 from .partition import Cached, Partition
 from .restore import RestoreReport
-from .state import UnknownActivity
+from .state import OperatorActionKind, OperatorRefused, UnknownActivity
 from .store import StoreBatch
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,10 @@ MAX_WORKFLOW_ID = 256
 _FORWARDED_HEADERS = frozenset({"traceparent", "tracestate"})
 FORWARDED_FROM = "saga-forwarded-from"  # header of a record moved to its workflow's partition
 _RETENTION_EVERY_MS = 5_000  # retention scans every summary: not every turn
+# Workflows replayed per turn after a restore: each costs a replay of its code, and inbox
+# records wait behind them; a few hundred keep a turn in the tens of milliseconds.
+_WAKE_PER_TURN = 200
+_UNFINISHED = frozenset({"RUNNING", "BLOCKED", "PARKED"})
 
 InboxRecord = SourceRecord
 """An inbox record as the decider reads it: a confluent-kafka ``Message`` or a test's stand-in."""
@@ -157,7 +164,8 @@ class Decider:
         self._refused: dict[tuple[int, int], str] = {}
         self._repairs: dict[int, list[bytes]] = {}  # partition -> history keys to repair
         self._code_version = registry.code_version
-        self._to_wake: set[int] = set()  # restored partitions whose blocked workflows to retry
+        self._to_wake: set[int] = set()  # restored partitions whose workflows to check
+        self._to_check: deque[tuple[int, str]] = deque()  # (partition, workflow) to replay
 
     def _live(self, part: Partition, wf: str, batch: Batch, now: int) -> Cached | None:
         """The workflow, brought up to date with this node's code: a run whose code disagrees
@@ -179,16 +187,28 @@ class Decider:
         return cached
 
     def wake_blocked(self, partitions: Mapping[int, Partition], batch: Batch, now: int) -> None:
-        """After a restore (a deploy, a restart): try every blocked workflow of the restored
-        partitions with this code, so one that waits for nothing new still moves once its code
-        is fixed."""
+        """After a restore (a deploy, a restart): replay every unfinished workflow of the
+        restored partitions with this code, a budget per turn. A blocked one whose code is
+        fixed moves again although it waits for nothing new; one this code cannot replay is
+        recorded BLOCKED now (visible in describe, list and the metrics), not days later when
+        its timer fires."""
         while self._to_wake:
-            part = partitions.get(self._to_wake.pop())
+            number = self._to_wake.pop()
+            part = partitions.get(number)
+            if part is not None:
+                self._to_check.extend(
+                    (number, s.workflow_id)
+                    for s in part.store.summaries()
+                    if s.status in _UNFINISHED
+                )
+        budget = _WAKE_PER_TURN
+        while self._to_check and budget > 0:
+            number, wf = self._to_check.popleft()
+            part = partitions.get(number)
             if part is None:
                 continue
-            for summary in part.store.summaries():
-                if summary.status == "BLOCKED":
-                    self._live(part, summary.workflow_id, batch, now)
+            budget -= 1
+            self._live(part, wf, batch, now)
 
     def refuse(self, source: tuple[int, int], why: str) -> None:
         """The producer refused what the inbox record ``source`` led to."""
@@ -240,6 +260,8 @@ class Decider:
                 self._on_reply(part, envelope, batch, msg, now)
             elif isinstance(envelope, SignalWorkflow | CancelWorkflow):
                 self._on_existing(part, envelope, batch, msg, now)
+            elif isinstance(envelope, OperatorAction):
+                self._on_operator(part, envelope, batch, msg, now)
             else:
                 self._dead_letter(
                     batch,
@@ -290,7 +312,8 @@ class Decider:
             cached = existing
             if not cached.run.finished:
                 reason = f"terminated by start {msg_env.request_id} (id reuse TERMINATE_IF_RUNNING)"
-                self._record(part, cached, cached.run.terminate(reason, now), batch, now)
+                terminated = cached.run.terminate(reason, msg_env.request_id, now)
+                self._record(part, cached, terminated, batch, now)
             trace = msg_env.trace
             if self.tracer is not None:
                 trace = self.tracer.root(msg_env.workflow_type, wf, trace, now)
@@ -396,6 +419,39 @@ class Decider:
             events = run.on_cancel(envelope.reason, envelope.request_id, now)
         self._record(part, cached, events, batch, now)
 
+    def _on_operator(
+        self, part: Partition, action: OperatorAction, batch: Batch, msg: InboxRecord, now: int
+    ) -> None:
+        """terminate / retry / skip, recorded with who and why; one that does not apply (a skip
+        of a step that is not parked, ...) is dead-lettered with the reason, changing nothing."""
+        wf = action.workflow_id
+        cached = self._live(part, wf, batch, now)
+        if cached is None:
+            return self._dead_letter(
+                batch, msg, f"{action.action} for unknown workflow {wf}", "UnknownWorkflow"
+            )
+        state = cached.run.state
+        if (
+            action.action == OperatorActionKind.RETRY
+            and state.blocked is not None
+            and not state.finished
+            and action.step_seq is None
+        ):
+            # Re-run the blocked code against its whole history (what the store holds and what
+            # this batch has recorded): it moves again if this node's code accepts it.
+            pending = [e for e, _ in batch.store(part.number).events if e.workflow_id == wf]
+            part.rerun(wf, pending)
+            cached = self._live(part, wf, batch, now) or cached
+        try:
+            events = cached.run.on_operator(action, now)
+        except OperatorRefused as exc:
+            return self._dead_letter(batch, msg, str(exc), Rejection.OPERATOR_REFUSED)
+        log.warning(
+            "operator %r: %s workflow %s%s: %s", action.operator, action.action, wf,
+            f" step #{action.step_seq}" if action.step_seq is not None else "", action.reason,
+        )  # fmt: skip
+        self._record(part, cached, events, batch, now)
+
     # ----------------------------------------------------------------- timers and retention
 
     def fire_timers(self, partitions: Iterable[Partition], batch: Batch, now: int) -> None:
@@ -477,7 +533,9 @@ class Decider:
             body = event.event
             if isinstance(body, ActivityScheduled | ActivityAttemptStarted):
                 self._send_command(part, cached, body.seq, batch, now)
-            elif isinstance(body, WorkflowCompleted | WorkflowFailed):
+            elif isinstance(body, WorkflowCompleted | WorkflowFailed) or (
+                isinstance(body, OperatorActed) and body.action == OperatorActionKind.TERMINATE
+            ):
                 self._send_result(cached, batch)
             elif isinstance(body, WorkflowStartSent):
                 self._send_start(event, body, batch)

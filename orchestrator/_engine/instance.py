@@ -32,6 +32,7 @@ from contracts.envelopes import (
     ActivityAttemptStarted,
     ActivityCompleted,
     ActivityFailed,
+    ActivityParked,
     ActivityReply,
     ActivityScheduled,
     CancelRequested,
@@ -40,6 +41,8 @@ from contracts.envelopes import (
     HistoryEvent,
     LateReplyIgnored,
     MarkerRecorded,
+    OperatorActed,
+    OperatorAction,
     Payload,
     RetryPolicy,
     SignalReceived,
@@ -80,7 +83,13 @@ from orchestrator.workflow import (
 )
 
 from . import determinism
-from .state import WorkflowState, decide_reply, decide_timers
+from .state import (
+    OperatorActionKind,
+    WorkflowState,
+    decide_operator,
+    decide_reply,
+    decide_timers,
+)
 
 T = TypeVar("T")
 InT = TypeVar("InT", bound=BaseModel)
@@ -95,10 +104,14 @@ _CODE_EVENTS = (
     WorkflowContinuedAsNew,
     WorkflowStartSent,
 )
-#: ``ErrorInfo.type`` of the WorkflowFailed the engine records, without the code, when a start
-#: with ``id_reuse=TERMINATE_IF_RUNNING`` ends the running run (no compensation runs).
-TERMINATED = "WorkflowTerminated"
-_BOOKKEEPING = (ActivityAttemptStarted, ActivityAttemptFailed, LateReplyIgnored, WorkflowBlocked)
+_BOOKKEEPING = (
+    ActivityAttemptStarted,
+    ActivityAttemptFailed,
+    LateReplyIgnored,
+    WorkflowBlocked,
+    ActivityParked,
+    OperatorActed,
+)
 _DEFAULT_RETRY = RetryPolicy()
 
 
@@ -624,10 +637,10 @@ class WorkflowRun:
 
     def _break(self, exc: Exception) -> None:
         self.broken = exc
-        self._pending.clear()
         self._close_tasks()
 
     def _close_tasks(self) -> None:
+        self._pending.clear()
         for task in self._tasks:
             with suppress(RuntimeError):
                 task.coro.close()
@@ -675,14 +688,17 @@ class WorkflowRun:
         )
         return self._record([started], now_ms)
 
-    def terminate(self, reason: str, now_ms: int) -> list[HistoryEvent]:
-        """End the running run at once, without compensations (a start with
-        ``id_reuse=TERMINATE_IF_RUNNING``): its coroutines are closed, it ends FAILED with
-        ``WorkflowTerminated``; replies to its activities become late replies."""
+    def terminate(self, reason: str, request_id: str, now_ms: int) -> list[HistoryEvent]:
+        """End the running run at once, without compensations, as an operator's terminate does
+        (a start with ``id_reuse=TERMINATE_IF_RUNNING``, whose request id it records): it ends
+        TERMINATED; replies to its steps become late replies."""
         if self.state.finished or self.state.status is None:
             return []
-        body = WorkflowFailed(
-            status=WorkflowStatus.FAILED, error=ErrorInfo(type=TERMINATED, message=reason)
+        body = OperatorActed(
+            action=OperatorActionKind.TERMINATE,
+            request_id=request_id,
+            reason=reason,
+            operator="id-reuse",
         )
         return self._record([body], now_ms)
 
@@ -701,6 +717,32 @@ class WorkflowRun:
         if self.state.cancel_requested or self.state.finished:
             return []
         return self._record([CancelRequested(reason=reason, request_id=request_id)], now_ms)
+
+    def on_operator(self, action: OperatorAction, now_ms: int) -> list[HistoryEvent]:
+        """An operator's action, recorded with who and why (``OperatorRefused`` when it does
+        not apply). A retry starts the step's next attempt at once."""
+        steps = decide_operator(
+            self.state, action.action, action.request_id, action.step_seq, action.input is not None
+        )
+        bodies: list[EventBody] = []
+        for seq in steps:
+            bodies.append(
+                OperatorActed(
+                    action=action.action,
+                    request_id=action.request_id,
+                    reason=action.reason,
+                    operator=action.operator,
+                    step_seq=seq,
+                    input=action.input if seq is not None else None,
+                )
+            )
+            if action.action == OperatorActionKind.RETRY and seq is not None:
+                act = self.state.activities[seq]
+                bodies.append(ActivityAttemptStarted(seq=seq, attempt=act.attempt + 1))
+        out: list[HistoryEvent] = []
+        for body in bodies:  # one at a time: a step's attempt number follows its own retry
+            out.extend(self._record([body], now_ms))
+        return out
 
     def on_timers(self, now_ms: int) -> list[HistoryEvent]:
         out: list[HistoryEvent] = []
@@ -776,12 +818,6 @@ class WorkflowRun:
             self.ended_runs.append((self.state.run_start_seq, event.event_seq))
             self.broken = None
             self._reset_run()
-        if isinstance(body, WorkflowFailed) and body.error.type == TERMINATED:
-            # Ended by the engine, not asked for by the code (id reuse TERMINATE_IF_RUNNING).
-            self._pending.clear()
-            self._close_tasks()
-            self.state.apply(event)
-            return
         # While blocked, the history holds only inputs: what the code asks for meanwhile is not
         # in it and is recorded when the workflow moves again (WorkflowBlocked without error).
         if isinstance(body, _CODE_EVENTS) or (
@@ -836,11 +872,17 @@ class WorkflowRun:
                     task.cancel = WorkflowCancelled(body.reason)
                 else:
                     task.throw = WorkflowCancelled(body.reason)
-        elif isinstance(
-            body,
-            ActivityAttemptStarted | ActivityAttemptFailed | LateReplyIgnored | WorkflowBlocked,
-        ):
-            return  # engine bookkeeping; the code does not see attempts or blocks
+        elif isinstance(body, OperatorActed):
+            if body.action == OperatorActionKind.TERMINATE:
+                self._close_tasks()  # ended from outside: the code neither runs nor undoes
+                return
+            if body.action != OperatorActionKind.SKIP or body.step_seq is None:
+                return  # a retry is engine bookkeeping, like attempts
+            call = self._activities.get(body.step_seq)
+            if call is not None:  # the parked compensation counts as done for the code
+                call.future.resolve(None)
+        elif isinstance(body, _BOOKKEEPING):
+            return  # engine bookkeeping; the code does not see attempts, blocks or parking
         self._resume()
 
     def _match_command(self, event: HistoryEvent) -> None:

@@ -190,7 +190,7 @@ def test_id_reuse_policies(life: Stack) -> None:
     )
     assert again.result(Count, timeout=60) == Count(n=5)
     assert client.describe("reuse").output(Count) == Count(n=5)
-    # TERMINATE_IF_RUNNING: the running one ends WorkflowTerminated, without compensation.
+    # TERMINATE_IF_RUNNING: the running one ends TERMINATED, without compensation.
     held = client.start("held", Count(), workflow_id="term")
     _wait("the held step", lambda: life.kit.steps_of("term") == ["do"])
     new = client.start(
@@ -198,7 +198,7 @@ def test_id_reuse_policies(life: Stack) -> None:
     )
     with pytest.raises(WorkflowFailedError) as ended:
         held.result(timeout=60)
-    assert ended.value.error_type == "WorkflowTerminated"
+    assert ended.value.status == WorkflowStatus.TERMINATED.value
     assert new.result(Count, timeout=60) == Count(n=6)
     assert life.kit.steps_of("term") == ["do", "do"]  # no undo
 

@@ -42,6 +42,7 @@ from contracts.envelopes import (
     ActivityCommand,
     ActivityCompleted,
     ActivityFailed,
+    ActivityParked,
     ActivityReply,
     ActivityScheduled,
     CancelRequested,
@@ -54,6 +55,8 @@ from contracts.envelopes import (
     IdReusePolicy,
     LateReplyIgnored,
     MarkerRecorded,
+    OperatorActed,
+    OperatorAction,
     Payload,
     ReplyOutcome,
     RetryPolicy,
@@ -145,6 +148,16 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         WorkflowBlocked, error=st.none() | errors, at_seq=longs, code_version=st.text(max_size=20)
     ),
     MarkerRecorded: st.builds(MarkerRecorded, marker=texts, change_id=texts),
+    ActivityParked: st.builds(ActivityParked, seq=longs, attempt=longs, error=errors),
+    OperatorActed: st.builds(
+        OperatorActed,
+        action=texts,
+        request_id=texts,
+        reason=texts,
+        operator=texts,
+        step_seq=opt(longs),
+        input=opt(payloads),
+    ),
     WorkflowTimedOut: st.builds(WorkflowTimedOut, timeout_ms=longs),
     WorkflowContinuedAsNew: st.builds(WorkflowContinuedAsNew, input=payloads),
     WorkflowStartSent: st.builds(
@@ -191,6 +204,18 @@ ENVELOPES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         request_id=texts,
         reason=texts,
         sent_at_ms=longs,
+        trace=opt(traces),
+    ),
+    OperatorAction: st.builds(
+        OperatorAction,
+        workflow_id=texts,
+        request_id=texts,
+        action=texts,
+        reason=texts,
+        operator=texts,
+        sent_at_ms=longs,
+        step_seq=opt(longs),
+        input=opt(payloads),
         trace=opt(traces),
     ),
     ActivityCommand: st.builds(
@@ -258,7 +283,7 @@ def _event_body_types() -> tuple[type[BaseModel], ...]:
 def test_strategies_cover_every_envelope_and_event_kind() -> None:
     assert set(ENVELOPES) == set(_union_members(Envelope))
     assert set(EVENT_BODIES) == set(_event_body_types())
-    assert len(EVENT_BODIES) == 18
+    assert len(EVENT_BODIES) == 20
 
 
 # --------------------------------------------------------------------------- round trips

@@ -394,8 +394,8 @@ def test_terminate_if_running_ends_the_running_run_and_starts_anew(engine: Engin
         begin("x", "looper", Count(n=3), request="r2", reuse=IdReusePolicy.TERMINATE_IF_RUNNING)
     )
     (terminated,) = results(batch)
-    assert terminated.request_id == "r1" and terminated.status is WorkflowStatus.FAILED
-    assert terminated.error is not None and terminated.error.type == "WorkflowTerminated"
+    assert terminated.request_id == "r1" and terminated.status is WorkflowStatus.TERMINATED
+    assert terminated.error is not None and "TERMINATE_IF_RUNNING" in terminated.error.message
     (new_cmd,) = commands(batch)  # no compensation ran for the terminated run
     assert new_cmd.activity_name == "a.do" and new_cmd.input == to_payload(Step(n=3))
     late = engine.send(answer(cmd))  # the terminated run's step answers late

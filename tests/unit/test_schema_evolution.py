@@ -17,7 +17,7 @@ from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.schema import parse_schema
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from contracts import codec
@@ -31,16 +31,20 @@ from contracts.codec import (
     fingerprint,
 )
 from contracts.envelopes import (
+    ActivityParked,
     ActivityReply,
     ErrorInfo,
     HistoryEvent,
     MarkerRecorded,
+    OperatorActed,
     Payload,
     ReplyOutcome,
     WorkflowBlocked,
     WorkflowContinuedAsNew,
+    WorkflowFailed,
     WorkflowStarted,
     WorkflowStartSent,
+    WorkflowStatus,
     WorkflowTimedOut,
 )
 from tests.unit.test_codec import ENVELOPES, EVENT_BODIES, history_events
@@ -147,9 +151,16 @@ def test_a_v0_reader_can_read_current_records(reply: ActivityReply) -> None:
 # --------------------------------------------------------------------------- HistoryEvent v0
 
 HISTORY_V0 = Path(codec.__file__).parent / "schemas" / "legacy" / "HistoryEvent.v0.avsc"
-HISTORY_V1 = Path(codec.__file__).parent / "schemas" / "legacy" / "HistoryEvent.v1.avsc"
 _LIFECYCLE = (WorkflowTimedOut, WorkflowContinuedAsNew, WorkflowStartSent)
 _LIFECYCLE_KINDS = [f"saga.v1.{t.__name__}" for t in _LIFECYCLE]
+
+
+def _without_new_fields(event: HistoryEvent) -> HistoryEvent:
+    """What an older schema can hold: WorkflowStarted had no execution timeout."""
+    body = event.event
+    if isinstance(body, WorkflowStarted):
+        body = body.model_copy(update={"execution_timeout_ms": None})
+    return event.model_copy(update={"event": body})
 
 
 def _history_v0_schema() -> dict[str, Any]:
@@ -170,9 +181,53 @@ def test_history_v0_is_the_current_schema_without_the_new_kinds() -> None:
         *_branches(v0),
         "saga.v1.MarkerRecorded",
         "saga.v1.WorkflowBlocked",
+        "saga.v1.ActivityParked",
+        "saga.v1.OperatorActed",
         *_LIFECYCLE_KINDS,
     ]
     assert fingerprint(v0) != current_schema(HistoryEvent).fingerprint
+
+
+HISTORY_V1 = HISTORY_V0.with_name("HistoryEvent.v1.avsc")
+_OPERATOR_KINDS = (ActivityParked, OperatorActed)
+
+
+def _history_v1_schema() -> dict[str, Any]:
+    parsed = parse_schema(json.loads(HISTORY_V1.read_text()))
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def test_history_v1_is_the_current_schema_without_the_operator_kinds() -> None:
+    assert _branches(current_schema(HistoryEvent).schema) == [
+        *_branches(_history_v1_schema()),
+        "saga.v1.ActivityParked",
+        "saga.v1.OperatorActed",
+        *_LIFECYCLE_KINDS,
+    ]
+
+
+def _old_status(event: HistoryEvent) -> bool:
+    """TERMINATED came with the operator kinds: old writers never wrote it."""
+    body = event.event
+    return not (isinstance(body, WorkflowFailed) and body.status is WorkflowStatus.TERMINATED)
+
+
+@given(
+    history_events(
+        st.one_of(*(s for t, s in EVENT_BODIES.items() if t not in (*_OPERATOR_KINDS, *_LIFECYCLE)))
+    )
+)
+def test_history_written_before_operator_actions_reads_as_the_current_model(
+    event: HistoryEvent,
+) -> None:
+    assume(_old_status(event))
+    event = _without_new_fields(event)
+    v1 = _history_v1_schema()
+    body = io.BytesIO()
+    schemaless_writer(body, v1, _history_to_avro(event))
+    framed = MAGIC + fingerprint(v1).to_bytes(8, "little") + body.getvalue()
+    assert decode_as(framed, HistoryEvent) == event
 
 
 @given(
@@ -181,13 +236,14 @@ def test_history_v0_is_the_current_schema_without_the_new_kinds() -> None:
             *(
                 s
                 for t, s in EVENT_BODIES.items()
-                if t not in (MarkerRecorded, WorkflowBlocked, *_LIFECYCLE)
+                if t not in (MarkerRecorded, WorkflowBlocked, *_OPERATOR_KINDS, *_LIFECYCLE)
             )
         )
     )
 )
 def test_history_written_before_markers_reads_as_the_current_model(event: HistoryEvent) -> None:
     """A history written by nodes on the old code stays readable by nodes on the new one."""
+    assume(_old_status(event))
     event = _without_new_fields(event)
     v0 = _history_v0_schema()
     record = _history_to_avro(event)
@@ -197,18 +253,13 @@ def test_history_written_before_markers_reads_as_the_current_model(event: Histor
     assert decode_as(framed, HistoryEvent) == event
 
 
-def _without_new_fields(event: HistoryEvent) -> HistoryEvent:
-    """What an older schema can hold: WorkflowStarted had no execution timeout."""
-    body = event.event
-    if isinstance(body, WorkflowStarted):
-        body = body.model_copy(update={"execution_timeout_ms": None})
-    return event.model_copy(update={"event": body})
+HISTORY_V2 = HISTORY_V0.with_name("HistoryEvent.v2.avsc")
 
 
-def test_history_v1_is_the_current_schema_without_the_lifecycle_kinds() -> None:
-    v1 = parse_schema(json.loads(HISTORY_V1.read_text()))
-    assert isinstance(v1, dict)
-    assert _branches(current_schema(HistoryEvent).schema) == [*_branches(v1), *_LIFECYCLE_KINDS]
+def test_history_v2_is_the_current_schema_without_the_lifecycle_kinds() -> None:
+    v2 = parse_schema(json.loads(HISTORY_V2.read_text()))
+    assert isinstance(v2, dict)
+    assert _branches(current_schema(HistoryEvent).schema) == [*_branches(v2), *_LIFECYCLE_KINDS]
 
 
 @given(history_events(st.one_of(*(s for t, s in EVENT_BODIES.items() if t not in _LIFECYCLE))))
@@ -217,11 +268,11 @@ def test_history_written_before_lifecycle_kinds_reads_as_the_current_model(
 ) -> None:
     """Histories of nodes without timeouts / continue-as-new stay readable (timeout: None)."""
     event = _without_new_fields(event)
-    v1 = parse_schema(json.loads(HISTORY_V1.read_text()))
-    assert isinstance(v1, dict)
+    v2 = parse_schema(json.loads(HISTORY_V2.read_text()))
+    assert isinstance(v2, dict)
     body = io.BytesIO()
-    schemaless_writer(body, v1, _history_to_avro(event))
-    framed = MAGIC + fingerprint(v1).to_bytes(8, "little") + body.getvalue()
+    schemaless_writer(body, v2, _history_to_avro(event))
+    framed = MAGIC + fingerprint(v2).to_bytes(8, "little") + body.getvalue()
     assert decode_as(framed, HistoryEvent) == event
 
 
