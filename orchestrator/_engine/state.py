@@ -452,10 +452,11 @@ def decide_reply(
     if (
         act is None
         and 0 < reply.seq < state.run_start_seq
-        and reply.idempotency_key == f"{state.workflow_id}/{reply.seq}"
+        and f"{reply.idempotency_key}/".startswith(f"{state.workflow_id}/{reply.seq}/")
     ):
-        # An activity of an earlier run (its commands have seqs below this run's start): that
-        # run is over, so its reply changes nothing.
+        # An activity of an earlier run (its commands have seqs below this run's start; an
+        # operator's retry adds /retry<N> to the key): that run is over, its reply changes
+        # nothing.
         return [LateReplyIgnored(seq=reply.seq, attempt=reply.attempt, outcome=reply.outcome)]
     if act is None or act.idempotency_key != reply.idempotency_key:
         raise UnknownActivity(
