@@ -484,9 +484,9 @@ class Client:
         it, and the handle's ``result()`` raises
         :class:`~orchestrator.errors.WorkflowIdConflict`. ``ALLOW_DUPLICATE`` starts a new run
         once the previous one has closed (while it runs, as REJECT_DUPLICATE);
-        ``TERMINATE_IF_RUNNING`` ends a running one (TERMINATED, as ``terminate`` does: nothing compensated)
-        and starts a new run. The handle's ``result()`` is the result of the run this start
-        made (or, after continue-as-new, of its last run).
+        ``TERMINATE_IF_RUNNING`` ends a running one (TERMINATED, as ``terminate`` does: nothing
+        compensated) and starts a new run. The handle's ``result()`` is the result of the run
+        this start made (or, after continue-as-new, of its last run).
 
         ``execution_timeout`` (a ``timedelta`` or seconds) bounds the whole workflow, all its
         continue-as-new runs included: when it passes, the code gets

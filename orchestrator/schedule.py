@@ -172,7 +172,11 @@ def create_schedule(
         )
     except ValueError as exc:
         errors = getattr(exc, "errors", None)
-        message = "; ".join(e["msg"] for e in errors()) if callable(errors) else str(exc)
+        message = (
+            "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in errors())
+            if callable(errors)
+            else str(exc)
+        )
         raise ScheduleError(f"schedule {name!r}: {message}") from exc
     try:
         found = client.describe(schedule_id(name))

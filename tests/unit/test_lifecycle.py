@@ -513,3 +513,25 @@ def test_a_cron_schedule_runs_inside_the_determinism_guard(engine: Engine) -> No
     engine.send(begin("schedule:cron", "orchestrator.schedule", spec, request="c"))
     seen = [s.workflow_id for at in range(1, 7) for s in starts(engine.tick(NOW + at * 1000))]
     assert seen == [target_id("cron", NOW + k * 1000) for k in (2, 4, 6)]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (["schedule", "create", "x", "--cron", "bad cron", "--type", "t"], 1, "invalid cron"),
+        (["schedule", "create", "x", "--type", "t"], 2, "give one of --cron and --every"),
+        (["schedule", "create", "x", "--every", "0.5", "--type", "t"], 2, "--every"),
+        (["start", "t", "--execution-timeout", "0"], 2, "--execution-timeout"),
+        (["start", "t", "--id-reuse", "sometimes"], 2, "--id-reuse"),
+    ],
+)
+def test_cli_refuses_bad_schedules_and_start_options_before_sending(
+    args: list[str], code: int, says: str
+) -> None:
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    out = CliRunner().invoke(main, ["--bootstrap", "127.0.0.1:1", *args])
+    assert out.exit_code == code and says in out.output, out.output
+    assert "Traceback" not in out.output and "Value error" not in out.output
