@@ -62,6 +62,13 @@ class IdReusePolicy(StrEnum):
     TERMINATE_IF_RUNNING = "TERMINATE_IF_RUNNING"  # end a running one, then a new run
 
 
+class ParentRef(_Envelope):
+    """The parent of a child workflow: where the child reports how it ended."""
+
+    workflow_id: str
+    seq: int
+
+
 class StartWorkflow(_Envelope):
     workflow_id: str
     workflow_type: str
@@ -69,6 +76,7 @@ class StartWorkflow(_Envelope):
     input: Payload
     sent_at_ms: int
     trace: TraceContext | None = None
+    parent: ParentRef | None = None  # set when a workflow starts this one as its child
     execution_timeout_ms: int | None = None
     id_reuse: IdReusePolicy = IdReusePolicy.REJECT_DUPLICATE
 
@@ -166,6 +174,20 @@ class WorkflowResult(_Envelope):
     request_id: str | None = None
 
 
+class ChildWorkflowEnded(_Envelope):
+    """A child workflow ended (or its start was refused): sent by the child's node to
+    ``<ns>.inbox``, keyed by the parent's id, in the transaction that records the child's end."""
+
+    workflow_id: str  # the parent's
+    seq: int
+    child_workflow_id: str
+    status: WorkflowStatus
+    sent_at_ms: int
+    result: Payload | None = None
+    error: ErrorInfo | None = None
+    trace: TraceContext | None = None
+
+
 class DeadLetter(_Envelope):
     """Written to ``<ns>.dlq``: the original record, untouched, and why it was not processed."""
 
@@ -189,6 +211,7 @@ class WorkflowStarted(_Envelope):
     input: Payload
     random_seed: int
     trace: TraceContext | None = None
+    parent: ParentRef | None = None  # set for a child workflow: it reports its end there
     execution_timeout_ms: int | None = None
 
 
@@ -328,6 +351,33 @@ class OperatorActed(_Envelope):
     input: Payload | None = None
 
 
+class ChildWorkflowStarted(_Envelope):
+    """The code started a child workflow: its StartWorkflow goes to the inbox (keyed by the
+    child's id) in the same transaction."""
+
+    kind: Literal["ChildWorkflowStarted"] = "ChildWorkflowStarted"
+    seq: int
+    child_workflow_id: str
+    workflow_type: str
+    input: Payload
+    parent_close_policy: str = "REQUEST_CANCEL"
+
+
+class ChildWorkflowCompleted(_Envelope):
+    kind: Literal["ChildWorkflowCompleted"] = "ChildWorkflowCompleted"
+    seq: int
+    result: Payload
+
+
+class ChildWorkflowFailed(_Envelope):
+    """A child ended without a result (``status`` says how), or its start was refused."""
+
+    kind: Literal["ChildWorkflowFailed"] = "ChildWorkflowFailed"
+    seq: int
+    status: WorkflowStatus
+    error: ErrorInfo
+
+
 class WorkflowTimedOut(_Envelope):
     """The execution timeout passed: the code gets ``WorkflowTimedOut`` at its current await
     (its saga compensates) and the workflow fails with it."""
@@ -373,6 +423,9 @@ EventBody = Annotated[
     | WorkflowBlocked
     | ActivityParked
     | OperatorActed
+    | ChildWorkflowStarted
+    | ChildWorkflowCompleted
+    | ChildWorkflowFailed
     | WorkflowTimedOut
     | WorkflowContinuedAsNew
     | WorkflowStartSent,
@@ -400,4 +453,5 @@ Envelope = (
     | WorkflowResult
     | DeadLetter
     | HistoryEvent
+    | ChildWorkflowEnded
 )

@@ -526,6 +526,33 @@ def result(ctx: click.Context, workflow_id: str, timeout: float) -> None:
 
 @main.command()
 @click.argument("workflow_id", metavar="ID")
+@click.argument("name")
+@click.option(
+    "--arg",
+    "arg",
+    metavar="JSON",
+    callback=_json_option,
+    help="the query's argument, as JSON (or @file); default: none",
+)
+@click.option(
+    "--url",
+    metavar="URL",
+    help="the HTTP server of the node that owns the workflow (default: found from the group)",
+)
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.pass_context
+def query(
+    ctx: click.Context, workflow_id: str, name: str, arg: Any, url: str | None, timeout: float
+) -> None:
+    """Ask workflow ID its @workflow.query NAME and print the answer as JSON (nothing is
+    recorded; the node that owns the workflow answers from its state)."""
+    with _client(ctx) as client:
+        value = client.query(workflow_id, name, arg, timeout=timeout, url=url)
+    click.echo(_dump(value))
+
+
+@main.command()
+@click.argument("workflow_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--timeout", type=float, default=10.0, show_default=True)
 @click.pass_context
@@ -679,6 +706,65 @@ def skip(
             _check_action(client, workflow_id, "skip", step)
         request_id = client.skip(workflow_id, step, reason=reason, operator=operator)
         _await_action(client, workflow_id, request_id, wait)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option(
+    "--refresh", type=click.FloatRange(min=0), default=5.0, show_default=True,
+    help="seconds between the pages' background refreshes (0: never)",
+)  # fmt: skip
+@click.option(
+    "--trace-url", envvar="SAGA_CONSOLE_TRACE_URL", default=None, metavar="TEMPLATE",
+    help="link each workflow to its trace, e.g. http://jaeger:16686/trace/{trace_id}",
+)  # fmt: skip
+@click.option(
+    "--traces-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="show each workflow's span tree from this JSON-lines span file "
+    "(default: the traces_file setting, SAGA_TRACES_FILE)",
+)  # fmt: skip
+@click.option(
+    "--operator", default="",
+    help="who the actions are recorded as (default: SAGA_OPERATOR, else user@host)",
+)  # fmt: skip
+@click.pass_context
+def console(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    refresh: float,
+    trace_url: str | None,
+    traces_file: Path | None,
+    operator: str,
+) -> None:
+    """Serve the web console: list, inspect and act on workflows (docs/operations.md)."""
+    from orchestrator.console import Console, make_server
+
+    if trace_url is not None and "{trace_id}" not in trace_url:
+        raise click.BadParameter("must contain {trace_id}", param_hint="'--trace-url'")
+    settings = _settings(ctx)
+    with _client(ctx) as client:
+        app = Console(
+            client,
+            trace_url=trace_url,
+            traces_file=traces_file or settings.traces_file,
+            refresh=refresh,
+            operator=operator,
+        )
+        try:
+            server = make_server(app, host, port)
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
+        # The first line, flushed: scripts and tests read the port from it (--port 0).
+        click.echo(f"console of namespace {settings.namespace} on {server.url}")
+        sys.stdout.flush()
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
 
 
 # --------------------------------------------------------------------------- dead letters

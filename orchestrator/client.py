@@ -29,6 +29,8 @@ import os
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,6 +60,9 @@ from contracts.envelopes import (
     ActivityScheduled,
     CancelRequested,
     CancelWorkflow,
+    ChildWorkflowCompleted,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
     ErrorInfo,
     HistoryEvent,
     IdReusePolicy,
@@ -84,11 +89,15 @@ from contracts.envelopes import (
 )
 from contracts.limits import MAX_INBOX_RECORD_BYTES
 from orchestrator._engine.state import OperatorActionKind, fold
+from orchestrator._nodes import node_url_for
+from orchestrator._queries import query_path
 from orchestrator.errors import (
     UNREACHABLE_HINT,
     KafkaUnavailable,
     OrchestratorError,
+    QueryFailed,
     Rejection,
+    UnknownQuery,
     UnknownWorkflow,
     WorkflowFailedError,
     WorkflowIdConflict,
@@ -183,6 +192,10 @@ class WorkflowHandle:
 
     def cancel(self, reason: str = "") -> str:
         return self.client.cancel(self.workflow_id, reason)
+
+    def query(self, name: str, arg: object = None, result_type: Any = Any) -> Any:
+        """Ask the workflow query ``name``; see :meth:`Client.query`."""
+        return self.client.query(self.workflow_id, name, arg, result_type=result_type)
 
     def describe(self, *, timeout: float = 10.0) -> WorkflowDescription:
         return self.client.describe(self.workflow_id, timeout=timeout)
@@ -408,6 +421,22 @@ def _summaries(events: list[HistoryEvent]) -> tuple[EventSummary, ...]:
                     f"{body.action}{step}{edited} by {body.operator or '?'}: "
                     f"{body.reason or '(no reason)'}"
                 )
+            case ChildWorkflowStarted():
+                names[body.seq] = body.child_workflow_id
+                text = (
+                    f"child {body.workflow_type} {body.child_workflow_id} #{body.seq} started "
+                    f"with {_preview(body.input)} (parent close: {body.parent_close_policy})"
+                )
+            case ChildWorkflowCompleted():
+                text = (
+                    f"child {names.get(body.seq, '?')} #{body.seq} completed: "
+                    f"{_preview(body.result)}"
+                )
+            case ChildWorkflowFailed():
+                text = (
+                    f"child {names.get(body.seq, '?')} #{body.seq} ended {body.status.value}: "
+                    f"{_err(body.error)}"
+                )
             case WorkflowTimedOut():
                 text = f"execution timeout of {body.timeout_ms} ms passed"
             case WorkflowContinuedAsNew():
@@ -563,6 +592,56 @@ class Client:
         )
         self._send(workflow_id, encode(envelope), trace, f"cancel of {workflow_id}")
         return request_id
+
+    def query(
+        self,
+        workflow_id: str,
+        name: str,
+        arg: object = None,
+        *,
+        result_type: Any = Any,
+        timeout: float = 10.0,
+        url: str | None = None,
+    ) -> Any:
+        """Ask a workflow's ``@workflow.query`` method ``name`` (with ``arg``, JSON-able) and
+        return its answer decoded as ``result_type``. The node that owns the workflow answers
+        from its state; nothing is recorded in the history.
+
+        ``url`` is that node's HTTP server (``http://host:port``); by default it is found
+        (``orchestrator/_nodes.py``). Raises :class:`~orchestrator.errors.UnknownWorkflow`,
+        :class:`~orchestrator.errors.UnknownQuery`, or
+        :class:`~orchestrator.errors.QueryFailed` (its method raised, a bad argument, a
+        BLOCKED workflow, no node reachable; ``error_type`` says which).
+        """
+        _check_id(workflow_id)
+        if not name:
+            raise ValueError("query name must not be empty")
+        body = None if arg is None else to_payload(arg).data
+        deadline = time.monotonic() + timeout
+        for attempt in range(3):
+            base = url
+            if base is None:
+                count = self._partition_count(self.settings.inbox, deadline)
+                partition = partition_for(workflow_id, count)
+                base = node_url_for(
+                    self.settings, partition, timeout=max(deadline - time.monotonic(), 1.0)
+                )
+            status, data = _http_query(
+                base + query_path(workflow_id, name), body, max(deadline - time.monotonic(), 1.0)
+            )
+            if status == 200:
+                return from_payload(Payload(encoding=JSON, data=data), result_type)
+            error_type, message = _query_error(status, data)
+            # The partition moved (a rebalance) or is being restored: ask again, found anew.
+            if error_type in ("NotOwner", "Unavailable") and url is None and attempt < 2:
+                time.sleep(0.5)
+                continue
+            break
+        if error_type == "UnknownWorkflow":
+            raise UnknownWorkflow(message)
+        if error_type == "UnknownQuery":
+            raise UnknownQuery(message)
+        raise QueryFailed(message, error_type=error_type)
 
     # -- operator actions (recorded in the workflow's history as OperatorActed) -----------
 
@@ -1051,6 +1130,34 @@ def _timeout_ms(value: timedelta | float | None) -> int | None:
     if seconds <= 0:
         raise ValueError(f"execution_timeout must be positive, got {value}")
     return int(seconds * 1000)
+
+
+def _http_query(url: str, body: bytes | None, timeout: float) -> tuple[int, bytes]:
+    """POST the query (a GET when it has no argument); (status, body), whatever the status."""
+    request = urllib.request.Request(
+        url, data=body, method="GET" if body is None else "POST",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return int(answer.status), bytes(answer.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, exc.read()
+        finally:
+            exc.close()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise QueryFailed(f"cannot reach the node at {url}: {reason}", error_type="NoNode") from exc
+
+
+def _query_error(status: int, data: bytes) -> tuple[str, str]:
+    try:
+        found = json.loads(data)
+        return str(found["error"]), str(found["message"])
+    except (ValueError, KeyError, TypeError):
+        text = data.decode(errors="replace").strip()[:200]
+        return "QueryFailed", f"the node answered {status}: {text}"
 
 
 def _check_id(workflow_id: str) -> None:

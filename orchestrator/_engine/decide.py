@@ -29,12 +29,17 @@ from contracts.envelopes import (
     ActivityFailed,
     ActivityReply,
     ActivityScheduled,
+    CancelRequested,
     CancelWorkflow,
+    ChildWorkflowEnded,
+    ChildWorkflowStarted,
     ErrorInfo,
     HistoryEvent,
     IdReusePolicy,
     OperatorActed,
     OperatorAction,
+    ParentRef,
+    Payload,
     ReplyOutcome,
     SignalWorkflow,
     StartWorkflow,
@@ -262,6 +267,8 @@ class Decider:
                 self._on_existing(part, envelope, batch, msg, now)
             elif isinstance(envelope, OperatorAction):
                 self._on_operator(part, envelope, batch, msg, now)
+            elif isinstance(envelope, ChildWorkflowEnded):
+                self._on_child_ended(part, envelope, batch, msg, now)
             else:
                 self._dead_letter(
                     batch,
@@ -281,7 +288,10 @@ class Decider:
         policy = msg_env.id_reuse
         if existing is not None:
             state = existing.run.state
-            same = state.workflow_type == msg_env.workflow_type and state.input == msg_env.input
+            same_call = (
+                state.workflow_type == msg_env.workflow_type and state.input == msg_env.input
+            )
+            same = same_call and (msg_env.parent is None or state.parent == msg_env.parent)
             if same and policy is IdReusePolicy.REJECT_DUPLICATE:
                 return  # the same start again: the workflow that runs is the answer
             if policy is IdReusePolicy.REJECT_DUPLICATE or (
@@ -289,9 +299,13 @@ class Decider:
             ):
                 if same:
                     return  # a duplicate of the running workflow: it is the answer
+                what = "with other input"
+                if same_call:
+                    owner = state.parent.workflow_id if state.parent else "a client"
+                    what = f"started by {owner}"
                 return self._reject(
                     batch, msg, msg_env, Rejection.WORKFLOW_ID_CONFLICT,
-                    f"workflow {wf} exists as {state.workflow_type} with other input"
+                    f"workflow {wf} exists as {state.workflow_type} {what}"
                     + (" and is still running" if not state.finished else ""),
                 )  # fmt: skip
         definition = self.registry.get(msg_env.workflow_type)
@@ -336,7 +350,8 @@ class Decider:
         self, part: Partition, msg: InboxRecord, value: bytes, batch: Batch, now: int
     ) -> None:
         """A record over the inbox limit is parked; whoever waits on it hears of it: a start
-        gets its FAILED result, an activity reply fails its attempt (the saga moves on)."""
+        gets its FAILED result, an activity reply fails its attempt (the saga moves on), a
+        child's end fails the parent's await."""
         reason = f"record of {len(value)} bytes exceeds {MAX_RECORD_BYTES}"
         try:
             envelope = codec.decode(value)
@@ -362,6 +377,26 @@ class Decider:
             if cached is not None:
                 with contextlib.suppress(UnknownActivity):
                     self._record(part, cached, cached.run.on_reply(failure, now), batch, now)
+        if isinstance(envelope, ChildWorkflowEnded):
+            # A child's result too large for the inbox: the parent's await fails instead of
+            # waiting for ever (the child itself ended as it did; describe shows it).
+            if partition_for(envelope.workflow_id, self.settings.partitions) != part.number:
+                return
+            ended = envelope.model_copy(
+                update={
+                    "status": WorkflowStatus.FAILED,
+                    "result": None,
+                    "error": ErrorInfo(
+                        type="PayloadTooLarge",
+                        message=f"the end of child {envelope.child_workflow_id} was {reason}: "
+                        "return less from it, e.g. a reference",
+                    ),
+                }
+            )
+            cached = self._live(part, ended.workflow_id, batch, now)
+            if cached is not None:
+                with contextlib.suppress(UnknownActivity):
+                    self._record(part, cached, cached.run.on_child_ended(ended, now), batch, now)
 
     def _reject(
         self, batch: Batch, msg: InboxRecord, start: StartWorkflow, error_type: str, reason: str
@@ -377,6 +412,100 @@ class Decider:
         batch.outputs.append(
             Out(self.settings.results, start.workflow_id.encode(), codec.encode(result))
         )
+        if start.parent is not None:  # the parent waits for this child: it hears of the refusal
+            self._report_to_parent(
+                start.parent, start.workflow_id, WorkflowStatus.FAILED, None,
+                ErrorInfo(type=error_type, message=reason), batch,
+            )  # fmt: skip
+
+    def _on_child_ended(
+        self, part: Partition, ended: ChildWorkflowEnded, batch: Batch, msg: InboxRecord, now: int
+    ) -> None:
+        cached = self._live(part, ended.workflow_id, batch, now)
+        if cached is None:
+            return self._dead_letter(
+                batch, msg, f"child end for unknown workflow {ended.workflow_id}", "UnknownWorkflow"
+            )
+        try:
+            events = cached.run.on_child_ended(ended, now)
+        except UnknownActivity as exc:
+            return self._dead_letter(batch, msg, str(exc), "UnknownChild")
+        self._record(part, cached, events, batch, now)
+
+    def _report_to_parent(
+        self,
+        parent: ParentRef,
+        child_id: str,
+        status: WorkflowStatus,
+        result: Payload | None,
+        error: ErrorInfo | None,
+        batch: Batch,
+    ) -> None:
+        """A child's end goes to its parent's inbox (keyed by the parent's id) in the transaction
+        that records it: the parent hears it exactly once."""
+        ended = ChildWorkflowEnded(
+            workflow_id=parent.workflow_id,
+            seq=parent.seq,
+            child_workflow_id=child_id,
+            status=status,
+            sent_at_ms=now_ms(),
+            result=result,
+            error=error,
+        )
+        batch.outputs.append(
+            Out(self.settings.inbox, parent.workflow_id.encode(), codec.encode(ended))
+        )
+
+    def _start_child(self, cached: Cached, body: ChildWorkflowStarted, batch: Batch) -> None:
+        state = cached.run.state
+        start = StartWorkflow(
+            workflow_id=body.child_workflow_id,
+            workflow_type=body.workflow_type,
+            request_id=f"{state.workflow_id}/{body.seq}",
+            input=body.input,
+            sent_at_ms=now_ms(),
+            trace=state.trace,
+            parent=ParentRef(workflow_id=state.workflow_id, seq=body.seq),
+        )
+        batch.outputs.append(
+            Out(self.settings.inbox, body.child_workflow_id.encode(), codec.encode(start))
+        )
+
+    def _cancel_children(self, cached: Cached, batch: Batch, *, closing: bool) -> None:
+        """A cancel of this workflow passes down to its running children (but ABANDON ones): they
+        compensate. When it ends (``closing``) without having been cancelled, each child that
+        still runs is cancelled (REQUEST_CANCEL), terminated (TERMINATE) or left alone
+        (ABANDON); a cancelled one's children were cancelled already, and terminating them then
+        would cut their compensations short."""
+        state = cached.run.state
+        for child in state.running_children():
+            policy = child.parent_close_policy
+            if policy == "ABANDON" or (closing and state.cancel_requested):
+                continue
+            request_id = f"{state.workflow_id}/{child.seq}/{'close' if closing else 'cancel'}"
+            envelope: CancelWorkflow | OperatorAction
+            if closing and policy == "TERMINATE":
+                # The operators' terminate (status TERMINATED, nothing compensated), with the
+                # parent as the operator so that the child's history says who ended it.
+                envelope = OperatorAction(
+                    workflow_id=child.workflow_id,
+                    request_id=request_id,
+                    action=OperatorActionKind.TERMINATE.value,
+                    reason=f"parent {state.workflow_id} ended (parent-close policy TERMINATE)",
+                    operator=f"parent {state.workflow_id}",
+                    sent_at_ms=now_ms(),
+                )
+            else:
+                ended = f"ended {state.status.value}" if closing and state.status else ""
+                envelope = CancelWorkflow(
+                    workflow_id=child.workflow_id,
+                    request_id=request_id,
+                    reason=f"parent {state.workflow_id} {ended or 'was cancelled'}",
+                    sent_at_ms=now_ms(),
+                )
+            batch.outputs.append(
+                Out(self.settings.inbox, child.workflow_id.encode(), codec.encode(envelope))
+            )
 
     def _on_reply(
         self, part: Partition, reply: ActivityReply, batch: Batch, msg: InboxRecord, now: int
@@ -537,6 +666,17 @@ class Decider:
                 isinstance(body, OperatorActed) and body.action == OperatorActionKind.TERMINATE
             ):
                 self._send_result(cached, batch)
+                self._cancel_children(cached, batch, closing=True)
+                parent = run.state.parent
+                if parent is not None:
+                    self._report_to_parent(
+                        parent, run.state.workflow_id, run.state.status or WorkflowStatus.FAILED,
+                        run.state.result, run.state.error, batch,
+                    )  # fmt: skip
+            elif isinstance(body, ChildWorkflowStarted):
+                self._start_child(cached, body, batch)
+            elif isinstance(body, CancelRequested):
+                self._cancel_children(cached, batch, closing=False)
             elif isinstance(body, WorkflowStartSent):
                 self._send_start(event, body, batch)
             elif self.metrics is not None and isinstance(

@@ -25,12 +25,16 @@ from contracts.envelopes import (
     ActivityReply,
     ActivityScheduled,
     CancelRequested,
+    ChildWorkflowCompleted,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
     ErrorInfo,
     EventBody,
     HistoryEvent,
     LateReplyIgnored,
     MarkerRecorded,
     OperatorActed,
+    ParentRef,
     Payload,
     ReplyOutcome,
     RetryPolicy,
@@ -105,6 +109,17 @@ class ActivityState:
 
 
 @dataclass
+class ChildState:
+    """A child workflow this one started, until it ends."""
+
+    seq: int
+    workflow_id: str
+    workflow_type: str
+    parent_close_policy: str
+    done: bool = False
+
+
+@dataclass
 class WorkflowState:
     workflow_id: str
     workflow_type: str = ""
@@ -125,6 +140,8 @@ class WorkflowState:
     steps_done: int = 0
     blocked: ErrorInfo | None = None  # the code cannot go on with this history (WorkflowBlocked)
     operator_request_ids: set[str] = field(default_factory=set)
+    parent: ParentRef | None = None  # a child workflow reports its end there
+    children: dict[int, ChildState] = field(default_factory=dict)  # seq -> child
     # The seq of this run's WorkflowStarted: a workflow id may have several runs in a row
     # (continue-as-new, id reuse); each begins with a WorkflowStarted that follows the previous
     # run's last event, and the state holds the current run only.
@@ -132,6 +149,9 @@ class WorkflowState:
     execution_timeout_ms: int | None = None
     timed_out: bool = False
     continued_as_new: Payload | None = None  # the next run's input, once this run has ended so
+
+    def running_children(self) -> list[ChildState]:
+        return [child for child in self.children.values() if not child.done]
 
     @property
     def parked(self) -> list[ActivityState]:
@@ -176,6 +196,7 @@ class WorkflowState:
             if not a.done and a.parked is None
         ]
         waiting += [f"timer #{seq}" for seq in self.timers]
+        waiting += [f"child {c.workflow_id} #{c.seq}" for c in self.running_children()]
         return ", ".join(waiting) if waiting else "waiting for a signal"
 
     def apply(self, event: HistoryEvent) -> None:
@@ -223,6 +244,7 @@ def _started(s: WorkflowState, e: WorkflowStarted, at: int) -> None:
     s.trace = e.trace
     s.random_seed = e.random_seed
     s.started_at_ms = at
+    s.parent = e.parent
     s.execution_timeout_ms = e.execution_timeout_ms
 
 
@@ -341,6 +363,20 @@ def _operator(s: WorkflowState, e: OperatorActed, at: int) -> None:
         act.input = e.input
 
 
+def _child_started(s: WorkflowState, e: ChildWorkflowStarted, at: int) -> None:
+    s.children[e.seq] = ChildState(
+        e.seq, e.child_workflow_id, e.workflow_type, e.parent_close_policy
+    )
+
+
+def _child_ended(
+    s: WorkflowState, e: ChildWorkflowCompleted | ChildWorkflowFailed, at: int
+) -> None:
+    child = s.children.get(e.seq)
+    if child is not None:
+        child.done = True
+
+
 def _nothing(s: WorkflowState, e: LateReplyIgnored, at: int) -> None:
     return None
 
@@ -373,6 +409,9 @@ _FOLD: dict[type, Callable[[WorkflowState, Any, int], None]] = {
     MarkerRecorded: _nothing,  # only the code reads markers (ctx.patched), on replay
     ActivityParked: _parked,
     OperatorActed: _operator,
+    ChildWorkflowStarted: _child_started,
+    ChildWorkflowCompleted: _child_ended,
+    ChildWorkflowFailed: _child_ended,
     WorkflowTimedOut: _timed_out,
     WorkflowContinuedAsNew: _continued,
     WorkflowStartSent: _nothing,  # the start went to the inbox with the event

@@ -28,9 +28,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from contracts.orders import Order
 from orchestrator.client import Client, ClientError
 from orchestrator.errors import UnknownWorkflow
+from services_example.contracts import Order
 from services_example.runtime import ServiceStore, State
 
 log = logging.getLogger(__name__)

@@ -47,6 +47,10 @@ from contracts.envelopes import (
     ActivityScheduled,
     CancelRequested,
     CancelWorkflow,
+    ChildWorkflowCompleted,
+    ChildWorkflowEnded,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
     DeadLetter,
     Envelope,
     ErrorInfo,
@@ -57,6 +61,7 @@ from contracts.envelopes import (
     MarkerRecorded,
     OperatorActed,
     OperatorAction,
+    ParentRef,
     Payload,
     ReplyOutcome,
     RetryPolicy,
@@ -93,6 +98,7 @@ def opt(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 payloads = st.builds(Payload, encoding=texts, data=st.binary(max_size=64))
 traces = st.builds(TraceContext, traceparent=texts, tracestate=opt(texts))
 errors = st.builds(ErrorInfo, type=texts, message=texts, details=opt(texts))
+parents = st.builds(ParentRef, workflow_id=texts, seq=longs)
 retries = st.builds(
     RetryPolicy,
     max_attempts=longs,
@@ -113,6 +119,7 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         input=payloads,
         random_seed=longs,
         trace=opt(traces),
+        parent=opt(parents),
         execution_timeout_ms=opt(longs),
     ),
     ActivityScheduled: st.builds(
@@ -158,6 +165,16 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         step_seq=opt(longs),
         input=opt(payloads),
     ),
+    ChildWorkflowStarted: st.builds(
+        ChildWorkflowStarted,
+        seq=longs,
+        child_workflow_id=texts,
+        workflow_type=texts,
+        input=payloads,
+        parent_close_policy=texts,
+    ),
+    ChildWorkflowCompleted: st.builds(ChildWorkflowCompleted, seq=longs, result=payloads),
+    ChildWorkflowFailed: st.builds(ChildWorkflowFailed, seq=longs, status=statuses, error=errors),
     WorkflowTimedOut: st.builds(WorkflowTimedOut, timeout_ms=longs),
     WorkflowContinuedAsNew: st.builds(WorkflowContinuedAsNew, input=payloads),
     WorkflowStartSent: st.builds(
@@ -186,6 +203,7 @@ ENVELOPES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         input=payloads,
         sent_at_ms=longs,
         trace=opt(traces),
+        parent=opt(parents),
         execution_timeout_ms=opt(longs),
         id_reuse=st.sampled_from(IdReusePolicy),
     ),
@@ -266,6 +284,17 @@ ENVELOPES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         value=opt(st.binary(max_size=64)),
     ),
     HistoryEvent: history_events(st.one_of(*EVENT_BODIES.values())),
+    ChildWorkflowEnded: st.builds(
+        ChildWorkflowEnded,
+        workflow_id=texts,
+        seq=longs,
+        child_workflow_id=texts,
+        status=statuses,
+        sent_at_ms=longs,
+        result=opt(payloads),
+        error=opt(errors),
+        trace=opt(traces),
+    ),
 }
 
 any_envelope = st.one_of(*ENVELOPES.values())
@@ -283,7 +312,7 @@ def _event_body_types() -> tuple[type[BaseModel], ...]:
 def test_strategies_cover_every_envelope_and_event_kind() -> None:
     assert set(ENVELOPES) == set(_union_members(Envelope))
     assert set(EVENT_BODIES) == set(_event_body_types())
-    assert len(EVENT_BODIES) == 20
+    assert len(EVENT_BODIES) == 23
 
 
 # --------------------------------------------------------------------------- round trips
