@@ -31,7 +31,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from orchestrator.kafka_config import check_client_settings, is_secret_key, librdkafka_key
@@ -133,10 +140,14 @@ class Settings(BaseSettings):
     @field_validator("kafka")
     @classmethod
     def _known_to_librdkafka(
-        cls, value: Mapping[str, str | SecretStr]
+        cls, value: Mapping[str, str | SecretStr], info: ValidationInfo
     ) -> Mapping[str, str | SecretStr]:
         plain = {key: _reveal(item) for key, item in value.items()}
-        check_client_settings(plain)  # a ConfigurationError is a ValueError: names the setting
+        # SAGA_SASL_PASSWORD (validated before this field) completes sasl.username: without it
+        # librdkafka would refuse a SASL configuration as incomplete.
+        password = info.data.get("sasl_password")
+        checked = {"sasl.password": _reveal(password), **plain} if password else plain
+        check_client_settings(checked)  # a ConfigurationError is a ValueError: names the setting
         return {key: SecretStr(item) if is_secret_key(key) else item for key, item in plain.items()}
 
     @model_validator(mode="after")

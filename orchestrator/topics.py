@@ -28,7 +28,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from confluent_kafka import KafkaError, KafkaException
 
@@ -437,7 +437,12 @@ class TopicAdmin:
 
     def __init__(self, bootstrap: str, client_config: ClientConfig | None = None) -> None:
         self.bootstrap = bootstrap
-        conf: dict[str, Any] = {"logger": LIBRDKAFKA_LOGGER, **(client_config or {})}
+        self._auth_error: str | None = None  # a refused login, as librdkafka reported it
+        conf: dict[str, Any] = {
+            "logger": LIBRDKAFKA_LOGGER,
+            "error_cb": self._on_error,
+            **(client_config or {}),
+        }
         self._admin = AdminClient({**conf, "bootstrap.servers": bootstrap})
 
     # -- the operations --------------------------------------------------------------------
@@ -475,11 +480,14 @@ class TopicAdmin:
         *,
         co_partitioned: Sequence[str] = (),
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        under_replicated_is_problem: bool = True,
     ) -> TopicReport:
         """Check topics against ``specs``; raise ``TopicMismatch`` listing every problem."""
         deadline = time.monotonic() + timeout_s
         metadata = self._metadata(deadline)
-        return self._verify(specs, co_partitioned, metadata, deadline, strict=True)
+        return self._verify(
+            specs, co_partitioned, metadata, deadline, strict=under_replicated_is_problem
+        )
 
     def broker_count(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
         """How many brokers the cluster's metadata lists (fenced ones are left out)."""
@@ -586,24 +594,42 @@ class TopicAdmin:
         }
 
     def _cluster(self, deadline: float) -> ClusterMetadata:
-        try:
-            cluster = self._admin.list_topics(timeout=_remaining(deadline))
-        except KafkaException as exc:
-            self._admin.poll(0)  # hands librdkafka's log lines about it to LIBRDKAFKA_LOGGER
-            err = _error_of(exc)
-            if err is not None and unreachable(err):
-                raise BrokerUnreachable(
-                    f"could not read metadata from {self.bootstrap}: {err.str()}; "
-                    + UNREACHABLE_HINT,
-                    retriable=True,
-                ) from exc
-            raise TopicAdminError(
-                f"could not read metadata from {self.bootstrap}: "
-                f"{_describe_error(err) if err else exc}",
-                retriable=True,
-            ) from exc
+        while True:
+            try:
+                # In short tries: a refused login shows only through error_cb, between tries.
+                cluster = self._admin.list_topics(timeout=min(_remaining(deadline), 2.0))
+                break
+            except KafkaException as exc:
+                self._admin.poll(0)  # librdkafka's log lines to LIBRDKAFKA_LOGGER, error_cb
+                if self._auth_error is not None:
+                    raise TopicAdminError(
+                        f"authentication failed at {self.bootstrap}: {self._auth_error}; check "
+                        "the credentials (SAGA_KAFKA__SASL_USERNAME, SAGA_SASL_PASSWORD, "
+                        "SAGA_KAFKA__SASL_MECHANISM, certificates)",
+                        not_authorized=True,
+                    ) from exc
+                if time.monotonic() + 0.1 < deadline:
+                    continue
+                self._metadata_failed(exc)
         self._admin.poll(0)
         return cluster
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._AUTHENTICATION:
+            self._auth_error = err.str()
+
+    def _metadata_failed(self, exc: KafkaException) -> NoReturn:
+        err = _error_of(exc)
+        if err is not None and unreachable(err):
+            raise BrokerUnreachable(
+                f"could not read metadata from {self.bootstrap}: {err.str()}; " + UNREACHABLE_HINT,
+                retriable=True,
+            ) from exc
+        raise TopicAdminError(
+            f"could not read metadata from {self.bootstrap}: "
+            f"{_describe_error(err) if err else exc}",
+            retriable=True,
+        ) from exc
 
     def _observe(
         self, names: Sequence[str], metadata: Mapping[str, TopicMetadata], deadline: float
@@ -794,14 +820,19 @@ def verify_topics(
     min_insync_replicas: int | None = None,
     client_config: ClientConfig | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    under_replicated_is_problem: bool = True,
 ) -> TopicReport:
     """Check the four topics of ``namespace``; raise ``TopicMismatch`` listing every problem,
-    under-replicated partitions included (defaults as in ``ensure_topics``)."""
+    under-replicated partitions included unless told otherwise (a process that starts while a
+    broker restarts); defaults as in ``ensure_topics``."""
     admin = _admin(target, client_config)
     rf, min_isr = _replication(admin, replication_factor, min_insync_replicas, timeout_s)
     specs = namespace_topic_specs(namespace, partitions, rf, min_insync_replicas=min_isr)
     report = admin.verify(
-        specs, co_partitioned=topic_names(namespace).co_partitioned, timeout_s=timeout_s
+        specs,
+        co_partitioned=topic_names(namespace).co_partitioned,
+        timeout_s=timeout_s,
+        under_replicated_is_problem=under_replicated_is_problem,
     )
     return replace(report, replication_factor=rf, min_insync_replicas=min_isr)
 

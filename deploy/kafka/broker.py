@@ -26,8 +26,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -107,6 +107,8 @@ class BrokerLayout:
     extra_properties: str = ""
     #: Extra arguments of ``kafka-storage format`` (e.g. ``--add-scram ...``).
     format_args: tuple[str, ...] = ()
+    #: What a client needs to connect (credentials), to tell when the broker answers.
+    client_config: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> BrokerLayout:
@@ -287,11 +289,13 @@ def plan_start(
     )
 
 
-def is_ready(bootstrap: str, timeout: float = 2.0) -> bool:
-    """True when the cluster answers a metadata request."""
+def is_ready(
+    bootstrap: str, timeout: float = 2.0, client_config: Mapping[str, str] | None = None
+) -> bool:
+    """True when the cluster answers a metadata request (``client_config``: credentials)."""
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    admin = AdminClient({**(client_config or {}), "bootstrap.servers": bootstrap, "log_level": 0})
     try:
         admin.list_topics(timeout=timeout)
     except Exception:
@@ -372,7 +376,7 @@ def start(layout: BrokerLayout, timeout: float = 120.0) -> str:
                 f"the broker exited with code {proc.returncode}; see {layout.log_file} "
                 f"and {layout.run_dir / 'stdout.log'}"
             )
-        if is_ready(layout.bootstrap, timeout=1.0):
+        if is_ready(layout.bootstrap, timeout=1.0, client_config=layout.client_config):
             click.echo(
                 f"broker started at {layout.bootstrap} in {time.monotonic() - began:.1f}s "
                 f"(pid {proc.pid}, log {layout.log_file})"
@@ -444,6 +448,60 @@ def status(layout: BrokerLayout) -> bool:
     where = "external cluster" if external else f"pid {pid}" if pid else "not started by us"
     click.echo(f"{target}: {'answering' if ready else 'not answering'} ({where})")
     return ready
+
+
+# --------------------------------------------------------------------------- SASL/SCRAM + ACLs
+
+
+def sasl_scram_layout(
+    port: int, run_dir: Path, users: Mapping[str, str], *, heap: str = "384m"
+) -> BrokerLayout:
+    """A single node whose client listener takes SASL_PLAINTEXT with SCRAM-SHA-512 and whose
+    authorizer (KRaft's StandardAuthorizer) denies what no ACL allows: how a managed cluster
+    (Confluent Cloud, MSK, Aiven) behaves, without TLS. ``users`` (name -> password) are created
+    when the storage is formatted; ``admin`` must be one of them: it is the super user (the
+    broker's own inter-broker identity). Others get only what ACLs grant.
+    """
+    if "admin" not in users:
+        raise ValueError("users must include 'admin' (the super user)")
+    scram = tuple(
+        arg
+        for name, password in users.items()
+        for arg in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]")
+    )
+    jaas = (
+        "org.apache.kafka.common.security.scram.ScramLoginModule required "
+        f'username="admin" password="{users["admin"]}";'
+    )
+    extra = f"""\
+listeners=SASL_PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{port + 1}
+advertised.listeners=SASL_PLAINTEXT://127.0.0.1:{port}
+inter.broker.listener.name=SASL_PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config={jaas}
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+# ANONYMOUS: the node's broker half talking to its controller half over the PLAINTEXT
+# controller listener (127.0.0.1 only); clients reach only the SASL listener.
+super.users=User:admin;User:ANONYMOUS
+"""
+    client = {
+        "security.protocol": "SASL_PLAINTEXT",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "admin",
+        "sasl.password": users["admin"],
+    }
+    return BrokerLayout(
+        port,
+        port + 1,
+        heap,
+        run_dir,
+        extra_properties=extra,
+        format_args=scram,
+        client_config=client,
+    )
 
 
 # --------------------------------------------------------------------------- a cluster
