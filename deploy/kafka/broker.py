@@ -108,7 +108,7 @@ class BrokerLayout:
     #: Extra arguments of ``kafka-storage format`` (e.g. ``--add-scram ...``).
     format_args: tuple[str, ...] = ()
     #: What a client needs to connect (credentials), to tell when the broker answers.
-    client_config: Mapping[str, str] = field(default_factory=dict)
+    client_config: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_env(cls) -> BrokerLayout:
@@ -454,13 +454,19 @@ def status(layout: BrokerLayout) -> bool:
 
 
 def sasl_scram_layout(
-    port: int, run_dir: Path, users: Mapping[str, str], *, heap: str = "384m"
+    port: int,
+    run_dir: Path,
+    users: Mapping[str, str],
+    *,
+    super_users: tuple[str, ...] = ("admin",),
+    heap: str = "384m",
 ) -> BrokerLayout:
     """A single node whose client listener takes SASL_PLAINTEXT with SCRAM-SHA-512 and whose
     authorizer (KRaft's StandardAuthorizer) denies what no ACL allows: how a managed cluster
     (Confluent Cloud, MSK, Aiven) behaves, without TLS. ``users`` (name -> password) are created
     when the storage is formatted; ``admin`` must be one of them: it is the super user (the
-    broker's own inter-broker identity). Others get only what ACLs grant.
+    broker's own inter-broker identity); so are ``super_users``. Others get only what ACLs
+    grant.
     """
     if "admin" not in users:
         raise ValueError("users must include 'admin' (the super user)")
@@ -485,7 +491,7 @@ authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
 allow.everyone.if.no.acl.found=false
 # ANONYMOUS: the node's broker half talking to its controller half over the PLAINTEXT
 # controller listener (127.0.0.1 only); clients reach only the SASL listener.
-super.users=User:admin;User:ANONYMOUS
+super.users={";".join(f"User:{name}" for name in sorted({"admin", *super_users}))};User:ANONYMOUS
 """
     client = {
         "security.protocol": "SASL_PLAINTEXT",

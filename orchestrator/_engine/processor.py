@@ -282,7 +282,11 @@ class Processor:
             for number in sorted(self._to_restore)
         ]
         reports = restore_partitions(
-            parts, self.settings.bootstrap_servers, self.settings.history, f"{self._group}.restore"
+            parts,
+            self.settings.bootstrap_servers,
+            self.settings.history,
+            f"{self._group}.restore",
+            client_extra=self.settings.client_extra(),
         )
         for part, report in zip(parts, reports, strict=True):
             self.counters.restores.append(report)
