@@ -1,7 +1,7 @@
 """A 3-node KRaft cluster of the tests' own (``deploy/kafka/broker.py``), which they may kill.
 
 One cluster for the session: starting three JVMs takes 15-30 s on two cores. Its ports are found
-free at start, its data lives in the session's temporary directory, and it is stopped at the end.
+free at start, its data lives in the session's temporary directory, and it is killed at the end.
 It is started even when ``KAFKA_BOOTSTRAP_SERVERS`` names another cluster: this one is private.
 """
 
@@ -39,4 +39,6 @@ def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[broker.C
     try:
         yield cluster
     finally:
-        broker.stop_cluster(cluster)
+        # Thrown away with its temporary directory: no controlled shutdown to wait for.
+        for node_id in cluster.node_ids:
+            broker.kill_node(cluster, node_id)
