@@ -145,9 +145,23 @@ def settings_for(
 
 
 def create_topics(kit: Kit, settings: Settings) -> None:
-    ensure_topics(settings.bootstrap_servers, settings.namespace, settings.partitions)
+    ensure_topics(
+        settings.bootstrap_servers,
+        settings.namespace,
+        settings.partitions,
+        settings.replication_factor,
+        min_insync_replicas=settings.min_insync_replicas,
+        client_config=settings.client_extra(),
+    )
     for name in kit.services:
-        ensure_service_topic(settings.bootstrap_servers, f"{name}.commands", 3)
+        ensure_service_topic(
+            settings.bootstrap_servers,
+            f"{name}.commands",
+            3,
+            settings.replication_factor,
+            min_insync_replicas=settings.min_insync_replicas,
+            client_config=settings.client_extra(),
+        )
 
 
 def make_service(kit: Kit, name: str, settings: Settings, **options: Any) -> Service:
