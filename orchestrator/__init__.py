@@ -13,12 +13,14 @@
                 ...
 
 Run it with ``orchestrator run --workflows my_module`` (or :class:`OrchestratorNode`), serve
-activities with :class:`Service`, and start workflows with :class:`Client`.
+activities with :class:`Service`, and start workflows with :class:`Client` (or
+:class:`AsyncClient` from asyncio code).
 """
 
 from contracts.activity import ActivityContract
 from contracts.envelopes import RetryPolicy, WorkflowStatus
 from orchestrator import workflow
+from orchestrator.aio import AsyncClient, AsyncWorkflowHandle
 from orchestrator.client import Client, WorkflowDescription, WorkflowHandle
 from orchestrator.errors import (
     ActivityError,
@@ -40,6 +42,8 @@ from orchestrator.workflow import Compensation, Saga, WorkflowContext, WorkflowR
 __all__ = [
     "ActivityContract",
     "ActivityError",
+    "AsyncClient",
+    "AsyncWorkflowHandle",
     "BusinessError",
     "Client",
     "CommandInfo",

@@ -595,14 +595,7 @@ class Client:
         """
         _check_id(workflow_id)
         found = self._wait_result(workflow_id, request_id, timeout)
-        if found.status is WorkflowStatus.COMPLETED:
-            return from_payload(found.result or Payload(encoding=NULL), output_type)
-        error = found.error or ErrorInfo(type="UnknownError", message="no error recorded")
-        if error.type == CONFLICT and request_id is not None and found.request_id == request_id:
-            raise WorkflowIdConflict(
-                f"workflow {workflow_id} exists with another type or input: {error.message}"
-            )
-        raise WorkflowFailedError(workflow_id, found.status.value, error.type, error.message)
+        return _output(found, workflow_id, request_id, output_type)
 
     def describe(self, workflow_id: str, *, timeout: float = 10.0) -> WorkflowDescription:
         """The workflow's state and timeline, folded from its events on ``<ns>.history``.
@@ -1002,6 +995,20 @@ class Client:
             raise ClientError(f"reading {sub.topic} failed: {found}") from found
         assert isinstance(found, WorkflowResult)
         return found
+
+
+def _output(
+    found: WorkflowResult, workflow_id: str, request_id: str | None, output_type: Any
+) -> Any:
+    """What ``result()`` returns for ``found``, or the error it raises."""
+    if found.status is WorkflowStatus.COMPLETED:
+        return from_payload(found.result or Payload(encoding=NULL), output_type)
+    error = found.error or ErrorInfo(type="UnknownError", message="no error recorded")
+    if error.type == CONFLICT and request_id is not None and found.request_id == request_id:
+        raise WorkflowIdConflict(
+            f"workflow {workflow_id} exists with another type or input: {error.message}"
+        )
+    raise WorkflowFailedError(workflow_id, found.status.value, error.type, error.message)
 
 
 def _read_to_end(
