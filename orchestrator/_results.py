@@ -138,7 +138,7 @@ class ResultSubscription:
     def __init__(
         self,
         topic: str,
-        make_consumer: Callable[[], Consumer],
+        make_consumer: Callable[[Callable[[KafkaError], None] | None], Consumer],
         *,
         partitions: int,
         lookback: float = LOOKBACK_S,
@@ -159,12 +159,15 @@ class ResultSubscription:
         self._closed = threading.Event()
         self.failure: BaseException | None = None
         self.last_error = ""
+        """What the consumer last reported as an error, cleared when records come again."""
+        self.last_error_at = 0.0  # time.monotonic() of last_error
         self.ready = False
         self._ready_event = threading.Event()
 
         start_ms = int(time.time() * 1000 - lookback * 1000)
         self.covered_since_ms = start_ms
-        self._consumer = make_consumer()
+        # Errors of the client as a whole (no broker reachable, ...) come to error_cb, not poll().
+        self._consumer = make_consumer(self._on_error)
         try:
             wanted = [TopicPartition(topic, p, start_ms) for p in range(partitions)]
             found = self._consumer.offsets_for_times(wanted, timeout=metadata_timeout)
@@ -369,6 +372,10 @@ class ResultSubscription:
             self._floor[entry.partition] = max(self._floor[entry.partition], entry.offset + 1)
             self.covered_since_ms = max(self.covered_since_ms, entry.timestamp_ms)
 
+    def _on_error(self, err: KafkaError) -> None:
+        self.last_error = f"{err.str()} ({err.name()})"
+        self.last_error_at = time.monotonic()
+
     def _run(self) -> None:
         try:
             self._loop()
@@ -398,6 +405,7 @@ class ResultSubscription:
                 for msg in batch:
                     err = msg.error()
                     if err is None:
+                        self.last_error = ""
                         self._add_locked(msg, now)
                         partition = msg.partition() or 0
                         self._pos[partition] = (msg.offset() or 0) + 1
@@ -410,7 +418,7 @@ class ResultSubscription:
                     ):
                         raise KafkaException(err)
                     else:
-                        self.last_error = f"{err.str()} ({err.name()})"
+                        self._on_error(err)
                         log.warning("%s: %s", self.topic, self.last_error)
                 if not batch:
                     # Past transaction markers and aborted records the position can reach the
@@ -435,7 +443,7 @@ class ResultSubscription:
 
 
 def read_older(
-    make_consumer: Callable[[], Consumer],
+    make_consumer: Callable[[Callable[[KafkaError], None] | None], Consumer],
     topic: str,
     workflow_id: str,
     partition: int,
@@ -446,7 +454,7 @@ def read_older(
     (a waiter's backfill). Raises TimeoutError past ``deadline``."""
     key = workflow_id.encode()
     out: list[WorkflowResult] = []
-    consumer = make_consumer()
+    consumer = make_consumer(None)
     try:
         tp = TopicPartition(topic, partition)
         low, _ = consumer.get_watermark_offsets(

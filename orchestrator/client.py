@@ -882,7 +882,7 @@ class Client:
                 self._results = sub
             return sub
 
-    def _results_consumer(self) -> Consumer:
+    def _results_consumer(self, error_cb: Callable[[KafkaError], None] | None = None) -> Consumer:
         conf = consumer_config(
             self.settings.bootstrap_servers,
             # Required by librdkafka; never joined (assign) and never committed to.
@@ -891,6 +891,8 @@ class Client:
             fetch_wait_max_ms=100,
             extra={**self.settings.client_extra(), "enable.partition.eof": True},
         )
+        if error_cb is not None:
+            conf["error_cb"] = error_cb
         return Consumer(conf)
 
     def _register_waiter(
@@ -966,7 +968,8 @@ class Client:
         if not sub.ready:
             reader = f"; the results subscription has not caught up with {sub.topic} yet"
         if sub.last_error:
-            reader += f"; the results reader last reported: {sub.last_error}"
+            ago = time.monotonic() - sub.last_error_at
+            reader += f"; the results reader last reported ({ago:.0f}s ago): {sub.last_error}"
         return TimeoutError(
             f"no result for workflow {workflow_id!r} on {sub.topic} within {timeout:g}s: it is "
             f"still running, or no orchestrator serves namespace {self.settings.namespace!r}"
