@@ -965,8 +965,13 @@ class Client:
             error = waiter.rejection.error
             rejection = f" (a start with this id was refused: {error.type}: {error.message})"
         reader = ""
+        if waiter.asked and not waiter.confirmed:
+            reader = (
+                "; a result of another start of this id is there, which answers this one once "
+                "the node has processed this start (it has not yet)"
+            )
         if not sub.ready:
-            reader = f"; the results subscription has not caught up with {sub.topic} yet"
+            reader += f"; the results subscription has not caught up with {sub.topic} yet"
         if sub.last_error:
             ago = time.monotonic() - sub.last_error_at
             reader += f"; the results reader last reported ({ago:.0f}s ago): {sub.last_error}"

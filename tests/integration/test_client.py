@@ -357,7 +357,7 @@ def test_a_duplicate_start_gets_the_result_of_the_original(
     )  # fmt: skip
     assert original.result(Receipt, timeout=10).total_cents == 1
     # Until the node has processed the duplicate, its own result (a rejection) may still come.
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError, match="once the node has processed this start"):
         duplicate.result(Receipt, timeout=1.5)
     _processed_inbox(settings)
     assert duplicate.result(Receipt, timeout=10) == original.result(Receipt, timeout=10)
