@@ -268,7 +268,9 @@ class ResultSubscription:
             return sum(len(w) for w in self._waiters.values())
 
     def close(self) -> None:
+        """Stop reading; every waiter still waiting gets an error at once."""
         self._closed.set()
+        self._fail(RuntimeError("the client was closed"))
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
