@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck unit bench broker broker-stop kafka-jars install clean
+.PHONY: demo test check lint typecheck unit bench bench-waiters broker broker-stop kafka-jars install clean
 
 install: $(STAMP)
 
@@ -45,6 +45,9 @@ demo: broker
 
 bench: broker
 	$(BIN)/python -m bench.sagas --bootstrap "$$($(BIN)/python -m deploy.kafka.broker bootstrap)"
+
+bench-waiters: broker
+	$(BIN)/python -m bench.waiters --bootstrap "$$($(BIN)/python -m deploy.kafka.broker bootstrap)"
 
 clean: broker-stop
 	rm -rf .run

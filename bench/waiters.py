@@ -1,6 +1,6 @@
 """Benchmark: what many concurrent starts and result waiters cost the client process.
 
-    python -m bench.waiters --bootstrap HOST:PORT [--waiters 1000] [--threads 200] [--nap-ms 4000]
+    python -m bench.waiters --bootstrap HOST:PORT [--waiters 1000] [--threads 1000] [--nap-ms 4000]
 
 A node runs in its own process (``orchestrator run --workflows bench._nap``) with a workflow that
 sleeps ``--nap-ms`` (a durable timer) and returns its tag: no services, so everything a workflow
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--waiters", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1000)
     parser.add_argument("--nap-ms", type=int, default=4000)
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--sync-only", action="store_true")
