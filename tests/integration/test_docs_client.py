@@ -2,7 +2,8 @@
 as a service process and a node process, then ``order_async.py``; its output is the page's.
 
 The only change to the page's code: the service is renamed ``inventory-<unique>`` so that runs on
-a shared broker never meet on one ``inventory.commands`` topic.
+a shared broker never meet on one ``inventory.commands`` topic; and its command topic is created
+before the processes start (see the fixture).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.topics import TopicAdmin, delete_topics, ensure_topics
+from orchestrator.topics import TopicAdmin, delete_topics, ensure_service_topic, ensure_topics
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
 
@@ -44,6 +45,9 @@ def shop(kafka_bootstrap: str, namespace: str, tmp_path: Path) -> Iterator[dict[
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)]),
     }
     ensure_topics(kafka_bootstrap, namespace, 3)
+    # The page's service creates its command topic as it starts; the node started beside it
+    # may send a command first, and an activity whose topic is missing fails (UnknownTopic).
+    ensure_service_topic(kafka_bootstrap, f"{service}.commands", 3)
     cli = [sys.executable, "-c", "from orchestrator.cli import main; main()"]
     procs = [
         subprocess.Popen([sys.executable, "shop.py"], cwd=tmp_path, env=env),
