@@ -54,6 +54,13 @@ class RetryPolicy(_Envelope):
 # --------------------------------------------------------------------------- inbox envelopes
 
 
+class ParentRef(_Envelope):
+    """The parent of a child workflow: where the child reports how it ended."""
+
+    workflow_id: str
+    seq: int
+
+
 class StartWorkflow(_Envelope):
     workflow_id: str
     workflow_type: str
@@ -61,6 +68,7 @@ class StartWorkflow(_Envelope):
     input: Payload
     sent_at_ms: int
     trace: TraceContext | None = None
+    parent: ParentRef | None = None  # set when a workflow starts this one as its child
 
 
 class SignalWorkflow(_Envelope):
@@ -76,6 +84,23 @@ class CancelWorkflow(_Envelope):
     workflow_id: str
     request_id: str
     reason: str
+    sent_at_ms: int
+    trace: TraceContext | None = None
+
+
+class OperatorAction(_Envelope):
+    """An operator's request to act on a workflow (``orchestrator terminate|retry|skip``).
+
+    ``action`` is ``terminate``, ``retry`` or ``skip`` (a string on the wire, so a new action
+    does not change the schema); the node records it as :class:`OperatorActed`."""
+
+    workflow_id: str
+    request_id: str
+    action: str
+    reason: str
+    operator: str
+    step_seq: int | None = None
+    input: Payload | None = None
     sent_at_ms: int
     trace: TraceContext | None = None
 
@@ -124,7 +149,8 @@ class WorkflowStatus(StrEnum):
     FAILED = "FAILED"  # failed with nothing to compensate, or compensations all succeeded
     COMPENSATED = "COMPENSATED"  # failed and every registered compensation succeeded
     CANCELLED = "CANCELLED"  # cancelled, compensations all succeeded
-    PARKED = "PARKED"  # a compensation gave up: needs an operator, never silently done
+    PARKED = "PARKED"  # old histories: a compensation gave up (now it waits, see ActivityParked)
+    TERMINATED = "TERMINATED"  # ended by an operator; nothing was compensated
 
 
 class WorkflowResult(_Envelope):
@@ -136,6 +162,20 @@ class WorkflowResult(_Envelope):
     result: Payload | None = None
     error: ErrorInfo | None = None
     request_id: str | None = None
+
+
+class ChildWorkflowEnded(_Envelope):
+    """A child workflow ended (or its start was refused): sent by the child's node to
+    ``<ns>.inbox``, keyed by the parent's id, in the transaction that records the child's end."""
+
+    workflow_id: str  # the parent's
+    seq: int
+    child_workflow_id: str
+    status: WorkflowStatus
+    sent_at_ms: int
+    result: Payload | None = None
+    error: ErrorInfo | None = None
+    trace: TraceContext | None = None
 
 
 class DeadLetter(_Envelope):
@@ -161,6 +201,7 @@ class WorkflowStarted(_Envelope):
     input: Payload
     random_seed: int
     trace: TraceContext | None = None
+    parent: ParentRef | None = None  # set for a child workflow: it reports its end there
 
 
 class ActivityScheduled(_Envelope):
@@ -277,6 +318,55 @@ class WorkflowBlocked(_Envelope):
     code_version: str
 
 
+class ActivityParked(_Envelope):
+    """A compensation gave up (out of attempts, or a business failure). The saga waits for an
+    operator: ``retry`` (a new round of attempts) or ``skip`` (marked done); see OperatorActed."""
+
+    kind: Literal["ActivityParked"] = "ActivityParked"
+    seq: int
+    attempt: int
+    error: ErrorInfo
+
+
+class OperatorActed(_Envelope):
+    """An operator acted on the workflow: who, why, and on which step (see OperatorAction)."""
+
+    kind: Literal["OperatorActed"] = "OperatorActed"
+    action: str
+    request_id: str
+    reason: str
+    operator: str
+    step_seq: int | None = None
+    input: Payload | None = None
+
+
+class ChildWorkflowStarted(_Envelope):
+    """The code started a child workflow: its StartWorkflow goes to the inbox (keyed by the
+    child's id) in the same transaction."""
+
+    kind: Literal["ChildWorkflowStarted"] = "ChildWorkflowStarted"
+    seq: int
+    child_workflow_id: str
+    workflow_type: str
+    input: Payload
+    parent_close_policy: str = "REQUEST_CANCEL"
+
+
+class ChildWorkflowCompleted(_Envelope):
+    kind: Literal["ChildWorkflowCompleted"] = "ChildWorkflowCompleted"
+    seq: int
+    result: Payload
+
+
+class ChildWorkflowFailed(_Envelope):
+    """A child ended without a result (``status`` says how), or its start was refused."""
+
+    kind: Literal["ChildWorkflowFailed"] = "ChildWorkflowFailed"
+    seq: int
+    status: WorkflowStatus
+    error: ErrorInfo
+
+
 EventBody = Annotated[
     WorkflowStarted
     | ActivityScheduled
@@ -292,7 +382,12 @@ EventBody = Annotated[
     | WorkflowCompleted
     | WorkflowFailed
     | MarkerRecorded
-    | WorkflowBlocked,
+    | WorkflowBlocked
+    | ActivityParked
+    | OperatorActed
+    | ChildWorkflowStarted
+    | ChildWorkflowCompleted
+    | ChildWorkflowFailed,
     Field(discriminator="kind"),
 ]
 
@@ -311,9 +406,11 @@ Envelope = (
     StartWorkflow
     | SignalWorkflow
     | CancelWorkflow
+    | OperatorAction
     | ActivityCommand
     | ActivityReply
     | WorkflowResult
     | DeadLetter
     | HistoryEvent
+    | ChildWorkflowEnded
 )

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from typing import Any, NoReturn
 import click
 from pydantic import ValidationError
 
-from contracts.envelopes import HistoryEvent
+from contracts.envelopes import HistoryEvent, OperatorActed
 from orchestrator._engine.state import fold
 from orchestrator.client import Client, WorkflowDescription
 from orchestrator.errors import (
@@ -504,6 +505,33 @@ def result(ctx: click.Context, workflow_id: str, timeout: float) -> None:
 
 @main.command()
 @click.argument("workflow_id", metavar="ID")
+@click.argument("name")
+@click.option(
+    "--arg",
+    "arg",
+    metavar="JSON",
+    callback=_json_option,
+    help="the query's argument, as JSON (or @file); default: none",
+)
+@click.option(
+    "--url",
+    metavar="URL",
+    help="the HTTP server of the node that owns the workflow (default: found from the group)",
+)
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.pass_context
+def query(
+    ctx: click.Context, workflow_id: str, name: str, arg: Any, url: str | None, timeout: float
+) -> None:
+    """Ask workflow ID its @workflow.query NAME and print the answer as JSON (nothing is
+    recorded; the node that owns the workflow answers from its state)."""
+    with _client(ctx) as client:
+        value = client.query(workflow_id, name, arg, timeout=timeout, url=url)
+    click.echo(_dump(value))
+
+
+@main.command()
+@click.argument("workflow_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--timeout", type=float, default=10.0, show_default=True)
 @click.pass_context
@@ -515,6 +543,207 @@ def describe(ctx: click.Context, workflow_id: str, as_json: bool, timeout: float
         click.echo(_dump(description.to_dict()))
     else:
         click.echo(render_description(description))
+
+
+# --------------------------------------------------------------------------- operator actions
+
+_reason = click.option("--reason", default="", help="why; recorded in the workflow's history")
+_operator = click.option(
+    "--operator",
+    default="",
+    help="who acts, recorded in the history [env: SAGA_OPERATOR; default: user@host]",
+)
+_wait = click.option(
+    "--wait",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="seconds to wait for the node to record the action (0: do not wait)",
+)
+
+
+def _check_action(client: Client, workflow_id: str, what: str, step: int | None) -> None:
+    """Refuse an action the history shows cannot apply, before sending it: the node would
+    dead-letter it (OperatorRefused), which the sender does not see."""
+    try:
+        d = client.describe(workflow_id)
+    except UnknownWorkflow as exc:
+        raise click.ClickException(f"{exc}; the {what} was not sent") from None
+    if d.finished and what != "terminate":
+        raise click.ClickException(
+            f"workflow {workflow_id} has ended {d.operator_status}; the {what} was not sent"
+        )
+    if what == "skip" and step not in d.parked_steps:
+        parked = ", ".join(f"#{seq}" for seq in d.parked_steps) or "none"
+        raise click.ClickException(
+            f"step #{step} of {workflow_id} is not a parked compensation (parked: {parked}); "
+            "the skip was not sent"
+        )
+
+
+def _await_action(client: Client, workflow_id: str, request_id: str, wait: float) -> None:
+    """Print the action's event once the node has recorded it (or say it has not yet)."""
+    deadline = time.monotonic() + wait
+    while wait > 0 and time.monotonic() < deadline:
+        events = client.history(workflow_id)
+        acted = [
+            e for e in events
+            if isinstance(e.event, OperatorActed) and e.event.request_id == request_id
+        ]  # fmt: skip
+        if acted:
+            d = client.describe(workflow_id)
+            for event in acted:
+                click.echo(f"recorded as event #{event.event_seq}; status now {d.operator_status}")
+            return
+        time.sleep(0.3)
+    click.echo(
+        f"sent (request {request_id}); not recorded yet: `orchestrator describe {workflow_id}` "
+        f"shows it once the node has, `orchestrator dlq list` if it was refused"
+    )
+
+
+@main.command()
+@click.argument("workflow_id", metavar="ID")
+@_reason
+@_operator
+@_force
+@_wait
+@click.pass_context
+def terminate(
+    ctx: click.Context, workflow_id: str, reason: str, operator: str, force: bool, wait: float
+) -> None:
+    """End workflow ID now, without compensations (status TERMINATED)."""
+    with _client(ctx) as client:
+        if not force:
+            _check_action(client, workflow_id, "terminate", None)
+        request_id = client.terminate(workflow_id, reason, operator=operator)
+        _await_action(client, workflow_id, request_id, wait)
+
+
+@main.command()
+@click.argument("workflow_id", metavar="ID")
+@click.option("--step", type=int, default=None, help="the step (seq in describe); default: all")
+@click.option(
+    "--input",
+    "input_",
+    metavar="JSON",
+    callback=_json_option,
+    help="with --step: the step's new input, as JSON (or @file) (a redrive with an edit)",
+)
+@_reason
+@_operator
+@_force
+@_wait
+@click.pass_context
+def retry(
+    ctx: click.Context,
+    workflow_id: str,
+    step: int | None,
+    input_: Any,
+    reason: str,
+    operator: str,
+    force: bool,
+    wait: float,
+) -> None:
+    """Run the parked or retry-pending steps of workflow ID now (a BLOCKED one: re-run its
+    code). Also named retry-now and redrive."""
+    if input_ is not None and step is None:
+        raise click.BadParameter("a new input needs --step", param_hint="'--input'")
+    with _client(ctx) as client:
+        if not force:
+            _check_action(client, workflow_id, "retry", step)
+        request_id = client.retry(
+            workflow_id, step=step, input=input_, reason=reason, operator=operator
+        )
+        _await_action(client, workflow_id, request_id, wait)
+
+
+main.add_command(retry, "retry-now")
+main.add_command(retry, "redrive")
+
+
+@main.command()
+@click.argument("workflow_id", metavar="ID")
+@click.option("--step", type=int, required=True, help="the parked compensation (seq in describe)")
+@_reason
+@_operator
+@_force
+@_wait
+@click.pass_context
+def skip(
+    ctx: click.Context,
+    workflow_id: str,
+    step: int,
+    reason: str,
+    operator: str,
+    force: bool,
+    wait: float,
+) -> None:
+    """Mark parked compensation STEP of workflow ID done without running it; the saga goes on."""
+    with _client(ctx) as client:
+        if not force:
+            _check_action(client, workflow_id, "skip", step)
+        request_id = client.skip(workflow_id, step, reason=reason, operator=operator)
+        _await_action(client, workflow_id, request_id, wait)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option(
+    "--refresh", type=click.FloatRange(min=0), default=5.0, show_default=True,
+    help="seconds between the pages' background refreshes (0: never)",
+)  # fmt: skip
+@click.option(
+    "--trace-url", envvar="SAGA_CONSOLE_TRACE_URL", default=None, metavar="TEMPLATE",
+    help="link each workflow to its trace, e.g. http://jaeger:16686/trace/{trace_id}",
+)  # fmt: skip
+@click.option(
+    "--traces-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="show each workflow's span tree from this JSON-lines span file "
+    "(default: the traces_file setting, SAGA_TRACES_FILE)",
+)  # fmt: skip
+@click.option(
+    "--operator", default="",
+    help="who the actions are recorded as (default: SAGA_OPERATOR, else user@host)",
+)  # fmt: skip
+@click.pass_context
+def console(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    refresh: float,
+    trace_url: str | None,
+    traces_file: Path | None,
+    operator: str,
+) -> None:
+    """Serve the web console: list, inspect and act on workflows (docs/operations.md)."""
+    from orchestrator.console import Console, make_server
+
+    if trace_url is not None and "{trace_id}" not in trace_url:
+        raise click.BadParameter("must contain {trace_id}", param_hint="'--trace-url'")
+    settings = _settings(ctx)
+    with _client(ctx) as client:
+        app = Console(
+            client,
+            trace_url=trace_url,
+            traces_file=traces_file or settings.traces_file,
+            refresh=refresh,
+            operator=operator,
+        )
+        try:
+            server = make_server(app, host, port)
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
+        # The first line, flushed: scripts and tests read the port from it (--port 0).
+        click.echo(f"console of namespace {settings.namespace} on {server.url}")
+        sys.stdout.flush()
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
 
 
 # --------------------------------------------------------------------------- dead letters
@@ -772,7 +1001,7 @@ def render_description(d: WorkflowDescription) -> str:
     rows = [
         ("workflow", d.workflow_id),
         ("type", d.workflow_type or "?"),
-        ("status", ("BLOCKED" if d.blocked else d.status.value) if d.status else "unknown"),
+        ("status", d.operator_status),
         ("step", d.current_step),
         ("started", _when(d.started_at)),
         ("finished", _when(d.finished_at)),
@@ -784,6 +1013,9 @@ def render_description(d: WorkflowDescription) -> str:
         rows.append(("error", f"{d.error.type}: {d.error.message}"))
     if d.blocked is not None:
         rows.append(("blocked", f"{d.blocked.type}: {d.blocked.message}"))
+    if d.parked_steps:
+        steps = " ".join(f"--step {seq}" for seq in d.parked_steps)
+        rows.append(("parked", f"{steps}: `orchestrator retry|skip ID --step N`"))
     if d.cancel_requested:
         rows.append(("cancel", "requested"))
     if not d.complete:

@@ -25,11 +25,16 @@ confluent-kafka stays private to this module; callers deal in envelopes, payload
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
+import os
 import queue
+import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -55,13 +60,19 @@ from contracts.envelopes import (
     ActivityAttemptStarted,
     ActivityCompleted,
     ActivityFailed,
+    ActivityParked,
     ActivityScheduled,
     CancelRequested,
     CancelWorkflow,
+    ChildWorkflowCompleted,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
     ErrorInfo,
     HistoryEvent,
     LateReplyIgnored,
     MarkerRecorded,
+    OperatorActed,
+    OperatorAction,
     Payload,
     SignalReceived,
     SignalWorkflow,
@@ -77,7 +88,9 @@ from contracts.envelopes import (
     WorkflowStatus,
 )
 from contracts.limits import MAX_INBOX_RECORD_BYTES
-from orchestrator._engine.state import fold
+from orchestrator._engine.state import OperatorActionKind, fold
+from orchestrator._nodes import node_url_for
+from orchestrator._queries import query_path
 from orchestrator._results import (
     LOOKBACK_S,
     NEEDS_CONFIRM,
@@ -91,7 +104,9 @@ from orchestrator.errors import (
     UNREACHABLE_HINT,
     KafkaUnavailable,
     OrchestratorError,
+    QueryFailed,
     Rejection,
+    UnknownQuery,
     UnknownWorkflow,
     WorkflowFailedError,
     WorkflowIdConflict,
@@ -186,6 +201,10 @@ class WorkflowHandle:
     def cancel(self, reason: str = "") -> str:
         return self.client.cancel(self.workflow_id, reason)
 
+    def query(self, name: str, arg: object = None, result_type: Any = Any) -> Any:
+        """Ask the workflow query ``name``; see :meth:`Client.query`."""
+        return self.client.query(self.workflow_id, name, arg, result_type=result_type)
+
     def describe(self, *, timeout: float = 10.0) -> WorkflowDescription:
         return self.client.describe(self.workflow_id, timeout=timeout)
 
@@ -243,6 +262,21 @@ class WorkflowDescription:
     blocked: ErrorInfo | None = None
     """Set while the workflow is BLOCKED: its code cannot go on with its history (a deploy that
     changed it); ``status`` stays RUNNING and its inputs are kept (docs/workflows.md)."""
+    parked_steps: tuple[int, ...] = ()
+    """The steps (activity seq) of compensations that gave up and wait for an operator
+    (``retry`` or ``skip``); ``status`` stays RUNNING meanwhile (docs/operations.md)."""
+
+    @property
+    def operator_status(self) -> str:
+        """The status as operators count it: BLOCKED or PARKED while it waits for one of
+        them, else the status (``unknown`` without a start)."""
+        if self.status is None:
+            return "unknown"
+        if not self.finished and self.blocked is not None:
+            return "BLOCKED"
+        if not self.finished and self.parked_steps:
+            return "PARKED"
+        return self.status.value
 
     @property
     def finished(self) -> bool:
@@ -273,12 +307,25 @@ class WorkflowDescription:
             "result": _payload_json(self.result),
             "error": self.error.model_dump() if self.error else None,
             "blocked": self.blocked.model_dump() if self.blocked else None,
+            "parked_steps": list(self.parked_steps),
             "complete": self.complete,
             "events": [
                 {"seq": e.seq, "time": _iso(e.time), "kind": e.kind, "summary": e.summary}
                 for e in self.events
             ],
         }
+
+
+def _operator_name() -> str:
+    """Who acts, for the history: ``SAGA_OPERATOR``, else the login name and host."""
+    named = os.environ.get("SAGA_OPERATOR")
+    if named:
+        return named
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -370,6 +417,34 @@ def _summaries(events: list[HistoryEvent]) -> tuple[EventSummary, ...]:
                 )
             case MarkerRecorded():
                 text = f"{body.marker} {body.change_id}"
+            case ActivityParked():
+                text = (
+                    f"{names.get(body.seq, '?')} #{body.seq} PARKED after attempt {body.attempt}: "
+                    f"{_err(body.error)} (retry or skip it)"
+                )
+            case OperatorActed():
+                step = f" #{body.step_seq}" if body.step_seq is not None else ""
+                edited = " with a new input" if body.input is not None else ""
+                text = (
+                    f"{body.action}{step}{edited} by {body.operator or '?'}: "
+                    f"{body.reason or '(no reason)'}"
+                )
+            case ChildWorkflowStarted():
+                names[body.seq] = body.child_workflow_id
+                text = (
+                    f"child {body.workflow_type} {body.child_workflow_id} #{body.seq} started "
+                    f"with {_preview(body.input)} (parent close: {body.parent_close_policy})"
+                )
+            case ChildWorkflowCompleted():
+                text = (
+                    f"child {names.get(body.seq, '?')} #{body.seq} completed: "
+                    f"{_preview(body.result)}"
+                )
+            case ChildWorkflowFailed():
+                text = (
+                    f"child {names.get(body.seq, '?')} #{body.seq} ended {body.status.value}: "
+                    f"{_err(body.error)}"
+                )
         if len(text) > _SUMMARY_MAX:
             text = text[: _SUMMARY_MAX - 3] + "..."
         out.append(EventSummary(event.event_seq, _time(event.recorded_at_ms), body.kind, text))
@@ -548,6 +623,113 @@ class Client:
         self._send(workflow_id, encode(envelope), trace, f"cancel of {workflow_id}")
         return request_id
 
+    def query(
+        self,
+        workflow_id: str,
+        name: str,
+        arg: object = None,
+        *,
+        result_type: Any = Any,
+        timeout: float = 10.0,
+        url: str | None = None,
+    ) -> Any:
+        """Ask a workflow's ``@workflow.query`` method ``name`` (with ``arg``, JSON-able) and
+        return its answer decoded as ``result_type``. The node that owns the workflow answers
+        from its state; nothing is recorded in the history.
+
+        ``url`` is that node's HTTP server (``http://host:port``); by default it is found
+        (``orchestrator/_nodes.py``). Raises :class:`~orchestrator.errors.UnknownWorkflow`,
+        :class:`~orchestrator.errors.UnknownQuery`, or
+        :class:`~orchestrator.errors.QueryFailed` (its method raised, a bad argument, a
+        BLOCKED workflow, no node reachable; ``error_type`` says which).
+        """
+        _check_id(workflow_id)
+        if not name:
+            raise ValueError("query name must not be empty")
+        body = None if arg is None else to_payload(arg).data
+        deadline = time.monotonic() + timeout
+        for attempt in range(3):
+            base = url
+            if base is None:
+                count = self._partition_count(self.settings.inbox, deadline)
+                partition = partition_for(workflow_id, count)
+                base = node_url_for(
+                    self.settings, partition, timeout=max(deadline - time.monotonic(), 1.0)
+                )
+            status, data = _http_query(
+                base + query_path(workflow_id, name), body, max(deadline - time.monotonic(), 1.0)
+            )
+            if status == 200:
+                return from_payload(Payload(encoding=JSON, data=data), result_type)
+            error_type, message = _query_error(status, data)
+            # The partition moved (a rebalance) or is being restored: ask again, found anew.
+            if error_type in ("NotOwner", "Unavailable") and url is None and attempt < 2:
+                time.sleep(0.5)
+                continue
+            break
+        if error_type == "UnknownWorkflow":
+            raise UnknownWorkflow(message)
+        if error_type == "UnknownQuery":
+            raise UnknownQuery(message)
+        raise QueryFailed(message, error_type=error_type)
+
+    # -- operator actions (recorded in the workflow's history as OperatorActed) -----------
+
+    def terminate(self, workflow_id: str, reason: str = "", *, operator: str = "") -> str:
+        """End a running workflow now, without compensations (status TERMINATED); returns the
+        request id. Terminating an ended workflow changes nothing."""
+        return self._act(workflow_id, OperatorActionKind.TERMINATE, reason, operator)
+
+    def retry(
+        self,
+        workflow_id: str,
+        *,
+        step: int | None = None,
+        input: object = None,
+        reason: str = "",
+        operator: str = "",
+    ) -> str:
+        """Run a parked step (a new round of its retry policy) or a pending retry at once;
+        without ``step``, every such step of the workflow; a BLOCKED workflow is re-run
+        against this node's code. ``input`` (with ``step``) replaces the step's input (a
+        redrive with an edited input). Returns the request id; one that does not apply is
+        dead-lettered ``OperatorRefused`` with the reason."""
+        if input is not None and step is None:
+            raise ValueError("a new input needs the step it is for (step=N)")
+        payload = (
+            None if input is None else (input if isinstance(input, Payload) else to_payload(input))
+        )
+        return self._act(workflow_id, OperatorActionKind.RETRY, reason, operator, step, payload)
+
+    def skip(self, workflow_id: str, step: int, *, reason: str = "", operator: str = "") -> str:
+        """Mark a parked compensation done without running it (the saga goes on); returns the
+        request id."""
+        return self._act(workflow_id, OperatorActionKind.SKIP, reason, operator, step)
+
+    def _act(
+        self,
+        workflow_id: str,
+        action: OperatorActionKind,
+        reason: str,
+        operator: str,
+        step: int | None = None,
+        payload: Payload | None = None,
+    ) -> str:
+        _check_id(workflow_id)
+        request_id = uuid.uuid4().hex
+        envelope = OperatorAction(
+            workflow_id=workflow_id,
+            request_id=request_id,
+            action=action.value,
+            reason=reason,
+            operator=operator or _operator_name(),
+            step_seq=step,
+            input=payload,
+            sent_at_ms=_now_ms(),
+        )
+        self._send(workflow_id, encode(envelope), None, f"{action.value} of {workflow_id}")
+        return request_id
+
     def get_handle(self, workflow_id: str) -> WorkflowHandle:
         """A handle to an existing workflow (its ``result()`` ignores every rejected start)."""
         _check_id(workflow_id)
@@ -628,6 +810,7 @@ class Client:
             events=_summaries(ordered),
             complete=len(prefix_run) == len(ordered),
             blocked=state.blocked if not state.finished else None,
+            parked_steps=tuple(a.seq for a in state.parked) if not state.finished else (),
         )
 
     def history(self, workflow_id: str, *, timeout: float = 10.0) -> list[HistoryEvent]:
@@ -1074,6 +1257,34 @@ def _is_eof(msg: Message) -> bool:
         raise ClientError(f"reading {msg.topic()} failed: {_kafka_error(err)}")
     log.warning("consumer error on %s: %s", msg.topic(), _kafka_error(err))
     return False
+
+
+def _http_query(url: str, body: bytes | None, timeout: float) -> tuple[int, bytes]:
+    """POST the query (a GET when it has no argument); (status, body), whatever the status."""
+    request = urllib.request.Request(
+        url, data=body, method="GET" if body is None else "POST",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return int(answer.status), bytes(answer.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, exc.read()
+        finally:
+            exc.close()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise QueryFailed(f"cannot reach the node at {url}: {reason}", error_type="NoNode") from exc
+
+
+def _query_error(status: int, data: bytes) -> tuple[str, str]:
+    try:
+        found = json.loads(data)
+        return str(found["error"]), str(found["message"])
+    except (ValueError, KeyError, TypeError):
+        text = data.decode(errors="replace").strip()[:200]
+        return "QueryFailed", f"the node answered {status}: {text}"
 
 
 def _check_id(workflow_id: str) -> None:

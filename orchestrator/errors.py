@@ -17,6 +17,7 @@ class Rejection(StrEnum):
     INVALID_INPUT = "InvalidInput"
     OVERSIZED = "Oversized"
     PRODUCE_FAILED = "ProduceFailed"
+    OPERATOR_REFUSED = "OperatorRefused"  # an operator action that does not apply (dead letter)
 
 
 class OrchestratorError(Exception):
@@ -81,6 +82,22 @@ class ActivityError(Exception):
         self.business = business
 
 
+class ChildWorkflowError(ActivityError):
+    """A child workflow ended without a result (failed, compensated, cancelled, parked), or its
+    start was refused. Raised at ``await handle.result()`` (or ``ctx.execute_child``); inside
+    ``ctx.saga()`` it triggers the compensations like a failed activity."""
+
+    def __init__(
+        self, workflow_id: str, seq: int, status: str, error_type: str, message: str
+    ) -> None:
+        super().__init__(f"child {workflow_id}", seq, error_type, message, business=True)
+        self.args = (
+            f"child workflow {workflow_id} (#{seq}) ended {status}: {error_type}: {message}",
+        )
+        self.workflow_id = workflow_id
+        self.status = status
+
+
 class WorkflowCancelled(Exception):
     """Raised at the workflow's current ``await`` when someone cancels it."""
 
@@ -132,6 +149,19 @@ class WorkflowIdConflict(OrchestratorError):
 
 class UnknownWorkflow(OrchestratorError, LookupError):
     """No workflow with this id is known."""
+
+
+class UnknownQuery(OrchestratorError, LookupError):
+    """The workflow's type has no query of that name."""
+
+
+class QueryFailed(OrchestratorError):
+    """A query could not be answered: its method raised, its argument does not fit, the node
+    that owns the workflow could not be reached, or the workflow is BLOCKED."""
+
+    def __init__(self, message: str, *, error_type: str = "QueryFailed") -> None:
+        super().__init__(message)
+        self.error_type = error_type
 
 
 class WorkflowFailedError(OrchestratorError):

@@ -20,6 +20,7 @@ from opentelemetry.trace import TracerProvider
 
 from orchestrator._engine.decide import Counters
 from orchestrator._engine.processor import Processor
+from orchestrator._queries import handle_http
 from orchestrator.errors import NodeStopped
 from orchestrator.health import Health, HealthServer, serve_http
 from orchestrator.metrics import NodeMetrics
@@ -92,7 +93,9 @@ class OrchestratorNode:
         # Served from the start: a probe sees "alive, not ready" while the topics are checked
         # and init_transactions waits, instead of a refused connection.
         registry = self.metrics.registry if self.metrics is not None else None
-        with serve_http(self.health, registry, self.settings.metrics_port) as self._http:
+        with serve_http(
+            self.health, registry, self.settings.metrics_port, routes=self._routes
+        ) as self._http:
             try:
                 self._run(stop)
             except NodeStopped as exc:
@@ -101,6 +104,13 @@ class OrchestratorNode:
                 raise
             finally:
                 self._http = None
+
+    def _routes(self, method: str, target: str, body: bytes | None) -> tuple[int, bytes] | None:
+        """``/workflows/<id>/query/<name>``: answered by the processing thread."""
+        processor = self._processor
+        return handle_http(
+            method, target, body, processor.queries if processor is not None else None, 10.0
+        )
 
     def _run(self, stop: threading.Event) -> None:
         # Fail at once, with every problem listed, rather than wait on a missing inbox.

@@ -51,8 +51,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from contracts.envelopes import (
     ActivityCommand,
+    ActivityParked,
     ActivityReply,
     HistoryEvent,
+    OperatorActed,
     ReplyOutcome,
     SignalReceived,
     TimerFired,
@@ -263,6 +265,21 @@ class WorkflowTracer:
             if status is not WorkflowStatus.COMPLETED:
                 span.set_status(Status(StatusCode.ERROR, f"workflow {status.value.lower()}"))
             span.add_event(f"workflow {status.value.lower()}", timestamp=at)
+        elif isinstance(body, ActivityParked):
+            parked: dict[str, str | int] = {SEQ: body.seq, "saga.error.type": body.error.type}
+            span.add_event("compensation parked", parked, timestamp=at)
+            span.set_status(Status(StatusCode.ERROR, "a compensation waits for an operator"))
+        elif isinstance(body, OperatorActed):
+            acted: dict[str, str | int] = {
+                "saga.operator": body.operator,
+                "saga.operator.reason": body.reason,
+            }
+            if body.step_seq is not None:
+                acted[SEQ] = body.step_seq
+            span.add_event(f"operator {body.action}", acted, timestamp=at)
+            if body.action == "terminate":
+                span.set_attribute(STATUS, WorkflowStatus.TERMINATED.value)
+                span.set_status(Status(StatusCode.ERROR, "workflow terminated"))
 
     def command(self, cmd: ActivityCommand, topic: str) -> TraceContext | None:
         """The PRODUCER span of one activity command, a child of the workflow's context.

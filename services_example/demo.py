@@ -31,7 +31,7 @@ from orchestrator import tracing
 from services_example.orders.api import workflow_id_of
 from services_example.processes import Processes
 
-TERMINAL = {"COMPLETED", "FAILED", "COMPENSATED", "CANCELLED", "PARKED"}
+TERMINAL = {"COMPLETED", "FAILED", "COMPENSATED", "CANCELLED", "PARKED", "TERMINATED"}
 WIDTH = 100
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from contracts.orders import service_name
 from orchestrator.topics import ensure_service_topic, ensure_topics
+from services_example.contracts import service_name
 from services_example.runtime import SNAPSHOT
 
 SERVICES = ("inventory", "payments", "shipping")
@@ -174,7 +174,7 @@ class Processes:
 
 
 def service_name_in(namespace: str, service: str) -> str:
-    """:func:`contracts.orders.service_name` for a namespace other than this process's."""
+    """:func:`services_example.contracts.service_name` for a namespace other than this process's."""
     return f"{namespace}.{service}"
 
 

@@ -28,13 +28,13 @@ import click
 from pydantic import BaseModel, ValidationError
 from rocksdict import WriteBatch
 
-from contracts.orders import service_name
 from orchestrator import tracing
 from orchestrator.errors import BusinessError
 from orchestrator.local_db import open_local_db
 from orchestrator.service import CommandInfo, Service, ServiceError
 from orchestrator.settings import Settings
 from orchestrator.topics import ensure_service_topic, ensure_topics
+from services_example.contracts import service_name
 
 O = TypeVar("O", bound=BaseModel)  # noqa: E741
 

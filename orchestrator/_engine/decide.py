@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -28,9 +29,16 @@ from contracts.envelopes import (
     ActivityFailed,
     ActivityReply,
     ActivityScheduled,
+    CancelRequested,
     CancelWorkflow,
+    ChildWorkflowEnded,
+    ChildWorkflowStarted,
     ErrorInfo,
     HistoryEvent,
+    OperatorActed,
+    OperatorAction,
+    ParentRef,
+    Payload,
     ReplyOutcome,
     SignalWorkflow,
     StartWorkflow,
@@ -51,7 +59,7 @@ from orchestrator.workflow import WorkflowRegistry
 
 from .partition import Cached, Partition
 from .restore import RestoreReport
-from .state import UnknownActivity
+from .state import OperatorActionKind, OperatorRefused, UnknownActivity
 from .store import StoreBatch
 
 log = logging.getLogger(__name__)
@@ -61,6 +69,10 @@ MAX_WORKFLOW_ID = 256
 _FORWARDED_HEADERS = frozenset({"traceparent", "tracestate"})
 FORWARDED_FROM = "saga-forwarded-from"  # header of a record moved to its workflow's partition
 _RETENTION_EVERY_MS = 5_000  # retention scans every summary: not every turn
+# Workflows replayed per turn after a restore: each costs a replay of its code, and inbox
+# records wait behind them; a few hundred keep a turn in the tens of milliseconds.
+_WAKE_PER_TURN = 200
+_UNFINISHED = frozenset({"RUNNING", "BLOCKED", "PARKED"})
 
 InboxRecord = SourceRecord
 """An inbox record as the decider reads it: a confluent-kafka ``Message`` or a test's stand-in."""
@@ -155,7 +167,8 @@ class Decider:
         self._refused: dict[tuple[int, int], str] = {}
         self._repairs: dict[int, list[bytes]] = {}  # partition -> history keys to repair
         self._code_version = registry.code_version
-        self._to_wake: set[int] = set()  # restored partitions whose blocked workflows to retry
+        self._to_wake: set[int] = set()  # restored partitions whose workflows to check
+        self._to_check: deque[tuple[int, str]] = deque()  # (partition, workflow) to replay
 
     def _live(self, part: Partition, wf: str, batch: Batch, now: int) -> Cached | None:
         """The workflow, brought up to date with this node's code: a run whose code disagrees
@@ -177,16 +190,28 @@ class Decider:
         return cached
 
     def wake_blocked(self, partitions: Mapping[int, Partition], batch: Batch, now: int) -> None:
-        """After a restore (a deploy, a restart): try every blocked workflow of the restored
-        partitions with this code, so one that waits for nothing new still moves once its code
-        is fixed."""
+        """After a restore (a deploy, a restart): replay every unfinished workflow of the
+        restored partitions with this code, a budget per turn. A blocked one whose code is
+        fixed moves again although it waits for nothing new; one this code cannot replay is
+        recorded BLOCKED now (visible in describe, list and the metrics), not days later when
+        its timer fires."""
         while self._to_wake:
-            part = partitions.get(self._to_wake.pop())
+            number = self._to_wake.pop()
+            part = partitions.get(number)
+            if part is not None:
+                self._to_check.extend(
+                    (number, s.workflow_id)
+                    for s in part.store.summaries()
+                    if s.status in _UNFINISHED
+                )
+        budget = _WAKE_PER_TURN
+        while self._to_check and budget > 0:
+            number, wf = self._to_check.popleft()
+            part = partitions.get(number)
             if part is None:
                 continue
-            for summary in part.store.summaries():
-                if summary.status == "BLOCKED":
-                    self._live(part, summary.workflow_id, batch, now)
+            budget -= 1
+            self._live(part, wf, batch, now)
 
     def refuse(self, source: tuple[int, int], why: str) -> None:
         """The producer refused what the inbox record ``source`` led to."""
@@ -238,6 +263,10 @@ class Decider:
                 self._on_reply(part, envelope, batch, msg, now)
             elif isinstance(envelope, SignalWorkflow | CancelWorkflow):
                 self._on_existing(part, envelope, batch, msg, now)
+            elif isinstance(envelope, OperatorAction):
+                self._on_operator(part, envelope, batch, msg, now)
+            elif isinstance(envelope, ChildWorkflowEnded):
+                self._on_child_ended(part, envelope, batch, msg, now)
             else:
                 self._dead_letter(
                     batch,
@@ -256,11 +285,19 @@ class Decider:
         existing = self._live(part, wf, batch, now)
         if existing is not None:
             state = existing.run.state
-            if state.workflow_type == msg_env.workflow_type and state.input == msg_env.input:
+            if (
+                state.workflow_type == msg_env.workflow_type
+                and state.input == msg_env.input
+                and (msg_env.parent is None or state.parent == msg_env.parent)
+            ):
                 return  # the same start again: the workflow that runs is the answer
+            what = "with other input"
+            if state.workflow_type == msg_env.workflow_type and state.input == msg_env.input:
+                owner = state.parent.workflow_id if state.parent else "a client"
+                what = f"started by {owner}"
             return self._reject(
                 batch, msg, msg_env, Rejection.WORKFLOW_ID_CONFLICT,
-                f"workflow {wf} exists as {state.workflow_type} with other input",
+                f"workflow {wf} exists as {state.workflow_type} {what}",
             )  # fmt: skip
         definition = self.registry.get(msg_env.workflow_type)
         if definition is None:
@@ -287,7 +324,8 @@ class Decider:
         self, part: Partition, msg: InboxRecord, value: bytes, batch: Batch, now: int
     ) -> None:
         """A record over the inbox limit is parked; whoever waits on it hears of it: a start
-        gets its FAILED result, an activity reply fails its attempt (the saga moves on)."""
+        gets its FAILED result, an activity reply fails its attempt (the saga moves on), a
+        child's end fails the parent's await."""
         reason = f"record of {len(value)} bytes exceeds {MAX_RECORD_BYTES}"
         try:
             envelope = codec.decode(value)
@@ -313,6 +351,26 @@ class Decider:
             if cached is not None:
                 with contextlib.suppress(UnknownActivity):
                     self._record(part, cached, cached.run.on_reply(failure, now), batch, now)
+        if isinstance(envelope, ChildWorkflowEnded):
+            # A child's result too large for the inbox: the parent's await fails instead of
+            # waiting for ever (the child itself ended as it did; describe shows it).
+            if partition_for(envelope.workflow_id, self.settings.partitions) != part.number:
+                return
+            ended = envelope.model_copy(
+                update={
+                    "status": WorkflowStatus.FAILED,
+                    "result": None,
+                    "error": ErrorInfo(
+                        type="PayloadTooLarge",
+                        message=f"the end of child {envelope.child_workflow_id} was {reason}: "
+                        "return less from it, e.g. a reference",
+                    ),
+                }
+            )
+            cached = self._live(part, ended.workflow_id, batch, now)
+            if cached is not None:
+                with contextlib.suppress(UnknownActivity):
+                    self._record(part, cached, cached.run.on_child_ended(ended, now), batch, now)
 
     def _reject(
         self, batch: Batch, msg: InboxRecord, start: StartWorkflow, error_type: str, reason: str
@@ -328,6 +386,100 @@ class Decider:
         batch.outputs.append(
             Out(self.settings.results, start.workflow_id.encode(), codec.encode(result))
         )
+        if start.parent is not None:  # the parent waits for this child: it hears of the refusal
+            self._report_to_parent(
+                start.parent, start.workflow_id, WorkflowStatus.FAILED, None,
+                ErrorInfo(type=error_type, message=reason), batch,
+            )  # fmt: skip
+
+    def _on_child_ended(
+        self, part: Partition, ended: ChildWorkflowEnded, batch: Batch, msg: InboxRecord, now: int
+    ) -> None:
+        cached = self._live(part, ended.workflow_id, batch, now)
+        if cached is None:
+            return self._dead_letter(
+                batch, msg, f"child end for unknown workflow {ended.workflow_id}", "UnknownWorkflow"
+            )
+        try:
+            events = cached.run.on_child_ended(ended, now)
+        except UnknownActivity as exc:
+            return self._dead_letter(batch, msg, str(exc), "UnknownChild")
+        self._record(part, cached, events, batch, now)
+
+    def _report_to_parent(
+        self,
+        parent: ParentRef,
+        child_id: str,
+        status: WorkflowStatus,
+        result: Payload | None,
+        error: ErrorInfo | None,
+        batch: Batch,
+    ) -> None:
+        """A child's end goes to its parent's inbox (keyed by the parent's id) in the transaction
+        that records it: the parent hears it exactly once."""
+        ended = ChildWorkflowEnded(
+            workflow_id=parent.workflow_id,
+            seq=parent.seq,
+            child_workflow_id=child_id,
+            status=status,
+            sent_at_ms=now_ms(),
+            result=result,
+            error=error,
+        )
+        batch.outputs.append(
+            Out(self.settings.inbox, parent.workflow_id.encode(), codec.encode(ended))
+        )
+
+    def _start_child(self, cached: Cached, body: ChildWorkflowStarted, batch: Batch) -> None:
+        state = cached.run.state
+        start = StartWorkflow(
+            workflow_id=body.child_workflow_id,
+            workflow_type=body.workflow_type,
+            request_id=f"{state.workflow_id}/{body.seq}",
+            input=body.input,
+            sent_at_ms=now_ms(),
+            trace=state.trace,
+            parent=ParentRef(workflow_id=state.workflow_id, seq=body.seq),
+        )
+        batch.outputs.append(
+            Out(self.settings.inbox, body.child_workflow_id.encode(), codec.encode(start))
+        )
+
+    def _cancel_children(self, cached: Cached, batch: Batch, *, closing: bool) -> None:
+        """A cancel of this workflow passes down to its running children (but ABANDON ones): they
+        compensate. When it ends (``closing``) without having been cancelled, each child that
+        still runs is cancelled (REQUEST_CANCEL), terminated (TERMINATE) or left alone
+        (ABANDON); a cancelled one's children were cancelled already, and terminating them then
+        would cut their compensations short."""
+        state = cached.run.state
+        for child in state.running_children():
+            policy = child.parent_close_policy
+            if policy == "ABANDON" or (closing and state.cancel_requested):
+                continue
+            request_id = f"{state.workflow_id}/{child.seq}/{'close' if closing else 'cancel'}"
+            envelope: CancelWorkflow | OperatorAction
+            if closing and policy == "TERMINATE":
+                # The operators' terminate (status TERMINATED, nothing compensated), with the
+                # parent as the operator so that the child's history says who ended it.
+                envelope = OperatorAction(
+                    workflow_id=child.workflow_id,
+                    request_id=request_id,
+                    action=OperatorActionKind.TERMINATE.value,
+                    reason=f"parent {state.workflow_id} ended (parent-close policy TERMINATE)",
+                    operator=f"parent {state.workflow_id}",
+                    sent_at_ms=now_ms(),
+                )
+            else:
+                ended = f"ended {state.status.value}" if closing and state.status else ""
+                envelope = CancelWorkflow(
+                    workflow_id=child.workflow_id,
+                    request_id=request_id,
+                    reason=f"parent {state.workflow_id} {ended or 'was cancelled'}",
+                    sent_at_ms=now_ms(),
+                )
+            batch.outputs.append(
+                Out(self.settings.inbox, child.workflow_id.encode(), codec.encode(envelope))
+            )
 
     def _on_reply(
         self, part: Partition, reply: ActivityReply, batch: Batch, msg: InboxRecord, now: int
@@ -368,6 +520,39 @@ class Decider:
             events = run.on_signal(envelope.signal_name, envelope.payload, envelope.request_id, now)
         else:
             events = run.on_cancel(envelope.reason, envelope.request_id, now)
+        self._record(part, cached, events, batch, now)
+
+    def _on_operator(
+        self, part: Partition, action: OperatorAction, batch: Batch, msg: InboxRecord, now: int
+    ) -> None:
+        """terminate / retry / skip, recorded with who and why; one that does not apply (a skip
+        of a step that is not parked, ...) is dead-lettered with the reason, changing nothing."""
+        wf = action.workflow_id
+        cached = self._live(part, wf, batch, now)
+        if cached is None:
+            return self._dead_letter(
+                batch, msg, f"{action.action} for unknown workflow {wf}", "UnknownWorkflow"
+            )
+        state = cached.run.state
+        if (
+            action.action == OperatorActionKind.RETRY
+            and state.blocked is not None
+            and not state.finished
+            and action.step_seq is None
+        ):
+            # Re-run the blocked code against its whole history (what the store holds and what
+            # this batch has recorded): it moves again if this node's code accepts it.
+            pending = [e for e, _ in batch.store(part.number).events if e.workflow_id == wf]
+            part.rerun(wf, pending)
+            cached = self._live(part, wf, batch, now) or cached
+        try:
+            events = cached.run.on_operator(action, now)
+        except OperatorRefused as exc:
+            return self._dead_letter(batch, msg, str(exc), Rejection.OPERATOR_REFUSED)
+        log.warning(
+            "operator %r: %s workflow %s%s: %s", action.operator, action.action, wf,
+            f" step #{action.step_seq}" if action.step_seq is not None else "", action.reason,
+        )  # fmt: skip
         self._record(part, cached, events, batch, now)
 
     # ----------------------------------------------------------------- timers and retention
@@ -450,8 +635,21 @@ class Decider:
             body = event.event
             if isinstance(body, ActivityScheduled | ActivityAttemptStarted):
                 self._send_command(part, cached, body.seq, batch, now)
-            elif isinstance(body, WorkflowCompleted | WorkflowFailed):
+            elif isinstance(body, WorkflowCompleted | WorkflowFailed) or (
+                isinstance(body, OperatorActed) and body.action == OperatorActionKind.TERMINATE
+            ):
                 self._send_result(cached, batch)
+                self._cancel_children(cached, batch, closing=True)
+                parent = run.state.parent
+                if parent is not None:
+                    self._report_to_parent(
+                        parent, run.state.workflow_id, run.state.status or WorkflowStatus.FAILED,
+                        run.state.result, run.state.error, batch,
+                    )  # fmt: skip
+            elif isinstance(body, ChildWorkflowStarted):
+                self._start_child(cached, body, batch)
+            elif isinstance(body, CancelRequested):
+                self._cancel_children(cached, batch, closing=False)
             elif self.metrics is not None and isinstance(
                 body, ActivityCompleted | ActivityFailed | ActivityAttemptFailed
             ):

@@ -10,6 +10,7 @@ history, and must match what the code asks for now: a mismatch is a NonDetermini
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import inspect
 import random
@@ -32,14 +33,21 @@ from contracts.envelopes import (
     ActivityAttemptStarted,
     ActivityCompleted,
     ActivityFailed,
+    ActivityParked,
     ActivityReply,
     ActivityScheduled,
     CancelRequested,
+    ChildWorkflowCompleted,
+    ChildWorkflowEnded,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
     ErrorInfo,
     EventBody,
     HistoryEvent,
     LateReplyIgnored,
     MarkerRecorded,
+    OperatorActed,
+    OperatorAction,
     Payload,
     RetryPolicy,
     SignalReceived,
@@ -53,36 +61,66 @@ from contracts.envelopes import (
     WorkflowStarted,
     WorkflowStatus,
 )
+from contracts.limits import MAX_INBOX_RECORD_BYTES
 from orchestrator.errors import (
     ActivityError,
     AsyncioInWorkflow,
     BusinessError,
+    ChildWorkflowError,
     CompensationFailed,
     DeterminismViolation,
     NonDeterminismError,
+    QueryFailed,
+    UnknownQuery,
     WorkflowCancelled,
     WorkflowFailure,
 )
-from orchestrator.payloads import PayloadError, from_payload, to_payload
+from orchestrator.payloads import NULL, PayloadError, from_payload, to_payload
 from orchestrator.workflow import (
     DEFAULT_COMPENSATION_RETRY,
     NODE_DEFAULT,
     AttemptTimeout,
+    ChildHandle,
     Compensation,
+    ParentClosePolicy,
     Saga,
     WorkflowContext,
     WorkflowRegistry,
+    definition_of,
 )
 
 from . import determinism
-from .state import WorkflowState, decide_reply, decide_timers
+from .state import (
+    OperatorActionKind,
+    UnknownActivity,
+    WorkflowState,
+    decide_operator,
+    decide_reply,
+    decide_timers,
+)
 
 T = TypeVar("T")
 InT = TypeVar("InT", bound=BaseModel)
 OutT = TypeVar("OutT", bound=BaseModel)
 
-_CODE_EVENTS = (ActivityScheduled, TimerStarted, WorkflowCompleted, WorkflowFailed, MarkerRecorded)
-_BOOKKEEPING = (ActivityAttemptStarted, ActivityAttemptFailed, LateReplyIgnored, WorkflowBlocked)
+_CODE_EVENTS = (
+    ActivityScheduled,
+    TimerStarted,
+    WorkflowCompleted,
+    WorkflowFailed,
+    MarkerRecorded,
+    ChildWorkflowStarted,
+)
+#: A child's input, with room left under the inbox limit for the rest of its StartWorkflow.
+MAX_CHILD_INPUT_BYTES = MAX_INBOX_RECORD_BYTES - 4096
+_BOOKKEEPING = (
+    ActivityAttemptStarted,
+    ActivityAttemptFailed,
+    LateReplyIgnored,
+    WorkflowBlocked,
+    ActivityParked,
+    OperatorActed,
+)
 _DEFAULT_RETRY = RetryPolicy()
 
 
@@ -183,6 +221,27 @@ class _ActivityCall:
     output_type: Any
     name: str
     undo: _StepUndo | None = None
+
+
+@dataclass
+class _ChildCall:
+    future: _Future[Any]
+    output_type: Any
+    workflow_id: str
+    undo: _StepUndo | None = None  # compensate= given: the saga undoes the child like a step
+
+
+class _ChildHandle(ChildHandle[Any]):
+    def __init__(self, workflow_id: str, future: _Future[Any]) -> None:
+        self._workflow_id = workflow_id
+        self._future = future
+
+    @property
+    def workflow_id(self) -> str:
+        return self._workflow_id
+
+    def result(self) -> Awaitable[Any]:
+        return self._future
 
 
 @dataclass(eq=False)
@@ -458,6 +517,99 @@ class _Context(WorkflowContext):
     def saga(self) -> Saga:
         return _SagaImpl(self)
 
+    def start_child(
+        self,
+        workflow: type | str,
+        arg: Any,
+        *,
+        id: str | None = None,
+        parent_close_policy: ParentClosePolicy = ParentClosePolicy.REQUEST_CANCEL,
+        result_type: Any = None,
+        compensate: Compensation | Callable[[Any], Compensation] | None = None,
+    ) -> Awaitable[ChildHandle[Any]]:
+        if isinstance(workflow, str):
+            type_name, output_type = workflow, Any
+        else:
+            definition = definition_of(workflow)
+            type_name, output_type = definition.name, definition.output_type
+            expected = definition.input_type
+            if (
+                isinstance(expected, type)
+                and issubclass(expected, BaseModel)
+                and not isinstance(arg, expected)
+            ):
+                raise TypeError(
+                    f"child workflow {type_name} takes {expected.__name__}, "
+                    f"got {type(arg).__name__}"
+                )
+        if result_type is not None:
+            output_type = result_type
+        if not isinstance(parent_close_policy, ParentClosePolicy):
+            raise TypeError(
+                f"parent_close_policy must be a ParentClosePolicy, not {parent_close_policy!r}"
+            )
+        run = self._run
+        saga: _SagaImpl | None = None
+        if compensate is not None:
+            sagas = run._task().sagas
+            if not sagas:
+                raise TypeError(
+                    f"ctx.start_child({type_name}, compensate=...) outside `async with "
+                    "ctx.saga()`: no saga would run the compensation"
+                )
+            saga = sagas[-1]
+        seq = run._next_command_seq()
+        child_id = f"{run.state.workflow_id}-child-{seq}" if id is None else id
+        if not child_id or len(child_id) > 256 or "\0" in child_id:
+            raise WorkflowFailure(
+                f"invalid child workflow id {child_id[:80]!r}", error_type="InvalidChildId"
+            )
+        if child_id == run.state.workflow_id:
+            raise WorkflowFailure(
+                f"a workflow cannot be its own child ({child_id!r})", error_type="InvalidChildId"
+            )
+        payload = to_payload(arg)
+        if len(payload.data) > MAX_CHILD_INPUT_BYTES:
+            # Its StartWorkflow would be refused by the child's node (or by the producer).
+            raise WorkflowFailure(
+                f"the input of child {child_id!r} is {len(payload.data)} bytes, over the "
+                f"{MAX_CHILD_INPUT_BYTES} a start may carry: pass a reference to the data",
+                error_type="PayloadTooLarge",
+            )
+        future: _Future[Any] = _Future()
+        call = run._children[seq] = _ChildCall(future, output_type, child_id)
+        if saga is not None and compensate is not None:
+            call.undo = _StepUndo(saga, future, compensate, f"child {child_id}", seq)
+            saga._inflight.append(call.undo)
+        run._command(
+            ChildWorkflowStarted(
+                seq=seq,
+                child_workflow_id=child_id,
+                workflow_type=type_name,
+                input=payload,
+                parent_close_policy=parent_close_policy.value,
+            )
+        )
+        started: _Future[ChildHandle[Any]] = _Future()
+        started.resolve(_ChildHandle(child_id, future))
+        return started
+
+    async def execute_child(
+        self,
+        workflow: type | str,
+        arg: Any,
+        *,
+        id: str | None = None,
+        parent_close_policy: ParentClosePolicy = ParentClosePolicy.REQUEST_CANCEL,
+        result_type: Any = None,
+        compensate: Compensation | Callable[[Any], Compensation] | None = None,
+    ) -> Any:
+        handle = await self.start_child(
+            workflow, arg, id=id, parent_close_policy=parent_close_policy,
+            result_type=result_type, compensate=compensate,
+        )  # fmt: skip
+        return await handle.result()
+
     def now(self) -> datetime:
         return datetime.fromtimestamp(self._run._now_ms / 1000, tz=UTC)
 
@@ -508,6 +660,8 @@ class WorkflowRun:
         self._timers: dict[int, _Future[None]] = {}
         self._signals: dict[str, deque[Payload]] = {}
         self._signal_waiters: dict[str, deque[tuple[_Future[Any], Any]]] = {}
+        self._children: dict[int, _ChildCall] = {}
+        self._instance: Any = None  # the workflow object: queries read its attributes
         self._command_seq = 0
         self._now_ms = 0
         self._compensated = 0
@@ -573,6 +727,9 @@ class WorkflowRun:
 
     def _break(self, exc: Exception) -> None:
         self.broken = exc
+        self._close_tasks()
+
+    def _close_tasks(self) -> None:
         self._pending.clear()
         for task in self._tasks:
             with suppress(RuntimeError):
@@ -613,6 +770,7 @@ class WorkflowRun:
             input=msg.input,
             random_seed=seed_for(msg.workflow_id, msg.request_id),
             trace=trace or msg.trace,
+            parent=msg.parent,
         )
         return self._record([started], now_ms)
 
@@ -627,10 +785,97 @@ class WorkflowRun:
         body = SignalReceived(signal_name=name, payload=payload, request_id=request_id)
         return self._record([body], now_ms)
 
+    def on_child_ended(self, msg: ChildWorkflowEnded, now_ms: int) -> list[HistoryEvent]:
+        """A child's end, reported by its node. Raises UnknownActivity for a child this workflow
+        never started; after this workflow's end (or a repeat) it changes nothing."""
+        child = self.state.children.get(msg.seq)
+        if child is None or child.workflow_id != msg.child_workflow_id:
+            raise UnknownActivity(
+                f"workflow {self.state.workflow_id} has no child #{msg.seq} "
+                f"named {msg.child_workflow_id!r}"
+            )
+        if self.state.finished or child.done:
+            return []
+        body: EventBody
+        if msg.status is WorkflowStatus.COMPLETED:
+            body = ChildWorkflowCompleted(seq=msg.seq, result=msg.result or Payload(encoding=NULL))
+        else:
+            error = msg.error or ErrorInfo(type="UnknownError", message="the child gave no reason")
+            body = ChildWorkflowFailed(seq=msg.seq, status=msg.status, error=error)
+        return self._record([body], now_ms)
+
+    def query(self, name: str, arg: Payload | None) -> Payload:
+        """Answer query ``name`` from the workflow's state: the query method runs on a copy of
+        the workflow object's attributes, so nothing it does reaches the run. Raises
+        UnknownQuery, or QueryFailed (the method raised, the argument does not fit, blocked)."""
+        wf = self.state.workflow_id
+        definition = self._registry.get(self.state.workflow_type)
+        if definition is None:
+            raise QueryFailed(
+                f"workflow {wf} is of type {self.state.workflow_type!r}, which this node does "
+                "not run",
+                error_type="UnknownWorkflowType",
+            )
+        found = definition.queries.get(name)
+        if found is None:
+            known = ", ".join(sorted(definition.queries)) or "none"
+            raise UnknownQuery(
+                f"workflow type {definition.name!r} has no query {name!r} (its queries: {known})"
+            )
+        if self.broken is not None or self._instance is None:
+            raise QueryFailed(
+                f"workflow {wf} is BLOCKED (its code cannot go on with its history): {self.broken}",
+                error_type="WorkflowBlocked",
+            )
+        method_name, arg_type = found
+        args: list[Any] = []
+        if arg_type is not None:
+            try:
+                args.append(from_payload(arg or Payload(encoding=NULL), arg_type))
+            except PayloadError as exc:
+                raise QueryFailed(f"query {name}: {exc}", error_type="InvalidArgument") from exc
+        elif arg is not None and arg.encoding != NULL:
+            raise QueryFailed(f"query {name} takes no argument", error_type="InvalidArgument")
+        shadow = _shadow(self._instance)
+        try:
+            value = getattr(shadow, method_name)(*args)
+        except Exception as exc:
+            raise QueryFailed(f"query {name} raised {type(exc).__name__}: {exc}") from exc
+        try:
+            return to_payload(value)
+        except PayloadError as exc:
+            raise QueryFailed(f"query {name}: {exc}") from exc
+
     def on_cancel(self, reason: str, request_id: str, now_ms: int) -> list[HistoryEvent]:
         if self.state.cancel_requested or self.state.finished:
             return []
         return self._record([CancelRequested(reason=reason, request_id=request_id)], now_ms)
+
+    def on_operator(self, action: OperatorAction, now_ms: int) -> list[HistoryEvent]:
+        """An operator's action, recorded with who and why (``OperatorRefused`` when it does
+        not apply). A retry starts the step's next attempt at once."""
+        steps = decide_operator(
+            self.state, action.action, action.request_id, action.step_seq, action.input is not None
+        )
+        bodies: list[EventBody] = []
+        for seq in steps:
+            bodies.append(
+                OperatorActed(
+                    action=action.action,
+                    request_id=action.request_id,
+                    reason=action.reason,
+                    operator=action.operator,
+                    step_seq=seq,
+                    input=action.input if seq is not None else None,
+                )
+            )
+            if action.action == OperatorActionKind.RETRY and seq is not None:
+                act = self.state.activities[seq]
+                bodies.append(ActivityAttemptStarted(seq=seq, attempt=act.attempt + 1))
+        out: list[HistoryEvent] = []
+        for body in bodies:  # one at a time: a step's attempt number follows its own retry
+            out.extend(self._record([body], now_ms))
+        return out
 
     def on_timers(self, now_ms: int) -> list[HistoryEvent]:
         out: list[HistoryEvent] = []
@@ -708,6 +953,26 @@ class WorkflowRun:
                 )
                 if call.undo is not None:
                     call.undo.ended(succeeded=False)
+        elif isinstance(body, ChildWorkflowCompleted):
+            child = self._children.get(body.seq)
+            if child is not None:
+                _resolve_payload(child.future, body.result, child.output_type)
+                if child.undo is not None:
+                    child.undo.ended(succeeded=True)
+        elif isinstance(body, ChildWorkflowFailed):
+            child = self._children.get(body.seq)
+            if child is not None:
+                child.future.fail(
+                    ChildWorkflowError(
+                        child.workflow_id,
+                        body.seq,
+                        body.status.value,
+                        body.error.type,
+                        body.error.message,
+                    )
+                )
+                if child.undo is not None:
+                    child.undo.ended(succeeded=False)
         elif isinstance(body, TimerFired):
             timer = self._timers.get(body.seq)
             if timer is not None:
@@ -724,11 +989,17 @@ class WorkflowRun:
                     task.cancel = WorkflowCancelled(body.reason)
                 else:
                     task.throw = WorkflowCancelled(body.reason)
-        elif isinstance(
-            body,
-            ActivityAttemptStarted | ActivityAttemptFailed | LateReplyIgnored | WorkflowBlocked,
-        ):
-            return  # engine bookkeeping; the code does not see attempts or blocks
+        elif isinstance(body, OperatorActed):
+            if body.action == OperatorActionKind.TERMINATE:
+                self._close_tasks()  # ended from outside: the code neither runs nor undoes
+                return
+            if body.action != OperatorActionKind.SKIP or body.step_seq is None:
+                return  # a retry is engine bookkeeping, like attempts
+            call = self._activities.get(body.step_seq)
+            if call is not None:  # the parked compensation counts as done for the code
+                call.future.resolve(None)
+        elif isinstance(body, _BOOKKEEPING):
+            return  # engine bookkeeping; the code does not see attempts, blocks or parking
         self._resume()
 
     def _match_command(self, event: HistoryEvent) -> None:
@@ -758,7 +1029,7 @@ class WorkflowRun:
         if definition is None:
             raise LookupError(f"unknown workflow type {body.workflow_type!r}")
         ctx = _Context(self)
-        instance = definition.cls()
+        instance = self._instance = definition.cls()
         try:
             arg = from_payload(body.input, definition.input_type)
         except PayloadError as exc:
@@ -876,6 +1147,10 @@ class WorkflowRun:
                     call.undo.ended(succeeded=False)
             elif isinstance(body, TimerStarted):
                 self._timers.pop(body.seq, None)
+            elif isinstance(body, ChildWorkflowStarted):
+                child = self._children.pop(body.seq, None)
+                if child is not None and child.undo is not None:
+                    child.undo.ended(succeeded=False)
         self._pending = kept
 
     def _finish_ok(self, value: Any) -> None:
@@ -976,6 +1251,12 @@ def _same_command(expected: EventBody, actual: EventBody) -> bool:
         return expected.status == actual.status
     if isinstance(expected, MarkerRecorded):
         return expected == actual
+    if isinstance(expected, ChildWorkflowStarted) and isinstance(actual, ChildWorkflowStarted):
+        return (expected.seq, expected.child_workflow_id, expected.workflow_type) == (
+            actual.seq,
+            actual.child_workflow_id,
+            actual.workflow_type,
+        )
     return True
 
 
@@ -989,7 +1270,22 @@ def _describe(body: EventBody) -> str:
         return f"WorkflowFailed ({body.status.value}: {body.error.type}: {body.error.message})"
     if isinstance(body, MarkerRecorded):
         return f"{body.marker} marker {body.change_id!r}"
+    if isinstance(body, ChildWorkflowStarted):
+        return f"child workflow {body.workflow_type} {body.child_workflow_id!r} #{body.seq}"
     return type(body).__name__
+
+
+def _shadow(instance: Any) -> Any:
+    """A copy of a workflow object for a query: its attributes deep-copied, so the query cannot
+    change the run's; an attribute that cannot be copied (e.g. a ctx kept on self) is shared."""
+    shadow = object.__new__(type(instance))
+    for key, value in getattr(instance, "__dict__", {}).items():
+        try:
+            copied = copy.deepcopy(value)
+        except Exception:
+            copied = value
+        object.__setattr__(shadow, key, copied)
+    return shadow
 
 
 def _waiting_at(coro: Any) -> str:

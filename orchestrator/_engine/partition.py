@@ -7,6 +7,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from contracts.envelopes import HistoryEvent
 from orchestrator.workflow import WorkflowRegistry
 
 from .instance import WorkflowRun
@@ -60,6 +61,17 @@ class Partition:
         cached = Cached(run, summary.next_due_ms if summary else None)
         self._put(workflow_id, cached)
         return cached
+
+    def rerun(self, workflow_id: str, pending: list[HistoryEvent]) -> None:
+        """Rebuild the workflow from its stored history plus ``pending`` (recorded in a batch not
+        yet written) with this node's code: an operator's retry of a BLOCKED workflow."""
+        old = self._cache.pop(workflow_id, None)
+        events = {e.event_seq: e for e in self.store.events(workflow_id)}
+        events.update({e.event_seq: e for e in pending})
+        if not events:
+            return
+        run = WorkflowRun.rebuild(workflow_id, [events[k] for k in sorted(events)], self._registry)
+        self._put(workflow_id, Cached(run, old.stored_due_ms if old else None))
 
     def new(self, workflow_id: str) -> Cached:
         cached = Cached(WorkflowRun(workflow_id, self._registry), None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -20,11 +21,13 @@ from typing import TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from orchestrator._deadline import DeadlineCaller, Stopping, Wedged, drop_in_background
+from orchestrator._queries import QueryRequest
 from orchestrator.dead_letters import DEAD_LETTER_MAX_BYTES
-from orchestrator.errors import NodeStopped
+from orchestrator.errors import NodeStopped, QueryFailed, UnknownQuery
 from orchestrator.health import Health
 from orchestrator.kafka_config import admin_config, consumer_config, producer_config
 from orchestrator.metrics import NodeMetrics
+from orchestrator.partitioner import partition_for
 from orchestrator.settings import Settings
 from orchestrator.tracing import WorkflowTracer
 from orchestrator.workflow import WorkflowRegistry
@@ -113,6 +116,9 @@ class Processor:
         # group generation (KIP-447) once the partition has moved to another node.
         self._positions: dict[int, int] = {}
         self._stop = threading.Event()
+        # Queries from the HTTP threads (orchestrator/_queries.py): answered by this thread, which
+        # owns the WorkflowRuns, at the start of each turn.
+        self.queries: queue.SimpleQueue[QueryRequest] = queue.SimpleQueue()
         # A dead letter copies its record, cut to fit what this node's producer may send.
         max_message = int(
             producer_config(settings.bootstrap_servers, extra=settings.client_extra()).get(
@@ -296,6 +302,7 @@ class Processor:
     # ----------------------------------------------------------------- one turn of the loop
 
     def step(self) -> None:
+        self._answer_queries()
         msgs = self._next_records()
         if self._to_restore:
             self._restore_assigned()
@@ -324,6 +331,42 @@ class Processor:
             self.metrics.count_workflows(p.store for p in self._partitions.values())
         if self.health is not None:  # health (#8)
             self.health.beat()
+
+    def _answer_queries(self) -> None:
+        """Answer the queries waiting on the queue, from committed state (no batch is open)."""
+        while True:
+            try:
+                request = self.queries.get_nowait()
+            except queue.Empty:
+                return
+            self._answer(request)
+
+    def _answer(self, request: QueryRequest) -> None:
+        wf = request.workflow_id
+        number = partition_for(wf, self.settings.partitions)
+        part = self._partitions.get(number)
+        if part is None:
+            why = "restoring it" if number in self._to_restore else "not its owner"
+            kind = "Unavailable" if number in self._to_restore else "NotOwner"
+            return request.fail(kind, f"workflow {wf} is on partition {number}: this node is {why}")
+        try:
+            cached = part.get(wf)
+            if cached is None:
+                return request.fail(
+                    "UnknownWorkflow", f"no workflow {wf!r} on partition {number} of this node"
+                )
+            try:
+                request.reply(cached.run.query(request.name, request.arg))
+            finally:
+                if cached.run.finished:
+                    part.forget(wf)  # finished ones are not kept cached (see _commit)
+        except UnknownQuery as exc:
+            request.fail("UnknownQuery", str(exc))
+        except QueryFailed as exc:
+            request.fail(exc.error_type, str(exc))
+        except Exception as exc:  # e.g. a history that no longer folds: the caller hears why
+            log.warning("query %s of %s failed: %s", request.name, wf, exc)
+            request.fail("QueryFailed", f"{type(exc).__name__}: {exc}")
 
     def _report_lag(self, metrics: NodeMetrics) -> None:
         """Inbox lag per partition: the high watermark seen by the fetcher minus our position."""

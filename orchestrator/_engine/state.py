@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from tenacity import wait_exponential
@@ -20,14 +21,20 @@ from contracts.envelopes import (
     ActivityAttemptStarted,
     ActivityCompleted,
     ActivityFailed,
+    ActivityParked,
     ActivityReply,
     ActivityScheduled,
     CancelRequested,
+    ChildWorkflowCompleted,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
     ErrorInfo,
     EventBody,
     HistoryEvent,
     LateReplyIgnored,
     MarkerRecorded,
+    OperatorActed,
+    ParentRef,
     Payload,
     ReplyOutcome,
     RetryPolicy,
@@ -43,6 +50,19 @@ from contracts.envelopes import (
 )
 
 TIMEOUT_ERROR = "ActivityTimeout"
+TERMINATED_ERROR = "Terminated"
+
+
+class OperatorActionKind(StrEnum):
+    """What an operator can do to a workflow (``OperatorAction.action``)."""
+
+    TERMINATE = "terminate"  # end it now; nothing is compensated
+    RETRY = "retry"  # a parked or retry-pending step runs at once; a blocked workflow is re-run
+    SKIP = "skip"  # a parked compensation is marked done; the saga goes on
+
+
+class OperatorRefused(ValueError):
+    """An operator action that does not apply to the workflow as it is (the reason says why)."""
 
 
 @dataclass
@@ -62,9 +82,18 @@ class ActivityState:
     attempt_open: bool = True  # a reply to the current attempt is awaited
     retry_at_ms: int | None = None  # the next attempt starts then
     done: bool = False
+    parked: ErrorInfo | None = None  # a compensation gave up: waits for an operator
+    skipped: bool = False  # marked done by an operator (skip)
+    attempts_before: int = 0  # attempts spent before an operator's retry gave a new round
+    rounds: int = 0  # operator retries of this step after it parked
+
+    @property
+    def waits_for_retry(self) -> bool:
+        """An operator's retry applies: parked, or between attempts."""
+        return not self.done and (self.parked is not None or self.retry_at_ms is not None)
 
     def next_due_ms(self) -> int | None:
-        if self.done:
+        if self.done or self.parked is not None:
             return None
         dues: list[int] = []
         if self.overall_timeout_ms is not None:
@@ -74,6 +103,17 @@ class ActivityState:
         if self.retry_at_ms is not None:
             dues.append(self.retry_at_ms)
         return min(dues) if dues else None
+
+
+@dataclass
+class ChildState:
+    """A child workflow this one started, until it ends."""
+
+    seq: int
+    workflow_id: str
+    workflow_type: str
+    parent_close_policy: str
+    done: bool = False
 
 
 @dataclass
@@ -96,6 +136,17 @@ class WorkflowState:
     signal_request_ids: set[str] = field(default_factory=set)
     steps_done: int = 0
     blocked: ErrorInfo | None = None  # the code cannot go on with this history (WorkflowBlocked)
+    operator_request_ids: set[str] = field(default_factory=set)
+    parent: ParentRef | None = None  # a child workflow reports its end there
+    children: dict[int, ChildState] = field(default_factory=dict)  # seq -> child
+
+    def running_children(self) -> list[ChildState]:
+        return [child for child in self.children.values() if not child.done]
+
+    @property
+    def parked(self) -> list[ActivityState]:
+        """Compensations that gave up and wait for an operator (retry or skip)."""
+        return [a for a in self.activities.values() if a.parked is not None and not a.done]
 
     @property
     def finished(self) -> bool:
@@ -110,13 +161,22 @@ class WorkflowState:
             return self.status.value.lower()
         if self.blocked is not None:
             return f"blocked: {self.blocked.type}: {self.blocked.message}"
+        parked = [
+            f"parked: {a.name} #{a.seq} gave up after attempt {a.attempt} "
+            f"({a.parked.type}: {a.parked.message}); retry or skip it"
+            for a in self.parked
+            if a.parked is not None
+        ]
+        if parked:
+            return "; ".join(parked)
         waiting = [
             f"{a.name} #{a.seq} attempt {a.attempt}"
             + (" (compensation)" if a.is_compensation else "")
             for a in self.activities.values()
-            if not a.done
+            if not a.done and a.parked is None
         ]
         waiting += [f"timer #{seq}" for seq in self.timers]
+        waiting += [f"child {c.workflow_id} #{c.seq}" for c in self.running_children()]
         return ", ".join(waiting) if waiting else "waiting for a signal"
 
     def apply(self, event: HistoryEvent) -> None:
@@ -149,6 +209,7 @@ def _started(s: WorkflowState, e: WorkflowStarted, at: int) -> None:
     s.trace = e.trace
     s.random_seed = e.random_seed
     s.started_at_ms = at
+    s.parent = e.parent
 
 
 def _scheduled(s: WorkflowState, e: ActivityScheduled, at: int) -> None:
@@ -229,6 +290,57 @@ def _blocked(s: WorkflowState, e: WorkflowBlocked, at: int) -> None:
     s.blocked = e.error
 
 
+def _parked(s: WorkflowState, e: ActivityParked, at: int) -> None:
+    act = s.activities[e.seq]
+    act.parked = e.error
+    act.attempt_open = False
+    act.retry_at_ms = None
+
+
+def _operator(s: WorkflowState, e: OperatorActed, at: int) -> None:
+    s.operator_request_ids.add(e.request_id)
+    if e.action == OperatorActionKind.TERMINATE:
+        s.status = WorkflowStatus.TERMINATED
+        s.error = ErrorInfo(type=TERMINATED_ERROR, message=e.reason or "terminated by an operator")
+        s.finished_at_ms = at
+        s.timers.clear()
+        return
+    act = s.activities.get(e.step_seq) if e.step_seq is not None else None
+    if act is None:
+        return  # a retry of a blocked workflow: recorded for the timeline only
+    if e.action == OperatorActionKind.SKIP:
+        act.done = True
+        act.skipped = True
+        act.parked = None
+        act.retry_at_ms = None
+        return
+    if act.parked is not None:  # a new round of attempts, and of the overall timeout
+        act.parked = None
+        act.attempts_before = act.attempt
+        act.scheduled_at_ms = at
+        # A new operation for the service: its dedupe store keeps the final failure under the
+        # old key and would answer it again instead of running the step.
+        base = act.idempotency_key.removesuffix(f"/retry{act.rounds}") if act.rounds else None
+        act.rounds += 1
+        act.idempotency_key = f"{base or act.idempotency_key}/retry{act.rounds}"
+    if e.input is not None:
+        act.input = e.input
+
+
+def _child_started(s: WorkflowState, e: ChildWorkflowStarted, at: int) -> None:
+    s.children[e.seq] = ChildState(
+        e.seq, e.child_workflow_id, e.workflow_type, e.parent_close_policy
+    )
+
+
+def _child_ended(
+    s: WorkflowState, e: ChildWorkflowCompleted | ChildWorkflowFailed, at: int
+) -> None:
+    child = s.children.get(e.seq)
+    if child is not None:
+        child.done = True
+
+
 def _nothing(s: WorkflowState, e: LateReplyIgnored, at: int) -> None:
     return None
 
@@ -249,6 +361,11 @@ _FOLD: dict[type, Callable[[WorkflowState, Any, int], None]] = {
     WorkflowFailed: _wf_failed,
     WorkflowBlocked: _blocked,
     MarkerRecorded: _nothing,  # only the code reads markers (ctx.patched), on replay
+    ActivityParked: _parked,
+    OperatorActed: _operator,
+    ChildWorkflowStarted: _child_started,
+    ChildWorkflowCompleted: _child_ended,
+    ChildWorkflowFailed: _child_ended,
 }
 
 
@@ -284,24 +401,33 @@ class _Attempt:
     attempt_number: int
 
 
+def _gave_up(act: ActivityState, error: ErrorInfo, business: bool) -> EventBody:
+    """The end of an activity's attempts. A compensation does not fail the saga: undoing is not
+    optional, so it parks and waits for an operator to retry or skip it (recorded)."""
+    if act.is_compensation:
+        return ActivityParked(seq=act.seq, attempt=act.attempt, error=error)
+    return ActivityFailed(seq=act.seq, attempt=act.attempt, error=error, business=business)
+
+
 def _after_failure(
     act: ActivityState, error: ErrorInfo, now_ms: int, rng: random.Random
 ) -> list[EventBody]:
     policy = act.retry
-    out_of_attempts = policy.max_attempts > 0 and act.attempt >= policy.max_attempts
+    spent = act.attempt - act.attempts_before  # an operator's retry starts a new round
+    out_of_attempts = policy.max_attempts > 0 and spent >= policy.max_attempts
     if error.type in policy.non_retryable_error_types or out_of_attempts:
         return [
             ActivityAttemptFailed(seq=act.seq, attempt=act.attempt, error=error),
-            ActivityFailed(seq=act.seq, attempt=act.attempt, error=error, business=False),
+            _gave_up(act, error, business=False),
         ]
-    retry_at = now_ms + retry_delay_ms(policy, act.attempt, rng)
+    retry_at = now_ms + retry_delay_ms(policy, max(spent, 1), rng)
     if (
         act.overall_timeout_ms is not None
         and retry_at >= act.scheduled_at_ms + act.overall_timeout_ms
     ):
         return [
             ActivityAttemptFailed(seq=act.seq, attempt=act.attempt, error=error),
-            ActivityFailed(seq=act.seq, attempt=act.attempt, error=error, business=False),
+            _gave_up(act, error, business=False),
         ]
     return [
         ActivityAttemptFailed(seq=act.seq, attempt=act.attempt, error=error, retry_at_ms=retry_at)
@@ -332,7 +458,7 @@ def decide_reply(
         ]
     error = reply.error or ErrorInfo(type="UnknownError", message="the service gave no reason")
     if reply.outcome is ReplyOutcome.BUSINESS_FAILURE:
-        return [ActivityFailed(seq=act.seq, attempt=act.attempt, error=error, business=True)]
+        return [_gave_up(act, error, business=True)]
     return _after_failure(act, error, now_ms, rng)
 
 
@@ -345,7 +471,7 @@ def decide_timers(state: WorkflowState, now_ms: int, rng: random.Random) -> list
     if state.finished:
         return []
     for act in state.activities.values():
-        if act.done:
+        if act.done or act.parked is not None:
             continue
         if (
             act.overall_timeout_ms is not None
@@ -358,9 +484,7 @@ def decide_timers(state: WorkflowState, now_ms: int, rng: random.Random) -> list
             out: list[EventBody] = []
             if act.attempt_open:
                 out.append(ActivityAttemptFailed(seq=act.seq, attempt=act.attempt, error=error))
-            out.append(
-                ActivityFailed(seq=act.seq, attempt=act.attempt, error=error, business=False)
-            )
+            out.append(_gave_up(act, error, business=False))
             return out
         if (
             act.attempt_open
@@ -378,3 +502,54 @@ def decide_timers(state: WorkflowState, now_ms: int, rng: random.Random) -> list
         if due <= now_ms:
             return [TimerFired(seq=seq)]
     return []
+
+
+def decide_operator(
+    state: WorkflowState, action: str, request_id: str, step_seq: int | None, has_input: bool
+) -> list[int | None]:
+    """Which steps an operator's action applies to (``[None]``: the workflow itself), ``[]`` when
+    it changes nothing (the same request again, a terminate of a finished workflow). Raises
+    :class:`OperatorRefused` with the reason when it does not apply."""
+    if request_id in state.operator_request_ids:
+        return []
+    try:
+        kind = OperatorActionKind(action)
+    except ValueError:
+        raise OperatorRefused(
+            f"unknown action {action!r}; one of: {', '.join(k.value for k in OperatorActionKind)}"
+        ) from None
+    if state.finished:
+        if kind is OperatorActionKind.TERMINATE:
+            return []  # it has ended already: terminating it again changes nothing
+        raise OperatorRefused(f"workflow {state.workflow_id} has ended ({state.status})")
+    if kind is OperatorActionKind.TERMINATE:
+        return [None]
+    act = state.activities.get(step_seq) if step_seq is not None else None
+    if step_seq is not None and act is None:
+        raise OperatorRefused(f"workflow {state.workflow_id} has no step #{step_seq}")
+    if kind is OperatorActionKind.SKIP:
+        if act is None:
+            raise OperatorRefused("skip needs the step: --step N (see describe)")
+        if act.parked is None or act.done:
+            raise OperatorRefused(
+                f"step #{act.seq} ({act.name}) is not a parked compensation; only those are skipped"
+            )
+        return [act.seq]
+    if act is not None:
+        if not act.waits_for_retry:
+            raise OperatorRefused(
+                f"step #{act.seq} ({act.name}) is not waiting for a retry "
+                f"({'done' if act.done else 'running'})"
+            )
+        return [act.seq]
+    if has_input:
+        raise OperatorRefused("a new input needs the step it is for: --step N")
+    waiting = [a.seq for a in state.activities.values() if a.waits_for_retry]
+    if waiting:
+        return list(waiting)
+    if state.blocked is not None:
+        return [None]  # re-run the blocked code on this node
+    raise OperatorRefused(
+        f"workflow {state.workflow_id} has nothing to retry: no step is parked or between "
+        "attempts, and it is not blocked"
+    )

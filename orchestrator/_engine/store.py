@@ -50,14 +50,22 @@ class WorkflowSummary:
         return cls(
             workflow_id=state.workflow_id,
             workflow_type=state.workflow_type,
-            # BLOCKED is no end state (the workflow is RUNNING), but operators count it apart.
-            status="BLOCKED"
-            if state.blocked is not None and not state.finished
-            else (state.status.value if state.status else ""),
+            status=_status(state),
             last_seq=state.last_seq,
             next_due_ms=state.next_due_ms(),
             finished_at_ms=state.finished_at_ms,
         )
+
+
+def _status(state: WorkflowState) -> str:
+    # BLOCKED and PARKED are no end states (the workflow is RUNNING, waiting for new code or
+    # for an operator), but operators count them apart and alert on them.
+    if not state.finished:
+        if state.blocked is not None:
+            return "BLOCKED"
+        if state.parked:
+            return "PARKED"
+    return state.status.value if state.status else ""
 
 
 def _event_prefix(workflow_id: str) -> bytes:

@@ -11,8 +11,7 @@ from pathlib import Path
 import click
 from opentelemetry.sdk.trace import TracerProvider
 
-from orchestrator import tracing
-from orchestrator.aio import AsyncClient
+from orchestrator import AsyncClient, tracing
 from orchestrator.settings import Settings
 from services_example.orders.api import OrdersApi, serve
 from services_example.runtime import ServiceStore, load_settings, read_snapshot, service_dir

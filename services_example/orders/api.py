@@ -33,10 +33,10 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from contracts.orders import Order
-from orchestrator.aio import AsyncClient
+from orchestrator import AsyncClient
 from orchestrator.client import ClientError
 from orchestrator.errors import UnknownWorkflow
+from services_example.contracts import Order
 from services_example.runtime import ServiceStore, State
 
 log = logging.getLogger(__name__)

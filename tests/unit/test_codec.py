@@ -42,10 +42,15 @@ from contracts.envelopes import (
     ActivityCommand,
     ActivityCompleted,
     ActivityFailed,
+    ActivityParked,
     ActivityReply,
     ActivityScheduled,
     CancelRequested,
     CancelWorkflow,
+    ChildWorkflowCompleted,
+    ChildWorkflowEnded,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
     DeadLetter,
     Envelope,
     ErrorInfo,
@@ -53,6 +58,9 @@ from contracts.envelopes import (
     HistoryEvent,
     LateReplyIgnored,
     MarkerRecorded,
+    OperatorActed,
+    OperatorAction,
+    ParentRef,
     Payload,
     ReplyOutcome,
     RetryPolicy,
@@ -86,6 +94,7 @@ def opt(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 payloads = st.builds(Payload, encoding=texts, data=st.binary(max_size=64))
 traces = st.builds(TraceContext, traceparent=texts, tracestate=opt(texts))
 errors = st.builds(ErrorInfo, type=texts, message=texts, details=opt(texts))
+parents = st.builds(ParentRef, workflow_id=texts, seq=longs)
 retries = st.builds(
     RetryPolicy,
     max_attempts=longs,
@@ -106,6 +115,7 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         input=payloads,
         random_seed=longs,
         trace=opt(traces),
+        parent=opt(parents),
     ),
     ActivityScheduled: st.builds(
         ActivityScheduled,
@@ -140,6 +150,26 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         WorkflowBlocked, error=st.none() | errors, at_seq=longs, code_version=st.text(max_size=20)
     ),
     MarkerRecorded: st.builds(MarkerRecorded, marker=texts, change_id=texts),
+    ActivityParked: st.builds(ActivityParked, seq=longs, attempt=longs, error=errors),
+    OperatorActed: st.builds(
+        OperatorActed,
+        action=texts,
+        request_id=texts,
+        reason=texts,
+        operator=texts,
+        step_seq=opt(longs),
+        input=opt(payloads),
+    ),
+    ChildWorkflowStarted: st.builds(
+        ChildWorkflowStarted,
+        seq=longs,
+        child_workflow_id=texts,
+        workflow_type=texts,
+        input=payloads,
+        parent_close_policy=texts,
+    ),
+    ChildWorkflowCompleted: st.builds(ChildWorkflowCompleted, seq=longs, result=payloads),
+    ChildWorkflowFailed: st.builds(ChildWorkflowFailed, seq=longs, status=statuses, error=errors),
 }
 
 
@@ -163,6 +193,7 @@ ENVELOPES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         input=payloads,
         sent_at_ms=longs,
         trace=opt(traces),
+        parent=opt(parents),
     ),
     SignalWorkflow: st.builds(
         SignalWorkflow,
@@ -179,6 +210,18 @@ ENVELOPES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         request_id=texts,
         reason=texts,
         sent_at_ms=longs,
+        trace=opt(traces),
+    ),
+    OperatorAction: st.builds(
+        OperatorAction,
+        workflow_id=texts,
+        request_id=texts,
+        action=texts,
+        reason=texts,
+        operator=texts,
+        sent_at_ms=longs,
+        step_seq=opt(longs),
+        input=opt(payloads),
         trace=opt(traces),
     ),
     ActivityCommand: st.builds(
@@ -229,6 +272,17 @@ ENVELOPES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         value=opt(st.binary(max_size=64)),
     ),
     HistoryEvent: history_events(st.one_of(*EVENT_BODIES.values())),
+    ChildWorkflowEnded: st.builds(
+        ChildWorkflowEnded,
+        workflow_id=texts,
+        seq=longs,
+        child_workflow_id=texts,
+        status=statuses,
+        sent_at_ms=longs,
+        result=opt(payloads),
+        error=opt(errors),
+        trace=opt(traces),
+    ),
 }
 
 any_envelope = st.one_of(*ENVELOPES.values())
@@ -246,7 +300,7 @@ def _event_body_types() -> tuple[type[BaseModel], ...]:
 def test_strategies_cover_every_envelope_and_event_kind() -> None:
     assert set(ENVELOPES) == set(_union_members(Envelope))
     assert set(EVENT_BODIES) == set(_event_body_types())
-    assert len(EVENT_BODIES) == 15
+    assert len(EVENT_BODIES) == 20
 
 
 # --------------------------------------------------------------------------- round trips

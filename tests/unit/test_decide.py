@@ -13,7 +13,9 @@ from contracts.envelopes import (
     ActivityCommand,
     ActivityReply,
     DeadLetter,
+    ErrorInfo,
     HistoryEvent,
+    OperatorAction,
     ReplyOutcome,
     SignalWorkflow,
     StartWorkflow,
@@ -404,11 +406,17 @@ def test_an_oversized_start_gets_a_failed_result(core: Core) -> None:
 
 def test_an_oversized_reply_fails_its_attempt_and_the_saga_moves_on(core: Core) -> None:
     core.feed(start("wf-1"), b"wf-1")
-    big = codec.encode(ActivityReply(
-        workflow_id="wf-1", seq=1, attempt=1, idempotency_key="wf-1/1",
-        outcome=ReplyOutcome.SUCCESS, sent_at_ms=NOW,
-        result=to_payload(Done(n=1, ref="x" * (MAX_RECORD_BYTES + 10))),
-    ))  # fmt: skip
+    big = codec.encode(
+        ActivityReply(
+            workflow_id="wf-1",
+            seq=1,
+            attempt=1,
+            idempotency_key="wf-1/1",
+            outcome=ReplyOutcome.SUCCESS,
+            sent_at_ms=NOW,
+            result=to_payload(Done(n=1, ref="x" * (MAX_RECORD_BYTES + 10))),
+        )
+    )
     batch = core.feed(big, b"wf-1")
     assert [d.error_type for d in letters(batch)] == ["Oversized"]
     history = [codec.decode_as(o.value or b"", HistoryEvent).event for o in on(batch, "ns.history")]
@@ -478,3 +486,116 @@ def test_a_deliberate_failure_still_compensates_and_fails(tmp_path: Path) -> Non
     assert result.status == WorkflowStatus.COMPENSATED
     assert result.error is not None and result.error.type == "TripOff"
     core.close()
+
+
+def operator(wf: str, action: str, step: int | None = None, request: str = "op-1") -> bytes:
+    return codec.encode(
+        OperatorAction(
+            workflow_id=wf,
+            request_id=request,
+            action=action,
+            reason="INC-42",
+            operator="alice",
+            step_seq=step,
+            sent_at_ms=NOW,
+        )
+    )
+
+
+def failed_reply(wf: str, seq: int, attempt: int = 1, business: bool = True) -> bytes:
+    return codec.encode(
+        ActivityReply(
+            workflow_id=wf,
+            seq=seq,
+            attempt=attempt,
+            idempotency_key=f"{wf}/{seq}",
+            outcome=ReplyOutcome.BUSINESS_FAILURE if business else ReplyOutcome.RETRYABLE_FAILURE,
+            sent_at_ms=NOW,
+            error=ErrorInfo(type="Refused", message="no"),
+        )
+    )
+
+
+def test_terminate_records_who_and_why_and_answers_the_caller(core: Core) -> None:
+    core.commit(core.feed(start("t-1"), b"t-1"))
+    batch = core.feed(operator("t-1", "terminate"), b"t-1")
+    core.commit(batch)
+    assert kinds(batch) == ["OperatorActed"]
+    (result,) = results(batch)
+    assert result.status == WorkflowStatus.TERMINATED
+    assert result.error is not None and result.error.message == "INC-42"
+    # the reply to the step in flight is ignored; terminating again changes nothing
+    assert kinds(core.feed(reply("t-1", 1), b"t-1")) == ["LateReplyIgnored"]
+    again = core.feed(operator("t-1", "terminate", request="op-2"), b"t-1")
+    assert again.outputs == []
+
+
+def test_an_action_that_does_not_apply_is_dead_lettered_with_the_reason(core: Core) -> None:
+    core.commit(core.feed(start("r-1"), b"r-1"))
+    batch = core.feed(operator("r-1", "skip", step=1), b"r-1")
+    assert kinds(batch) == []
+    (letter,) = letters(batch)
+    assert letter.error_type == "OperatorRefused"
+    assert "not a parked compensation" in letter.reason
+    unknown = core.feed(operator("nobody", "retry"), b"nobody")
+    assert [d.error_type for d in letters(unknown)] == ["UnknownWorkflow"]
+
+
+def test_a_parked_compensation_is_retried_by_an_operator_and_the_saga_ends(core: Core) -> None:
+    wf = "park-1"
+    core.commit(core.feed(start(wf), wf.encode()))
+    core.commit(core.feed(reply(wf, 1), wf.encode()))
+    core.commit(core.feed(reply(wf, 2), wf.encode()))
+    core.commit(core.feed(failed_reply(wf, 3), wf.encode()))  # c refused: undo b (#4)
+    core.commit(core.feed(reply(wf, 4), wf.encode()))  # b undone: undo a (#5)
+    parked = core.feed(failed_reply(wf, 5), wf.encode())  # a's undo refused: parked
+    core.commit(parked)
+    assert kinds(parked) == ["ActivityParked"] and results(parked) == []
+    summary = core.parts[partition_for(wf, PARTITIONS)].store.summary(wf)
+    assert summary is not None and summary.status == "PARKED"
+    retried = core.feed(operator(wf, "retry", step=5), wf.encode())
+    core.commit(retried)
+    assert kinds(retried) == ["OperatorActed", "ActivityAttemptStarted"]
+    (command,) = [
+        codec.decode_as(o.value or b"", ActivityCommand) for o in on(retried, "svc-a.commands")
+    ]
+    assert (command.seq, command.attempt, command.is_compensation) == (5, 2, True)
+    assert command.idempotency_key == f"{wf}/5/retry1"  # the service runs it again
+    done = core.feed(
+        codec.encode(
+            ActivityReply(
+                workflow_id=wf,
+                seq=5,
+                attempt=2,
+                idempotency_key=command.idempotency_key,
+                outcome=ReplyOutcome.SUCCESS,
+                sent_at_ms=NOW,
+                result=to_payload(Done(n=5, ref="u")),
+            )
+        ),
+        wf.encode(),
+    )
+    assert [r.status for r in results(done)] == [WorkflowStatus.COMPENSATED]
+
+
+def test_a_restore_finds_a_workflow_this_code_cannot_replay_without_waiting_for_input(
+    tmp_path: Path,
+) -> None:
+    """A deploy that breaks a sleeping workflow shows it BLOCKED at once, not when it wakes."""
+    wf, home = "sleepy", partition_for("sleepy", PARTITIONS)
+    v1 = Core(tmp_path)
+    v1.commit(v1.feed(start(wf), wf.encode()))
+    v1.commit(v1.feed(reply(wf, 1), wf.encode()))  # b#2 in flight, nothing else comes
+    v1.close()
+    v2 = Core(tmp_path, workflows=(ThreeStepsReordered,))
+    v2.decider.restored(RestoreReport(home, 0, 0, 0.0))
+    found = Batch()
+    v2.decider.wake_blocked(v2.parts, found, NOW)
+    v2.commit(found)
+    assert kinds(found) == ["WorkflowBlocked"]
+    summary = v2.parts[home].store.summary(wf)
+    assert summary is not None and summary.status == "BLOCKED"
+    # an operator's retry re-runs it on this code: still blocked, recorded, nothing sent
+    retried = v2.feed(operator(wf, "retry"), wf.encode())
+    assert kinds(retried) == ["OperatorActed"] and not on(retried, "svc-c.commands")
+    v2.close()

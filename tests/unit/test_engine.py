@@ -12,17 +12,21 @@ from hypothesis import strategies as st
 from contracts.envelopes import (
     ActivityAttemptFailed,
     ActivityAttemptStarted,
+    ActivityParked,
     ActivityReply,
     ActivityScheduled,
     ErrorInfo,
     HistoryEvent,
     LateReplyIgnored,
+    OperatorActed,
+    OperatorAction,
     ReplyOutcome,
     StartWorkflow,
     WorkflowStatus,
 )
 from orchestrator._engine.instance import WorkflowRun
-from orchestrator._engine.state import fold
+from orchestrator._engine.state import OperatorRefused, fold
+from orchestrator._engine.store import WorkflowSummary
 from orchestrator.errors import NonDeterminismError
 from orchestrator.payloads import from_payload, to_payload
 from orchestrator.workflow import WorkflowRegistry
@@ -237,21 +241,125 @@ def test_signal_resumes_a_waiting_workflow_and_duplicates_are_ignored() -> None:
     assert from_payload(run.state.result, Done).n == 42
 
 
-def test_a_compensation_that_gives_up_parks_the_workflow() -> None:
-    def refuse_c_and_undo_a(act: ActivityScheduled, attempt: int) -> ActivityReply:
-        if act.activity_name == "c.do":
-            return _reply(act, attempt, ReplyOutcome.BUSINESS_FAILURE, "Declined")
-        if act.activity_name == "a.undo":
+def _refuse_c_and_undo_a(act: ActivityScheduled, attempt: int) -> ActivityReply:
+    if act.activity_name == "c.do":
+        return _reply(act, attempt, ReplyOutcome.BUSINESS_FAILURE, "Declined")
+    if act.activity_name == "a.undo":
+        return _reply(act, attempt, ReplyOutcome.RETRYABLE_FAILURE, "Down")
+    return ok(act, attempt)
+
+
+def _parked_trip() -> tuple[WorkflowRun, list[HistoryEvent]]:
+    """c fails, b is undone, a's compensation gives up: the saga waits for an operator."""
+    run, events = _start("wf", Trip())
+    history = _drive(run, events, _refuse_c_and_undo_a)
+    return run, history
+
+
+def _operator(
+    action: str, step: int | None = None, request: str = "op-1", **kw: object
+) -> OperatorAction:
+    return OperatorAction(
+        workflow_id="wf", request_id=request, action=action, reason="on call: ticket 7",
+        operator="alice", step_seq=step, sent_at_ms=0, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_a_compensation_that_gives_up_parks_and_waits_for_an_operator() -> None:
+    run, history = _parked_trip()
+    assert not run.finished and run.state.status is WorkflowStatus.RUNNING
+    # b was undone, a was tried until its policy gave up (20 attempts by default), then parked
+    assert _names(history)[-2:] == ["undo:b.undo", "undo:a.undo"]
+    (parked,) = run.state.parked
+    assert (parked.seq, parked.attempt, parked.name) == (5, 20, "a.undo")
+    assert isinstance(history[-1].event, ActivityParked)
+    assert run.state.next_due_ms() is None  # no timer spins while it waits
+    assert "parked: a.undo #5" in run.state.current_step
+    assert WorkflowSummary.of(run.state).status == "PARKED"
+
+
+def test_an_operator_retry_of_a_parked_compensation_gives_it_a_new_round() -> None:
+    run, history = _parked_trip()
+    retried = run.on_operator(_operator("retry"), 5_000)
+    assert [type(e.event).__name__ for e in retried] == ["OperatorActed", "ActivityAttemptStarted"]
+    assert retried[1].event == ActivityAttemptStarted(seq=5, attempt=21)
+    history += retried
+    # the service works again: the compensation succeeds, the saga ends COMPENSATED
+    # a new operation for the service (its dedupe store holds the failure under the old key)
+    undo = run.state.activities[5]
+    assert undo.idempotency_key == _scheduled(history, "a.undo").idempotency_key + "/retry1"
+    again = _scheduled(history, "a.undo").model_copy(
+        update={"idempotency_key": undo.idempotency_key}
+    )
+    history += run.on_reply(ok(again, 21), 5_001)
+    assert run.state.status is WorkflowStatus.COMPENSATED
+    assert run.state.error is not None and run.state.error.type == "Declined"
+    assert WorkflowRun.replay("wf", history, REGISTRY).state == run.state
+    # the same request again changes nothing; a retry of a finished workflow is refused
+    assert run.on_operator(_operator("retry"), 5_002) == []
+    with pytest.raises(OperatorRefused, match="has ended"):
+        run.on_operator(_operator("retry", request="op-2"), 5_003)
+
+
+def test_a_retry_that_fails_again_parks_again_after_a_new_round() -> None:
+    run, history = _parked_trip()
+    history += run.on_operator(_operator("retry", step=5), 5_000)
+    history = _drive(run, history[-1:], _refuse_c_and_undo_a, now=5_000)
+    (parked,) = run.state.parked
+    assert parked.attempt == 40  # another 20 attempts, then parked again
+
+
+def test_an_operator_skip_marks_the_compensation_done_and_the_saga_goes_on() -> None:
+    run, history = _parked_trip()
+    with pytest.raises(OperatorRefused, match="--step"):
+        run.on_operator(_operator("skip"), 5_000)
+    with pytest.raises(OperatorRefused, match="not a parked compensation"):
+        run.on_operator(_operator("skip", step=1), 5_000)
+    skipped = run.on_operator(_operator("skip", step=5), 5_000)
+    history += skipped
+    acted = skipped[0].event
+    assert isinstance(acted, OperatorActed)
+    assert (acted.action, acted.operator, acted.reason, acted.step_seq) == (
+        "skip", "alice", "on call: ticket 7", 5,
+    )  # fmt: skip
+    assert run.state.status is WorkflowStatus.COMPENSATED
+    assert run.state.activities[5].skipped
+    assert WorkflowRun.replay("wf", history, REGISTRY).state == run.state
+
+
+def test_terminate_ends_the_workflow_without_compensating() -> None:
+    run, events = _start("wf", Trip(sleep_ms=3_600_000))
+    history = list(events)
+    history += run.on_reply(ok(_scheduled(history, "a.do"), 1), 1_000)
+    history += run.on_reply(ok(_scheduled(history, "b.do"), 1), 1_000)
+    assert run.state.timers
+    ended = run.on_operator(_operator("terminate"), 2_000)
+    history += ended
+    assert [type(e.event).__name__ for e in ended] == ["OperatorActed"]
+    assert run.state.status is WorkflowStatus.TERMINATED and run.finished
+    assert run.state.error is not None and run.state.error.type == "Terminated"
+    assert run.state.next_due_ms() is None
+    assert WorkflowRun.replay("wf", history, REGISTRY).state == run.state
+    # terminating it again is no error (idempotent); a reply that comes later changes nothing
+    assert run.on_operator(_operator("terminate", request="op-2"), 2_001) == []
+
+
+def test_a_retry_now_starts_a_pending_retry_at_once() -> None:
+    def down_once(act: ActivityScheduled, attempt: int) -> ActivityReply:
+        if act.activity_name == "a.do" and attempt == 1:
             return _reply(act, attempt, ReplyOutcome.RETRYABLE_FAILURE, "Down")
         return ok(act, attempt)
 
     run, events = _start("wf", Trip())
-    history = _drive(run, events, refuse_c_and_undo_a)
-    assert run.state.status is WorkflowStatus.PARKED
-    assert run.state.error is not None and "compensation gave up" in run.state.error.message
-    # b was undone, a was tried until its policy gave up (20 attempts by default)
-    assert _names(history)[-2:] == ["undo:b.undo", "undo:a.undo"]
-    assert run.state.activities[5].attempt == 20
+    run.on_reply(down_once(_scheduled(events, "a.do"), 1), 1_000)
+    assert run.state.activities[1].retry_at_ms is not None
+    retried = run.on_operator(_operator("retry"), 1_001)
+    assert retried[-1].event == ActivityAttemptStarted(seq=1, attempt=2)
+    assert run.state.activities[1].retry_at_ms is None
+    with pytest.raises(OperatorRefused, match="nothing to retry"):
+        run.on_operator(_operator("retry", request="op-2"), 1_002)
+    with pytest.raises(OperatorRefused, match="unknown action"):
+        run.on_operator(_operator("explode", request="op-3"), 1_002)
 
 
 def silent(act: ActivityScheduled, attempt: int) -> None:
@@ -295,7 +403,8 @@ def test_a_compensation_without_timeout_times_out_too_and_parks_the_workflow() -
     history = _drive(run, events, refuse_c_dead_undo_a)
     undo_a = _scheduled(history, "a.undo")
     assert undo_a.is_compensation and undo_a.attempt_timeout_ms == 1_000
-    assert run.state.status is WorkflowStatus.PARKED
+    assert WorkflowSummary.of(run.state).status == "PARKED"
+    assert [a.seq for a in run.state.parked] == [undo_a.seq]
     assert run.state.activities[undo_a.seq].attempt == 20  # the compensation retry policy
     last = [e.event for e in history if isinstance(e.event, ActivityAttemptFailed)][-1]
     assert last.seq == undo_a.seq and last.error.type == "ActivityTimeout"

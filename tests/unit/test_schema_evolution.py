@@ -17,7 +17,7 @@ from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.schema import parse_schema
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from contracts import codec
@@ -31,13 +31,22 @@ from contracts.codec import (
     fingerprint,
 )
 from contracts.envelopes import (
+    ActivityParked,
     ActivityReply,
+    ChildWorkflowCompleted,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
     ErrorInfo,
     HistoryEvent,
     MarkerRecorded,
+    OperatorActed,
     Payload,
     ReplyOutcome,
+    StartWorkflow,
     WorkflowBlocked,
+    WorkflowFailed,
+    WorkflowStarted,
+    WorkflowStatus,
 )
 from tests.unit.test_codec import ENVELOPES, EVENT_BODIES, history_events
 
@@ -142,6 +151,8 @@ def test_a_v0_reader_can_read_current_records(reply: ActivityReply) -> None:
 
 # --------------------------------------------------------------------------- HistoryEvent v0
 
+CHILD_BODIES = (ChildWorkflowStarted, ChildWorkflowCompleted, ChildWorkflowFailed)
+CHILD_KINDS = [f"saga.v1.{t.__name__}" for t in CHILD_BODIES]
 HISTORY_V0 = Path(codec.__file__).parent / "schemas" / "legacy" / "HistoryEvent.v0.avsc"
 
 
@@ -163,19 +174,75 @@ def test_history_v0_is_the_current_schema_without_the_new_kinds() -> None:
         *_branches(v0),
         "saga.v1.MarkerRecorded",
         "saga.v1.WorkflowBlocked",
+        "saga.v1.ActivityParked",
+        "saga.v1.OperatorActed",
+        *CHILD_KINDS,
     ]
     assert fingerprint(v0) != current_schema(HistoryEvent).fingerprint
+
+
+HISTORY_V1 = HISTORY_V0.with_name("HistoryEvent.v1.avsc")
+_OPERATOR_KINDS = (ActivityParked, OperatorActed)
+
+
+def _history_v1_schema() -> dict[str, Any]:
+    parsed = parse_schema(json.loads(HISTORY_V1.read_text()))
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def test_history_v1_is_the_current_schema_without_the_operator_kinds() -> None:
+    assert _branches(current_schema(HistoryEvent).schema) == [
+        *_branches(_history_v1_schema()),
+        "saga.v1.ActivityParked",
+        "saga.v1.OperatorActed",
+        *CHILD_KINDS,
+    ]
+
+
+def _old_status(event: HistoryEvent) -> bool:
+    """TERMINATED came with the operator kinds: old writers never wrote it."""
+    body = event.event
+    return not (isinstance(body, WorkflowFailed) and body.status is WorkflowStatus.TERMINATED)
+
+
+def _no_parent(event: HistoryEvent) -> bool:
+    """WorkflowStarted.parent came with the child workflow kinds."""
+    return not isinstance(event.event, WorkflowStarted) or event.event.parent is None
 
 
 @given(
     history_events(
         st.one_of(
-            *(s for t, s in EVENT_BODIES.items() if t not in (MarkerRecorded, WorkflowBlocked))
+            *(s for t, s in EVENT_BODIES.items() if t not in (*_OPERATOR_KINDS, *CHILD_BODIES))
+        )
+    )
+)
+def test_history_written_before_operator_actions_reads_as_the_current_model(
+    event: HistoryEvent,
+) -> None:
+    assume(_old_status(event) and _no_parent(event))
+    v1 = _history_v1_schema()
+    body = io.BytesIO()
+    schemaless_writer(body, v1, _history_to_avro(event))
+    framed = MAGIC + fingerprint(v1).to_bytes(8, "little") + body.getvalue()
+    assert decode_as(framed, HistoryEvent) == event
+
+
+@given(
+    history_events(
+        st.one_of(
+            *(
+                s
+                for t, s in EVENT_BODIES.items()
+                if t not in (MarkerRecorded, WorkflowBlocked, *_OPERATOR_KINDS, *CHILD_BODIES)
+            )
         )
     )
 )
 def test_history_written_before_markers_reads_as_the_current_model(event: HistoryEvent) -> None:
     """A history written by nodes on the old code stays readable by nodes on the new one."""
+    assume(_old_status(event) and _no_parent(event))
     v0 = _history_v0_schema()
     record = _history_to_avro(event)
     body = io.BytesIO()
@@ -194,3 +261,45 @@ def test_a_marker_event_round_trips_with_the_current_schema() -> None:
     data = encode(event)
     assert data[2:10] == current_schema(HistoryEvent).fingerprint.to_bytes(8, "little")
     assert decode_as(data, HistoryEvent) == event
+
+
+# --------------------------------------------------------------------------- child workflows
+
+LEGACY = Path(codec.__file__).parent / "schemas" / "legacy"
+
+
+def _legacy(name: str) -> dict[str, Any]:
+    parsed = parse_schema(json.loads((LEGACY / name).read_text()))
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def _frame(schema: dict[str, Any], record: dict[str, Any]) -> bytes:
+    body = io.BytesIO()
+    schemaless_writer(body, schema, record)
+    return MAGIC + fingerprint(schema).to_bytes(8, "little") + body.getvalue()
+
+
+def test_history_v2_is_the_current_schema_before_child_workflows() -> None:
+    v2 = _legacy("HistoryEvent.v2.avsc")
+    assert _branches(current_schema(HistoryEvent).schema) == [*_branches(v2), *CHILD_KINDS]
+
+
+@given(
+    history_events(
+        st.one_of(*(s for t, s in EVENT_BODIES.items() if t not in CHILD_BODIES))
+    ).filter(lambda e: not isinstance(e.event, WorkflowStarted) or e.event.parent is None)
+)
+def test_history_written_before_child_workflows_reads_as_the_current_model(
+    event: HistoryEvent,
+) -> None:
+    record = _history_to_avro(event)
+    if record["event"][0] == "saga.v1.WorkflowStarted":
+        record["event"][1].pop("parent")
+    assert decode_as(_frame(_legacy("HistoryEvent.v2.avsc"), record), HistoryEvent) == event
+
+
+@given(ENVELOPES[StartWorkflow].filter(lambda s: s.parent is None))
+def test_a_start_without_parent_written_by_an_older_client_reads(start: StartWorkflow) -> None:
+    record = start.model_dump(exclude={"parent"})
+    assert decode_as(_frame(_legacy("StartWorkflow.v0.avsc"), record), StartWorkflow) == start
