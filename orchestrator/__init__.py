@@ -13,7 +13,8 @@
                 ...
 
 Run it with ``orchestrator run --workflows my_module`` (or :class:`OrchestratorNode`), serve
-activities with :class:`Service`, and start workflows with :class:`Client`.
+activities with :class:`Service`, and start workflows with :class:`Client` (or
+:class:`AsyncClient` from asyncio code).
 
 The public surface is what ``__all__`` lists, plus four submodules: ``orchestrator.workflow``
 (the decorators), ``orchestrator.tracing`` (OpenTelemetry setup and the trace tree),
@@ -25,6 +26,7 @@ and may change in any release, with or without a leading underscore in its name.
 from contracts.activity import ActivityContract
 from contracts.envelopes import IdReusePolicy, RetryPolicy, WorkflowStatus
 from orchestrator import testing, tracing, workflow
+from orchestrator.aio import AsyncClient, AsyncWorkflowHandle
 from orchestrator.client import (
     Client,
     ClientError,
@@ -77,6 +79,8 @@ from orchestrator.workflow import (
 __all__ = [
     "ActivityContract",
     "ActivityError",
+    "AsyncClient",
+    "AsyncWorkflowHandle",
     "AsyncioInWorkflow",
     "BusinessError",
     "ChildHandle",

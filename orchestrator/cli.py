@@ -242,50 +242,84 @@ def _topic_failure(ctx: click.Context, exc: TopicError) -> NoReturn:
 
 
 _replication = click.option(
-    "--replication-factor", type=click.IntRange(min=1), default=1, show_default=True
+    "--replication-factor",
+    type=click.IntRange(min=1),
+    help="[env: SAGA_REPLICATION_FACTOR; default: min(3, brokers)]",
+)
+_min_isr = click.option(
+    "--min-insync-replicas",
+    type=click.IntRange(min=1),
+    help="[env: SAGA_MIN_INSYNC_REPLICAS; default: min(2, replication factor)]",
 )
 _topic_timeout = click.option("--timeout", type=float, default=30.0, show_default=True)
 
 
 @topics.command("create")
 @_replication
+@_min_isr
 @_topic_timeout
 @click.pass_context
-def topics_create(ctx: click.Context, replication_factor: int, timeout: float) -> None:
+def topics_create(
+    ctx: click.Context,
+    replication_factor: int | None,
+    min_insync_replicas: int | None,
+    timeout: float,
+) -> None:
     """Create the missing topics of the namespace and check the existing ones."""
-    _topics_command(ctx, ensure_topics, replication_factor, timeout, "are ready")
+    _topics_command(
+        ctx, ensure_topics, replication_factor, min_insync_replicas, timeout, "are ready"
+    )
 
 
 @topics.command("verify")
 @_replication
+@_min_isr
 @_topic_timeout
 @click.pass_context
-def topics_verify(ctx: click.Context, replication_factor: int, timeout: float) -> None:
-    """Check the topics of the namespace; exit 1 listing every mismatch."""
-    _topics_command(ctx, verify_topics, replication_factor, timeout, "are as required")
+def topics_verify(
+    ctx: click.Context,
+    replication_factor: int | None,
+    min_insync_replicas: int | None,
+    timeout: float,
+) -> None:
+    """Check the topics of the namespace; exit 1 listing every mismatch and every
+    under-replicated partition."""
+    _topics_command(
+        ctx, verify_topics, replication_factor, min_insync_replicas, timeout, "are as required"
+    )
 
 
 def _topics_command(
     ctx: click.Context,
     action: Callable[..., TopicReport],
-    replication_factor: int,
+    replication_factor: int | None,
+    min_insync_replicas: int | None,
     timeout: float,
     outcome: str,
 ) -> None:
     s = _settings(ctx)
+    rf = replication_factor if replication_factor is not None else s.replication_factor
+    isr = min_insync_replicas if min_insync_replicas is not None else s.min_insync_replicas
     try:
         report = action(
             s.bootstrap_servers,
             s.namespace,
             s.partitions,
-            replication_factor,
+            rf,
+            min_insync_replicas=isr,
             client_config=s.client_extra(),
             timeout_s=timeout,
         )
     except TopicError as exc:
         _topic_failure(ctx, exc)
+    except ValueError as exc:  # min.insync.replicas above the replication factor
+        raise click.UsageError(str(exc), ctx=ctx) from None
     _print_report(report)
-    click.echo(f"topics of namespace {s.namespace} {outcome} ({s.partitions} partitions)")
+    click.echo(
+        f"topics of namespace {s.namespace} {outcome} ({s.partitions} partitions, "
+        f"replication factor {report.replication_factor}, "
+        f"min.insync.replicas {report.min_insync_replicas})"
+    )
 
 
 # --------------------------------------------------------------------------- run

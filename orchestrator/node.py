@@ -14,12 +14,13 @@ import gc
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 
 from opentelemetry.trace import TracerProvider
 
 from orchestrator._engine.decide import Counters
-from orchestrator._engine.processor import Processor
+from orchestrator._engine.processor import InboxConsumerLost, Processor
 from orchestrator._queries import handle_http
 from orchestrator.errors import NodeStopped
 from orchestrator.health import Health, HealthServer, serve_http
@@ -29,6 +30,10 @@ from orchestrator.settings import Settings
 from orchestrator.topics import verify_topics
 from orchestrator.tracing import WorkflowTracer
 from orchestrator.workflow import WorkflowRegistry
+
+#: In-process restarts after a lost inbox consumer (a broker failover) before the node gives up.
+_MAX_RESTARTS = 5
+_RESTART_WINDOW_S = 600.0
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +125,40 @@ class OrchestratorNode:
             self.settings.bootstrap_servers,
             self.settings.namespace,
             self.settings.partitions,
+            self.settings.replication_factor,
+            min_insync_replicas=self.settings.min_insync_replicas,
             client_config=self.settings.client_extra(),
+            under_replicated_is_problem=False,  # a broker restarting must not stop a node
         )
         tracer = None
         if self.tracer_provider is not None:
             tracer = WorkflowTracer(self.tracer_provider, inbox=self.settings.inbox)
-        self._processor = Processor(
-            self.settings, self.registry, tracer=tracer, metrics=self.metrics, health=self.health
-        )
-        log.info(
-            "node %s runs %s on %s (namespace %s)",
-            self.settings.node_id, ", ".join(self.registry.names()),
-            self.settings.bootstrap_servers, self.settings.namespace,
-        )  # fmt: skip
-        self._processor.run(stop)
+        restarts: list[float] = []
+        while not stop.is_set():
+            self._processor = Processor(
+                self.settings,
+                self.registry,
+                tracer=tracer,
+                metrics=self.metrics,
+                health=self.health,
+            )
+            log.info(
+                "node %s runs %s on %s (namespace %s)",
+                self.settings.node_id, ", ".join(self.registry.names()),
+                self.settings.bootstrap_servers, self.settings.namespace,
+            )  # fmt: skip
+            try:
+                self._processor.run(stop)
+                return
+            except InboxConsumerLost as exc:
+                # run() closed the consumer, the partitions and the claim: a new processor
+                # restores its partitions and fences the old producer, as after a restart.
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < _RESTART_WINDOW_S] + [now]
+                if len(restarts) > _MAX_RESTARTS:
+                    raise NodeStopped(
+                        f"the inbox consumer was lost {len(restarts)} times within "
+                        f"{_RESTART_WINDOW_S:.0f}s: {exc}"
+                    ) from exc
+                log.warning("inbox consumer lost (%s); starting the processor over", exc)
+                stop.wait(1.0)

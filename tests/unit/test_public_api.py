@@ -23,6 +23,8 @@ def test_the_exported_names_are_pinned() -> None:
     assert sorted(orchestrator.__all__) == [
         "ActivityContract",
         "ActivityError",
+        "AsyncClient",
+        "AsyncWorkflowHandle",
         "AsyncioInWorkflow",
         "BusinessError",
         "ChildHandle",
