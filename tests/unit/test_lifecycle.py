@@ -535,3 +535,26 @@ def test_cli_refuses_bad_schedules_and_start_options_before_sending(
     out = CliRunner().invoke(main, ["--bootstrap", "127.0.0.1:1", *args])
     assert out.exit_code == code and says in out.output, out.output
     assert "Traceback" not in out.output and "Value error" not in out.output
+
+
+def test_both_clients_put_the_timeout_and_the_policy_in_the_start(tmp_path: Path) -> None:
+    import inspect
+
+    from orchestrator.aio import AsyncClient
+    from orchestrator.client import Client
+    from orchestrator.settings import Settings
+
+    for method in (Client.start, AsyncClient.start):
+        params = inspect.signature(method).parameters
+        assert {"execution_timeout", "id_reuse"} <= set(params), method
+    client = Client(Settings(namespace="ns", state_dir=tmp_path))
+    try:
+        start, _ = client._start_envelope(
+            "t", {}, "wf", None, timedelta(seconds=5), "ALLOW_DUPLICATE"
+        )
+        assert start.execution_timeout_ms == 5_000
+        assert start.id_reuse is IdReusePolicy.ALLOW_DUPLICATE
+        with pytest.raises(ValueError, match="positive"):
+            client._start_envelope("t", {}, "wf", None, 0, IdReusePolicy.REJECT_DUPLICATE)
+    finally:
+        client.close()
