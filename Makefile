@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck unit bench broker broker-stop kafka-jars browser install clean helm
+.PHONY: demo test check lint typecheck unit bench bench-waiters broker broker-stop kafka-jars browser install clean helm
 
 install: $(STAMP)
 
@@ -88,6 +88,9 @@ demo: broker
 
 bench: broker
 	$(BIN)/python -m bench.sagas --bootstrap "$$($(BIN)/python -m deploy.kafka.broker bootstrap)"
+
+bench-waiters: broker
+	$(BIN)/python -m bench.waiters --bootstrap "$$($(BIN)/python -m deploy.kafka.broker bootstrap)"
 
 clean: broker-stop
 	rm -rf .run

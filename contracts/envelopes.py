@@ -54,6 +54,14 @@ class RetryPolicy(_Envelope):
 # --------------------------------------------------------------------------- inbox envelopes
 
 
+class IdReusePolicy(StrEnum):
+    """What a start does when a workflow with its id exists (docs/workflows.md, "Id reuse")."""
+
+    REJECT_DUPLICATE = "REJECT_DUPLICATE"  # only the same start again, as a no-op
+    ALLOW_DUPLICATE = "ALLOW_DUPLICATE"  # a new run once the previous one has closed
+    TERMINATE_IF_RUNNING = "TERMINATE_IF_RUNNING"  # end a running one, then a new run
+
+
 class ParentRef(_Envelope):
     """The parent of a child workflow: where the child reports how it ended."""
 
@@ -69,6 +77,8 @@ class StartWorkflow(_Envelope):
     sent_at_ms: int
     trace: TraceContext | None = None
     parent: ParentRef | None = None  # set when a workflow starts this one as its child
+    execution_timeout_ms: int | None = None
+    id_reuse: IdReusePolicy = IdReusePolicy.REJECT_DUPLICATE
 
 
 class SignalWorkflow(_Envelope):
@@ -202,6 +212,7 @@ class WorkflowStarted(_Envelope):
     random_seed: int
     trace: TraceContext | None = None
     parent: ParentRef | None = None  # set for a child workflow: it reports its end there
+    execution_timeout_ms: int | None = None
 
 
 class ActivityScheduled(_Envelope):
@@ -367,6 +378,33 @@ class ChildWorkflowFailed(_Envelope):
     error: ErrorInfo
 
 
+class WorkflowTimedOut(_Envelope):
+    """The execution timeout passed: the code gets ``WorkflowTimedOut`` at its current await
+    (its saga compensates) and the workflow fails with it."""
+
+    kind: Literal["WorkflowTimedOut"] = "WorkflowTimedOut"
+    timeout_ms: int
+
+
+class WorkflowContinuedAsNew(_Envelope):
+    """The run ended by ``ctx.continue_as_new(input)``: the next event is the ``WorkflowStarted``
+    of a new run of the same workflow; this run's events are tombstoned."""
+
+    kind: Literal["WorkflowContinuedAsNew"] = "WorkflowContinuedAsNew"
+    input: Payload
+
+
+class WorkflowStartSent(_Envelope):
+    """The workflow asked for another workflow to be started (a schedule's tick): a
+    ``StartWorkflow`` went to the inbox in the same transaction."""
+
+    kind: Literal["WorkflowStartSent"] = "WorkflowStartSent"
+    target_id: str
+    workflow_type: str
+    input: Payload
+    request_id: str
+
+
 EventBody = Annotated[
     WorkflowStarted
     | ActivityScheduled
@@ -387,7 +425,10 @@ EventBody = Annotated[
     | OperatorActed
     | ChildWorkflowStarted
     | ChildWorkflowCompleted
-    | ChildWorkflowFailed,
+    | ChildWorkflowFailed
+    | WorkflowTimedOut
+    | WorkflowContinuedAsNew
+    | WorkflowStartSent,
     Field(discriminator="kind"),
 ]
 

@@ -13,17 +13,20 @@
                 ...
 
 Run it with ``orchestrator run --workflows my_module`` (or :class:`OrchestratorNode`), serve
-activities with :class:`Service`, and start workflows with :class:`Client`.
+activities with :class:`Service`, and start workflows with :class:`Client` (or
+:class:`AsyncClient` from asyncio code).
 
-The public surface is what ``__all__`` lists, plus three submodules: ``orchestrator.workflow``
-(the decorators), ``orchestrator.tracing`` (OpenTelemetry setup and the trace tree) and
-``orchestrator.testing`` (replaying exported histories in tests). Every other module is internal
+The public surface is what ``__all__`` lists, plus four submodules: ``orchestrator.workflow``
+(the decorators), ``orchestrator.tracing`` (OpenTelemetry setup and the trace tree),
+``orchestrator.testing`` (replaying exported histories in tests) and ``orchestrator.schedule``
+(durable cron schedules). Every other module is internal
 and may change in any release, with or without a leading underscore in its name.
 """
 
 from contracts.activity import ActivityContract
-from contracts.envelopes import RetryPolicy, WorkflowStatus
+from contracts.envelopes import IdReusePolicy, RetryPolicy, WorkflowStatus
 from orchestrator import testing, tracing, workflow
+from orchestrator.aio import AsyncClient, AsyncWorkflowHandle
 from orchestrator.client import (
     Client,
     ClientError,
@@ -41,6 +44,7 @@ from orchestrator.errors import (
     ChildWorkflowError,
     CompensationFailed,
     ConfigurationError,
+    ContinueAsNew,
     DeterminismViolation,
     KafkaUnavailable,
     NodeStopped,
@@ -57,6 +61,7 @@ from orchestrator.errors import (
     WorkflowFailedError,
     WorkflowFailure,
     WorkflowIdConflict,
+    WorkflowTimedOut,
 )
 from orchestrator.node import OrchestratorNode
 from orchestrator.service import CommandInfo, Service, ServiceError, run_in_thread, serving
@@ -74,6 +79,8 @@ from orchestrator.workflow import (
 __all__ = [
     "ActivityContract",
     "ActivityError",
+    "AsyncClient",
+    "AsyncWorkflowHandle",
     "AsyncioInWorkflow",
     "BusinessError",
     "ChildHandle",
@@ -85,9 +92,11 @@ __all__ = [
     "Compensation",
     "CompensationFailed",
     "ConfigurationError",
+    "ContinueAsNew",
     "DeliveryFailed",
     "DeterminismViolation",
     "EventSummary",
+    "IdReusePolicy",
     "KafkaUnavailable",
     "NodeStopped",
     "NonDeterminismError",
@@ -117,6 +126,7 @@ __all__ = [
     "WorkflowIdConflict",
     "WorkflowRegistry",
     "WorkflowStatus",
+    "WorkflowTimedOut",
     "ensure_service_topic",
     "ensure_topics",
     "run_in_thread",

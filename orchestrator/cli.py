@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 import click
 from pydantic import ValidationError
 
-from contracts.envelopes import HistoryEvent, OperatorActed
+from contracts.envelopes import HistoryEvent, IdReusePolicy, OperatorActed, WorkflowStarted
 from orchestrator._engine.state import fold
 from orchestrator.client import Client, WorkflowDescription
 from orchestrator.errors import (
@@ -242,50 +242,84 @@ def _topic_failure(ctx: click.Context, exc: TopicError) -> NoReturn:
 
 
 _replication = click.option(
-    "--replication-factor", type=click.IntRange(min=1), default=1, show_default=True
+    "--replication-factor",
+    type=click.IntRange(min=1),
+    help="[env: SAGA_REPLICATION_FACTOR; default: min(3, brokers)]",
+)
+_min_isr = click.option(
+    "--min-insync-replicas",
+    type=click.IntRange(min=1),
+    help="[env: SAGA_MIN_INSYNC_REPLICAS; default: min(2, replication factor)]",
 )
 _topic_timeout = click.option("--timeout", type=float, default=30.0, show_default=True)
 
 
 @topics.command("create")
 @_replication
+@_min_isr
 @_topic_timeout
 @click.pass_context
-def topics_create(ctx: click.Context, replication_factor: int, timeout: float) -> None:
+def topics_create(
+    ctx: click.Context,
+    replication_factor: int | None,
+    min_insync_replicas: int | None,
+    timeout: float,
+) -> None:
     """Create the missing topics of the namespace and check the existing ones."""
-    _topics_command(ctx, ensure_topics, replication_factor, timeout, "are ready")
+    _topics_command(
+        ctx, ensure_topics, replication_factor, min_insync_replicas, timeout, "are ready"
+    )
 
 
 @topics.command("verify")
 @_replication
+@_min_isr
 @_topic_timeout
 @click.pass_context
-def topics_verify(ctx: click.Context, replication_factor: int, timeout: float) -> None:
-    """Check the topics of the namespace; exit 1 listing every mismatch."""
-    _topics_command(ctx, verify_topics, replication_factor, timeout, "are as required")
+def topics_verify(
+    ctx: click.Context,
+    replication_factor: int | None,
+    min_insync_replicas: int | None,
+    timeout: float,
+) -> None:
+    """Check the topics of the namespace; exit 1 listing every mismatch and every
+    under-replicated partition."""
+    _topics_command(
+        ctx, verify_topics, replication_factor, min_insync_replicas, timeout, "are as required"
+    )
 
 
 def _topics_command(
     ctx: click.Context,
     action: Callable[..., TopicReport],
-    replication_factor: int,
+    replication_factor: int | None,
+    min_insync_replicas: int | None,
     timeout: float,
     outcome: str,
 ) -> None:
     s = _settings(ctx)
+    rf = replication_factor if replication_factor is not None else s.replication_factor
+    isr = min_insync_replicas if min_insync_replicas is not None else s.min_insync_replicas
     try:
         report = action(
             s.bootstrap_servers,
             s.namespace,
             s.partitions,
-            replication_factor,
+            rf,
+            min_insync_replicas=isr,
             client_config=s.client_extra(),
             timeout_s=timeout,
         )
     except TopicError as exc:
         _topic_failure(ctx, exc)
+    except ValueError as exc:  # min.insync.replicas above the replication factor
+        raise click.UsageError(str(exc), ctx=ctx) from None
     _print_report(report)
-    click.echo(f"topics of namespace {s.namespace} {outcome} ({s.partitions} partitions)")
+    click.echo(
+        f"topics of namespace {s.namespace} {outcome} ({s.partitions} partitions, "
+        f"replication factor {report.replication_factor}, "
+        f"min.insync.replicas {report.min_insync_replicas})"
+    )
 
 
 # --------------------------------------------------------------------------- run
@@ -400,6 +434,19 @@ def _dump(value: Any) -> str:
 @click.option("--id", "workflow_id", help="the workflow id (default: a new UUID)")
 @click.option("--wait", is_flag=True, help="wait for the result and print it")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="with --wait")
+@click.option(
+    "--execution-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="fail the workflow (WorkflowTimedOut, its saga compensates) if not done by then",
+)
+@click.option(
+    "--id-reuse",
+    type=click.Choice([p.value for p in IdReusePolicy], case_sensitive=False),
+    default=IdReusePolicy.REJECT_DUPLICATE.value,
+    show_default=True,
+    help="when a workflow with this id exists (docs/workflows.md, Id reuse)",
+)
 @click.pass_context
 def start(
     ctx: click.Context,
@@ -408,12 +455,20 @@ def start(
     workflow_id: str | None,
     wait: bool,
     timeout: float,
+    execution_timeout: float | None,
+    id_reuse: str,
 ) -> None:
     """Start a workflow of type TYPE; print its id (or, with --wait, its result)."""
     if workflow_id == "":
         raise click.BadParameter("must not be empty", param_hint="'--id'")
     with _client(ctx) as client:
-        handle = client.start(workflow_type, input_, workflow_id=workflow_id)
+        handle = client.start(
+            workflow_type,
+            input_,
+            workflow_id=workflow_id,
+            execution_timeout=execution_timeout,
+            id_reuse=IdReusePolicy(id_reuse.upper()),
+        )
         if not wait:
             click.echo(handle.workflow_id)
             return
@@ -1089,8 +1144,12 @@ def _running_then_recent(events: list[HistoryEvent]) -> tuple[bool, int]:
 
 
 def _gapless(events: list[HistoryEvent]) -> list[HistoryEvent]:
-    out = []
-    for expected, event in enumerate(events, start=1):
+    out: list[HistoryEvent] = []
+    if not events:
+        return out
+    # A later run of the id starts at its WorkflowStarted's seq (continue-as-new, id reuse).
+    first = events[0].event_seq if isinstance(events[0].event, WorkflowStarted) else 1
+    for expected, event in enumerate(events, start=first):
         if event.event_seq != expected:
             break
         out.append(event)
@@ -1162,6 +1221,103 @@ def render_description(d: WorkflowDescription) -> str:
             f"  {_relative(offset):>10}  #{event.seq:<4} {event.kind:{kind_width}}  {event.summary}"
         )
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+@main.group()
+def schedule() -> None:
+    """Durable cron schedules: start a workflow at every tick (docs/operations.md)."""
+
+
+@schedule.command("create")
+@click.argument("name")
+@click.option("--cron", help="a cron expression in UTC: 5 fields, or 6 with seconds first")
+@click.option(
+    "--every",
+    type=click.FloatRange(min=1),
+    metavar="SECONDS",
+    help="a fixed interval instead of --cron (ticks aligned to the Unix epoch)",
+)
+@click.option("--type", "workflow_type", required=True, help="the workflow type to start")
+@click.option(
+    "--input",
+    "input_",
+    metavar="JSON",
+    callback=_json_option,
+    help="the input of every start, as JSON (or @file); default: null",
+)
+@click.option(
+    "--catch-up",
+    type=click.FloatRange(min=0),
+    default=3600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="after an outage, start missed ticks at most this old; older ones are skipped",
+)
+@click.pass_context
+def schedule_create(
+    ctx: click.Context,
+    name: str,
+    cron: str | None,
+    every: float | None,
+    workflow_type: str,
+    input_: Any,
+    catch_up: float,
+) -> None:
+    """Create schedule NAME: starts TYPE with id NAME-<tick time> at every tick."""
+    from datetime import timedelta
+
+    from orchestrator.schedule import create_schedule
+
+    if (cron is None) == (every is None):
+        raise click.UsageError("give one of --cron and --every")
+    with _client(ctx) as client:
+        handle = create_schedule(
+            client,
+            name,
+            workflow_type,
+            input_,
+            cron=cron,
+            every=None if every is None else timedelta(seconds=every),
+            catch_up=timedelta(seconds=catch_up),
+        )
+    click.echo(f"created schedule {name} (workflow {handle.workflow_id})")
+
+
+@schedule.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print JSON lines")
+@click.pass_context
+def schedule_list(ctx: click.Context, as_json: bool) -> None:
+    """The running schedules: name, cadence, workflow type, next tick, starts so far."""
+    from orchestrator.schedule import list_schedules
+
+    with _client(ctx) as client:
+        found = list_schedules(client)
+    for s in found:
+        when = s.next_tick.isoformat(timespec="seconds") if s.next_tick else "-"
+        if as_json:
+            row = {"name": s.name, "cadence": s.cadence, "type": s.workflow_type}
+            click.echo(json.dumps({**row, "next_tick": when, "started": s.started}))
+        else:
+            click.echo(
+                f"{s.name}\t{s.cadence}\t{s.workflow_type}\tnext {when}\t{s.started} started"
+            )
+    if not found and not as_json:
+        click.echo("no schedules", err=True)
+
+
+@schedule.command("delete")
+@click.argument("name")
+@click.pass_context
+def schedule_delete(ctx: click.Context, name: str) -> None:
+    """Delete schedule NAME (no more ticks; what it started goes on)."""
+    from orchestrator.schedule import delete_schedule
+
+    with _client(ctx) as client:
+        request_id = delete_schedule(client, name)
+    click.echo(f"deleting schedule {name} (request {request_id})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -194,3 +194,26 @@ class WorkflowFailure(OrchestratorError):
     def __init__(self, message: str, *, error_type: str | None = None) -> None:
         super().__init__(message)
         self.error_type = error_type or type(self).__name__
+
+
+class WorkflowTimedOut(WorkflowFailure):
+    """Raised at the workflow's current ``await`` when its execution timeout
+    (``Client.start(..., execution_timeout=)``) has passed. Like any failure, its saga
+    compensates; the workflow then ends FAILED (or COMPENSATED) with error type
+    ``WorkflowTimedOut``."""
+
+    def __init__(self, timeout_ms: int) -> None:
+        super().__init__(
+            f"the workflow did not finish within its execution timeout of {timeout_ms} ms"
+        )
+        self.timeout_ms = timeout_ms
+
+
+class ContinueAsNew(BaseException):
+    """Raised by ``ctx.continue_as_new(input)``: ends this run, and a new run of the same
+    workflow starts with ``input``. A ``BaseException``, so that ``except Exception`` in
+    workflow code does not swallow it; a saga does not compensate for it."""
+
+    def __init__(self, payload: object) -> None:
+        super().__init__("continue as new")
+        self.payload = payload

@@ -14,22 +14,28 @@ import gc
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 
 from opentelemetry.trace import TracerProvider
 
 from orchestrator._engine.decide import Counters
-from orchestrator._engine.processor import Processor
+from orchestrator._engine.processor import InboxConsumerLost, Processor
 from orchestrator._queries import handle_http
 from orchestrator.errors import NodeStopped
 from orchestrator.health import Health, HealthServer, serve_http
 from orchestrator.metrics import NodeMetrics
 from orchestrator.nodes import NodeRegistrar
+from orchestrator.schedule import with_schedules
 from orchestrator.settings import Settings
 from orchestrator.topics import verify_topics
 from orchestrator.tracing import WorkflowTracer
 from orchestrator.visibility import OwnedStores, VisibilityApi
 from orchestrator.workflow import WorkflowRegistry
+
+#: In-process restarts after a lost inbox consumer (a broker failover) before the node gives up.
+_MAX_RESTARTS = 5
+_RESTART_WINDOW_S = 600.0
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +67,8 @@ class OrchestratorNode:
         metrics at all (the benchmark measures what they cost)."""
         self.settings = settings
         # The node's setting is the default attempt timeout of every activity its workflows call.
-        self.registry = registry.with_activity_timeout(settings.activity_timeout)
+        # Every node runs the schedule workflow too (orchestrator schedule create).
+        self.registry = with_schedules(registry).with_activity_timeout(settings.activity_timeout)
         self.tracer_provider = tracer_provider
         self.metrics: NodeMetrics | None = None
         if with_metrics:
@@ -134,35 +141,58 @@ class OrchestratorNode:
             self.settings.bootstrap_servers,
             self.settings.namespace,
             self.settings.partitions,
+            self.settings.replication_factor,
+            min_insync_replicas=self.settings.min_insync_replicas,
             client_config=self.settings.client_extra(),
+            under_replicated_is_problem=False,  # a broker restarting must not stop a node
         )
         tracer = None
         if self.tracer_provider is not None:
             tracer = WorkflowTracer(self.tracer_provider, inbox=self.settings.inbox)
-        self._processor = Processor(
-            self.settings,
-            self.registry,
-            tracer=tracer,
-            metrics=self.metrics,
-            health=self.health,
-            owned=self.owned,
-        )
-        log.info(
-            "node %s runs %s on %s (namespace %s)",
-            self.settings.node_id, ", ".join(self.registry.names()),
-            self.settings.bootstrap_servers, self.settings.namespace,
-        )  # fmt: skip
-        # Registered once the group claim above let this node in (a second process with the
-        # same node id is refused before it could overwrite the record).
-        registrar = NodeRegistrar(self.settings, self.url)
-        registrar.update(self.owned.numbers())
-        self.owned.listen(registrar.update)
+        restarts: list[float] = []
+        registrar: NodeRegistrar | None = None
         stopped = False
         try:
-            self._processor.run(stop)
+            while not stop.is_set():
+                self._processor = Processor(
+                    self.settings,
+                    self.registry,
+                    tracer=tracer,
+                    metrics=self.metrics,
+                    health=self.health,
+                    owned=self.owned,
+                )
+                log.info(
+                    "node %s runs %s on %s (namespace %s)",
+                    self.settings.node_id, ", ".join(self.registry.names()),
+                    self.settings.bootstrap_servers, self.settings.namespace,
+                )  # fmt: skip
+                if registrar is None:
+                    # Registered once the group claim (made by the processor) let this node in:
+                    # a second process with the same node id is refused before it could
+                    # overwrite the record.
+                    registrar = NodeRegistrar(self.settings, self.url)
+                    registrar.update(self.owned.numbers())
+                    self.owned.listen(registrar.update)
+                try:
+                    self._processor.run(stop)
+                    return
+                except InboxConsumerLost as exc:
+                    # run() closed the consumer, the partitions and the claim: a new processor
+                    # restores its partitions and fences the old producer, as after a restart.
+                    now = time.monotonic()
+                    restarts = [t for t in restarts if now - t < _RESTART_WINDOW_S] + [now]
+                    if len(restarts) > _MAX_RESTARTS:
+                        raise NodeStopped(
+                            f"the inbox consumer was lost {len(restarts)} times within "
+                            f"{_RESTART_WINDOW_S:.0f}s: {exc}"
+                        ) from exc
+                    log.warning("inbox consumer lost (%s); starting the processor over", exc)
+                    stop.wait(1.0)
         except NodeStopped:
             stopped = True  # fenced, maybe: the record may be another process's by now
             raise
         finally:
-            self.owned.unlisten(registrar.update)
-            registrar.close(tombstone=not stopped)
+            if registrar is not None:
+                self.owned.unlisten(registrar.update)
+                registrar.close(tombstone=not stopped)

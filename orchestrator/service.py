@@ -386,6 +386,7 @@ class _Kafka:
                 "abort_transaction",
                 lambda: producer.abort_transaction(_TXN_TIMEOUT_S),
                 timeout_breaks=True,
+                fatal_breaks=True,
             )
             self._in_txn = False
         except (_Abortable, _Broken) as exc:
@@ -491,6 +492,7 @@ class _Kafka:
         fn: Callable[[], object],
         *,
         timeout_breaks: bool = False,
+        fatal_breaks: bool = False,
         inline: bool = False,
         timeout: float = _TXN_TIMEOUT_S,
     ) -> None:
@@ -513,6 +515,12 @@ class _Kafka:
                 err = _kafka_error(exc)
                 if err is None:
                     raise ServiceError(f"{what} failed: {exc}") from exc
+                if err.fatal() and fatal_breaks and err.code() not in _FENCED_CODES:
+                    # An abort that fails for good (INVALID_TXN_STATE once a killed broker's
+                    # coordinator moved) leaves nothing worth keeping: a new producer's
+                    # init_transactions aborts what is open. Fenced stays fatal: another
+                    # instance has this transactional id.
+                    raise _Broken(f"{what}: {err.str()} ({err.name()})") from exc
                 if err.fatal():
                     self._fatal(what, err)
                 if err.txn_requires_abort():

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from contracts import codec
 from contracts.envelopes import HistoryEvent
-from orchestrator._engine.state import fold
+from orchestrator._engine.state import WorkflowState
 from orchestrator._engine.store import IndexPosition, IndexQuery, PartitionStore, WorkflowSummary
 from orchestrator.errors import OrchestratorError
 
@@ -407,12 +407,14 @@ def detail_of(store: PartitionStore, number: int, node_id: str, wf: str) -> Work
     from orchestrator.client import describe_events
 
     events = [codec.decode_as(record, HistoryEvent) for record in records]
-    run: list[HistoryEvent] = []
-    for expected, event in enumerate(events, start=1):
-        if event.event_seq != expected:
-            break  # folded up to a gap, as describe does
-        run.append(event)
-    state = fold(wf, run)
+    # The pending timers and steps of the newest run (after a continue-as-new), folded up to a
+    # gap, as describe does.
+    state = WorkflowState(wf)
+    for event in events:
+        try:
+            state.apply(event)
+        except ValueError:
+            break
     description = describe_events(wf, events).to_dict()
     description["source"] = f"node {node_id}"
     del description["dead_letters"]  # the node does not read the dead-letter topic

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
 from types import ModuleType
-from typing import Any, Generic, TypeVar, get_type_hints, overload
+from typing import Any, Generic, NoReturn, TypeVar, get_type_hints, overload
 
 from pydantic import BaseModel
 
@@ -439,6 +439,19 @@ class WorkflowContext(ABC):
                 await ctx.call(check_fraud, ...)
 
         The answer is fixed for the run at the first call. See ``docs/workflows.md``.
+        """
+
+    @abstractmethod
+    def continue_as_new(self, input: Any) -> NoReturn:
+        """End this run and start a new run of the same workflow (same id) with ``input``.
+
+        The new run starts from scratch with an empty history, so a loop that continues as new
+        keeps a bounded history: the old run's events are tombstoned. Signals not yet consumed
+        and steps not awaited are not carried over; the caller of the first start gets the
+        result of the last run. Raises :class:`~orchestrator.errors.ContinueAsNew` (a
+        ``BaseException``: don't catch it); a saga does not compensate for it. A run must
+        await something before it continues (else ``TypeError``: it would loop without end).
+        See docs/workflows.md, "Continue-as-new".
         """
 
     @abstractmethod

@@ -35,6 +35,7 @@ from contracts.envelopes import (
     ChildWorkflowStarted,
     ErrorInfo,
     HistoryEvent,
+    IdReusePolicy,
     OperatorActed,
     OperatorAction,
     ParentRef,
@@ -45,6 +46,7 @@ from contracts.envelopes import (
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowResult,
+    WorkflowStartSent,
     WorkflowStatus,
 )
 from contracts.limits import MAX_INBOX_RECORD_BYTES
@@ -283,22 +285,29 @@ class Decider:
     ) -> None:
         wf = msg_env.workflow_id
         existing = self._live(part, wf, batch, now)
+        policy = msg_env.id_reuse
         if existing is not None:
             state = existing.run.state
-            if (
-                state.workflow_type == msg_env.workflow_type
-                and state.input == msg_env.input
-                and (msg_env.parent is None or state.parent == msg_env.parent)
-            ):
+            same_call = (
+                state.workflow_type == msg_env.workflow_type and state.input == msg_env.input
+            )
+            same = same_call and (msg_env.parent is None or state.parent == msg_env.parent)
+            if same and policy is IdReusePolicy.REJECT_DUPLICATE:
                 return  # the same start again: the workflow that runs is the answer
-            what = "with other input"
-            if state.workflow_type == msg_env.workflow_type and state.input == msg_env.input:
-                owner = state.parent.workflow_id if state.parent else "a client"
-                what = f"started by {owner}"
-            return self._reject(
-                batch, msg, msg_env, Rejection.WORKFLOW_ID_CONFLICT,
-                f"workflow {wf} exists as {state.workflow_type} {what}",
-            )  # fmt: skip
+            if policy is IdReusePolicy.REJECT_DUPLICATE or (
+                policy is IdReusePolicy.ALLOW_DUPLICATE and not state.finished
+            ):
+                if same:
+                    return  # a duplicate of the running workflow: it is the answer
+                what = "with other input"
+                if same_call:
+                    owner = state.parent.workflow_id if state.parent else "a client"
+                    what = f"started by {owner}"
+                return self._reject(
+                    batch, msg, msg_env, Rejection.WORKFLOW_ID_CONFLICT,
+                    f"workflow {wf} exists as {state.workflow_type} {what}"
+                    + (" and is still running" if not state.finished else ""),
+                )  # fmt: skip
         definition = self.registry.get(msg_env.workflow_type)
         if definition is None:
             return self._reject(
@@ -310,6 +319,23 @@ class Decider:
             from_payload(msg_env.input, definition.input_type)
         except PayloadError as exc:
             return self._reject(batch, msg, msg_env, Rejection.INVALID_INPUT, str(exc))
+        if existing is not None:
+            # id reuse: ALLOW_DUPLICATE after the old run closed, or TERMINATE_IF_RUNNING. The
+            # new run's events follow the old run's under the same id; the old run's are
+            # tombstoned (its result stays on the results topic).
+            cached = existing
+            if not cached.run.finished:
+                reason = f"terminated by start {msg_env.request_id} (id reuse TERMINATE_IF_RUNNING)"
+                terminated = cached.run.terminate(reason, msg_env.request_id, now)
+                self._record(part, cached, terminated, batch, now)
+            trace = msg_env.trace
+            if self.tracer is not None:
+                trace = self.tracer.root(msg_env.workflow_type, wf, trace, now)
+            self.counters.started += 1
+            if self.metrics is not None:
+                self.metrics.workflows_started.inc()
+            self._record(part, cached, cached.run.start(msg_env, now, trace), batch, now)
+            return
         cached = part.new(wf)
         trace = msg_env.trace
         if self.tracer is not None:
@@ -604,7 +630,8 @@ class Decider:
                 if summary.finished_at_ms is None or summary.finished_at_ms > cutoff:
                     continue
                 wf = summary.workflow_id
-                for seq in range(1, summary.last_seq + 1):
+                # Earlier runs' events were tombstoned when the next run began.
+                for seq in range(summary.run_start_seq, summary.last_seq + 1):
                     batch.outputs.append(
                         Out(self.settings.history, f"{wf}/{seq}".encode(), None, part.number)
                     )
@@ -650,6 +677,8 @@ class Decider:
                 self._start_child(cached, body, batch)
             elif isinstance(body, CancelRequested):
                 self._cancel_children(cached, batch, closing=False)
+            elif isinstance(body, WorkflowStartSent):
+                self._send_start(event, body, batch)
             elif self.metrics is not None and isinstance(
                 body, ActivityCompleted | ActivityFailed | ActivityAttemptFailed
             ):
@@ -657,6 +686,16 @@ class Decider:
                 if act is not None and act.attempt == body.attempt:
                     seconds = (event.recorded_at_ms - act.attempt_started_ms) / 1000
                     self.metrics.step(act.name, body.kind, seconds)
+        while run.ended_runs:
+            # A new run follows a closed one: the old run's events go (tombstones), so a
+            # long-lived loop of continue-as-new keeps a bounded history. After the events:
+            # the old run's last ones are in this batch, and the later record wins.
+            first, next_start = run.ended_runs.pop(0)
+            wf = run.state.workflow_id
+            for seq in range(first, next_start):
+                key = f"{wf}/{seq}".encode()
+                batch.outputs.append(Out(self.settings.history, key, None, part.number))
+            store.truncate(wf, next_start)
         batch.touched[(part.number, run.state.workflow_id)] = cached
         if run.broken is not None and run.state.blocked is None and not run.finished:
             # The code broke on what was just recorded (a bug in it): nothing it asked for in
@@ -669,7 +708,9 @@ class Decider:
         self, part: Partition, cached: Cached, seq: int, batch: Batch, now: int
     ) -> None:
         run = cached.run
-        act = run.state.activities[seq]
+        act = run.state.activities.get(seq)
+        if act is None:
+            return  # a step of a run that ended in this same step (continue-as-new): not sent
         if not self._topic_exists(act.topic):
             # Producing to a missing topic would fail the transaction again and again: the
             # attempt fails instead, and the retry policy decides what happens next.
@@ -725,6 +766,21 @@ class Decider:
         )
         batch.outputs.append(
             Out(self.settings.results, state.workflow_id.encode(), codec.encode(result))
+        )
+
+    def _send_start(self, event: HistoryEvent, body: WorkflowStartSent, batch: Batch) -> None:
+        """A start the workflow asked for, to the inbox in this transaction: the event and the
+        start are written together or not at all, so a schedule's tick starts once."""
+        start = StartWorkflow(
+            workflow_id=body.target_id,
+            workflow_type=body.workflow_type,
+            request_id=body.request_id,
+            input=body.input,
+            sent_at_ms=event.recorded_at_ms,
+        )
+        home = partition_for(body.target_id, self.settings.partitions)
+        batch.outputs.append(
+            Out(self.settings.inbox, body.target_id.encode(), codec.encode(start), home)
         )
 
     def _forward(self, batch: Batch, msg: InboxRecord, value: bytes, wf: str, home: int) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, NoReturn, TypeVar, cast
 
 from pydantic import BaseModel
 
@@ -57,9 +57,12 @@ from contracts.envelopes import (
     TraceContext,
     WorkflowBlocked,
     WorkflowCompleted,
+    WorkflowContinuedAsNew,
     WorkflowFailed,
     WorkflowStarted,
+    WorkflowStartSent,
     WorkflowStatus,
+    WorkflowTimedOut,
 )
 from contracts.limits import MAX_INBOX_RECORD_BYTES
 from orchestrator.errors import (
@@ -68,6 +71,7 @@ from orchestrator.errors import (
     BusinessError,
     ChildWorkflowError,
     CompensationFailed,
+    ContinueAsNew,
     DeterminismViolation,
     NonDeterminismError,
     QueryFailed,
@@ -75,6 +79,7 @@ from orchestrator.errors import (
     WorkflowCancelled,
     WorkflowFailure,
 )
+from orchestrator.errors import WorkflowTimedOut as TimedOutError
 from orchestrator.payloads import NULL, PayloadError, from_payload, to_payload
 from orchestrator.workflow import (
     DEFAULT_COMPENSATION_RETRY,
@@ -109,6 +114,8 @@ _CODE_EVENTS = (
     WorkflowCompleted,
     WorkflowFailed,
     MarkerRecorded,
+    WorkflowContinuedAsNew,
+    WorkflowStartSent,
     ChildWorkflowStarted,
 )
 #: A child's input, with room left under the inbox limit for the rest of its StartWorkflow.
@@ -190,7 +197,7 @@ class _Task(_Future[Any]):
         self.blocked: _Future[Any] | None = None
         self.throw: BaseException | None = None
         # A cancel that waits until this task's branches have ended, then is thrown here.
-        self.cancel: WorkflowCancelled | None = None
+        self.cancel: Exception | None = None  # WorkflowCancelled, or WorkflowTimedOut
         # The saga blocks open around this coroutine, innermost last; a branch starts inside
         # its parent's, so that compensate= in a branch registers with the gather's saga.
         self.sagas = sagas
@@ -294,6 +301,7 @@ _DELIBERATE = (
     TypeError,
     DeterminismViolation,
     PayloadError,
+    ContinueAsNew,
 )
 
 
@@ -627,6 +635,33 @@ class _Context(WorkflowContext):
     def deprecate_patch(self, change_id: str) -> None:
         self._run._patch(change_id, deprecated=True)
 
+    def continue_as_new(self, input: Any) -> NoReturn:
+        run = self._run
+        if run.state.last_seq == run.state.run_start_seq:
+            # Nothing was awaited since the run began: the next run would do the same at once,
+            # without end, inside one step of the node.
+            raise TypeError(
+                "ctx.continue_as_new in a run that has awaited nothing yet: it would start runs "
+                "without end; await something first (a call, a timer, a signal)"
+            )
+        raise ContinueAsNew(to_payload(input))
+
+    def _start_workflow(
+        self, workflow_type: str, workflow_id: str, arg: Any, request_id: str
+    ) -> None:
+        """Start another workflow, without waiting for it (a schedule's tick). The start goes
+        to the inbox in the same transaction as the event that records it; the target's id and
+        ``request_id`` should be deterministic, so a repeated start is the same start."""
+        run = self._run
+        run._command(
+            WorkflowStartSent(
+                target_id=workflow_id,
+                workflow_type=workflow_type,
+                input=to_payload(arg),
+                request_id=request_id,
+            )
+        )
+
 
 def _ms(value: timedelta | None) -> int | None:
     return None if value is None else int(value.total_seconds() * 1000)
@@ -650,6 +685,18 @@ class WorkflowRun:
     def __init__(self, workflow_id: str, registry: WorkflowRegistry) -> None:
         self.state = WorkflowState(workflow_id)
         self._registry = registry
+        # Set when this code disagrees with the history (replay): the run then only folds.
+        self.broken: Exception | None = None
+        # Versioning (ctx.patched): the history being replayed, by seq, so the code can tell
+        # whether a marker was recorded at the point it has reached; None once live.
+        self._replaying: dict[int, EventBody] | None = None
+        # Runs that ended and were followed by another, as (first seq, next run's first seq):
+        # their events are tombstoned (Decider._record takes them).
+        self.ended_runs: list[tuple[int, int]] = []
+        self._reset_run()
+
+    def _reset_run(self) -> None:
+        """What belongs to one run of the workflow's code (a new run starts from scratch)."""
         self._tasks: list[_Task] = []  # live coroutines, in order of creation
         self._main: _Task | None = None
         self._current: _Task | None = None  # the task whose code runs now
@@ -666,11 +713,6 @@ class WorkflowRun:
         self._now_ms = 0
         self._compensated = 0
         self._rng: random.Random | None = None  # retry jitter; see _jitter
-        # Set when this code disagrees with the history (replay): the run then only folds.
-        self.broken: Exception | None = None
-        # Versioning (ctx.patched): the history being replayed, by seq, so the code can tell
-        # whether a marker was recorded at the point it has reached; None once live.
-        self._replaying: dict[int, EventBody] | None = None
         self._patches: dict[str, bool] = {}
 
     # ----------------------------------------------------------------- building
@@ -757,22 +799,41 @@ class WorkflowRun:
     def start(
         self, msg: StartWorkflow, now_ms: int, trace: TraceContext | None
     ) -> list[HistoryEvent]:
-        if self.state.status is not None:
-            raise RuntimeError(f"workflow {self.state.workflow_id} exists already")
+        """The first run of this workflow id, or (id reuse) a new run after a closed one."""
+        if self.state.status is not None and not self.state.finished:
+            raise RuntimeError(f"workflow {self.state.workflow_id} is running already")
         if self._registry.get(msg.workflow_type) is None:
             raise LookupError(
                 f"unknown workflow type {msg.workflow_type!r}; this node runs: "
                 + ", ".join(self._registry.names())
             )
+        request = msg.request_id
+        if self.state.status is not None:
+            request = f"{request}@{self.state.last_seq + 1}"  # another seed for another run
         started = WorkflowStarted(
             workflow_type=msg.workflow_type,
             request_id=msg.request_id,
             input=msg.input,
-            random_seed=seed_for(msg.workflow_id, msg.request_id),
+            random_seed=seed_for(msg.workflow_id, request),
             trace=trace or msg.trace,
             parent=msg.parent,
+            execution_timeout_ms=msg.execution_timeout_ms,
         )
         return self._record([started], now_ms)
+
+    def terminate(self, reason: str, request_id: str, now_ms: int) -> list[HistoryEvent]:
+        """End the running run at once, without compensations, as an operator's terminate does
+        (a start with ``id_reuse=TERMINATE_IF_RUNNING``, whose request id it records): it ends
+        TERMINATED; replies to its steps become late replies."""
+        if self.state.finished or self.state.status is None:
+            return []
+        body = OperatorActed(
+            action=OperatorActionKind.TERMINATE,
+            request_id=request_id,
+            reason=reason,
+            operator="id-reuse",
+        )
+        return self._record([body], now_ms)
 
     def on_reply(self, reply: ActivityReply, now_ms: int) -> list[HistoryEvent]:
         return self._record(decide_reply(self.state, reply, now_ms, self._jitter), now_ms)
@@ -900,7 +961,7 @@ class WorkflowRun:
             event = HistoryEvent(
                 workflow_id=wf, event_seq=self.state.last_seq + 1, recorded_at_ms=now_ms, event=body
             )
-            if self.broken is not None:
+            if self.broken is not None and not self.state.begins_run(event):
                 self.state.apply(event)
                 out.append(event)
                 continue
@@ -915,7 +976,30 @@ class WorkflowRun:
                 )
                 self._apply(command)
                 out.append(command)
+            if self.state.continued_as_new is not None:
+                out.extend(self._record([self._next_run()], now_ms))
         return out
+
+    def _next_run(self) -> WorkflowStarted:
+        """The WorkflowStarted of the run that a continue-as-new asked for: the same type,
+        request id (the first start's caller waits for the last run's result) and trace, the
+        new input, and what is left of the execution timeout."""
+        state = self.state
+        assert state.continued_as_new is not None
+        seq = state.last_seq + 1
+        timeout = state.execution_timeout_ms
+        deadline = state.execution_deadline_ms
+        if deadline is not None:
+            timeout = max(0, deadline - self._now_ms)
+        return WorkflowStarted(
+            workflow_type=state.workflow_type,
+            request_id=state.request_id,
+            input=state.continued_as_new,
+            random_seed=seed_for(state.workflow_id, f"{state.request_id}@{seq}"),
+            trace=state.trace,
+            parent=state.parent,  # a child that continues as new still reports to its parent
+            execution_timeout_ms=timeout,
+        )
 
     # ----------------------------------------------------------------- the fold + the code
 
@@ -923,6 +1007,12 @@ class WorkflowRun:
         if event.event_seq <= self.state.last_seq:
             return
         body = event.event
+        if self.state.begins_run(event) and self.state.status is not None:
+            # A new run of this workflow id: its code starts from scratch.
+            self._close_tasks()
+            self.ended_runs.append((self.state.run_start_seq, event.event_seq))
+            self.broken = None
+            self._reset_run()
         # While blocked, the history holds only inputs: what the code asks for meanwhile is not
         # in it and is recorded when the workflow moves again (WorkflowBlocked without error).
         if isinstance(body, _CODE_EVENTS) or (
@@ -932,7 +1022,15 @@ class WorkflowRun:
         self.state.apply(event)
         self._now_ms = event.recorded_at_ms
         if isinstance(body, WorkflowStarted):
-            self._begin(body)
+            self._begin(body, event.event_seq)
+        elif isinstance(body, WorkflowTimedOut):
+            for task in self._tasks:
+                if task.shield > 0:
+                    continue  # compensating already: that goes on, then the workflow fails
+                if task.waits_for_branches():
+                    task.cancel = TimedOutError(body.timeout_ms)
+                else:
+                    task.throw = TimedOutError(body.timeout_ms)
         elif isinstance(body, ActivityCompleted):
             call = self._activities.get(body.seq)
             if call is not None:
@@ -1024,10 +1122,14 @@ class WorkflowRun:
         else:
             self._signals.setdefault(body.signal_name, deque()).append(body.payload)
 
-    def _begin(self, body: WorkflowStarted) -> None:
+    def _begin(self, body: WorkflowStarted, seq: int) -> None:
         definition = self._registry.get(body.workflow_type)
         if definition is None:
             raise LookupError(f"unknown workflow type {body.workflow_type!r}")
+        # Command seqs (activity and timer numbers, idempotency keys) of a run start at its
+        # WorkflowStarted's seq: never those of an earlier run of the same workflow id, whose
+        # replies may still come (they are recorded as late then).
+        self._command_seq = seq - 1
         ctx = _Context(self)
         instance = self._instance = definition.cls()
         try:
@@ -1091,7 +1193,7 @@ class WorkflowRun:
                 except StopIteration as stop:
                     self._end(task, stop.value, None)
                     return
-                except Exception as exc:
+                except (Exception, ContinueAsNew) as exc:
                     self._end(task, None, exc)
                     return
                 if not isinstance(yielded, _Future):
@@ -1162,6 +1264,16 @@ class WorkflowRun:
         self._command(WorkflowCompleted(result=payload))
 
     def _finish_error(self, exc: BaseException) -> None:
+        if isinstance(exc, ContinueAsNew):
+            try:
+                payload = (
+                    exc.payload if isinstance(exc.payload, Payload) else to_payload(exc.payload)
+                )
+            except PayloadError as err:
+                self._finish_error(err)
+                return
+            self._command(WorkflowContinuedAsNew(input=payload))
+            return
         if isinstance(exc, CompensationFailed):
             status = WorkflowStatus.PARKED
         elif isinstance(exc, WorkflowCancelled):
@@ -1255,6 +1367,11 @@ def _same_command(expected: EventBody, actual: EventBody) -> bool:
         return (expected.seq, expected.child_workflow_id, expected.workflow_type) == (
             actual.seq,
             actual.child_workflow_id,
+            actual.workflow_type,
+        )
+    if isinstance(expected, WorkflowStartSent) and isinstance(actual, WorkflowStartSent):
+        return (expected.target_id, expected.workflow_type) == (
+            actual.target_id,
             actual.workflow_type,
         )
     return True

@@ -70,6 +70,11 @@ def _crash_point(committed: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _static_member_fenced(error: KafkaError) -> bool:
+    text = error.str().lower()
+    return error.code() == KafkaError.FENCED_INSTANCE_ID or "static consumer fenced" in text
+
+
 def _fatal_reason(error: KafkaError) -> str:
     if error.code() in _FENCED or "fenced" in error.str().lower():
         return (
@@ -77,6 +82,14 @@ def _fatal_reason(error: KafkaError) -> str:
             "give every node its own SAGA_NODE_ID"
         )
     return f"unrecoverable Kafka error: {error.str()}"
+
+
+class InboxConsumerLost(Exception):
+    """The inbox consumer failed for good although no other process has this node's id: a
+    static member fenced after its group coordinator moved (a broker of the cluster was killed:
+    librdkafka rejoined under a new member id while a request with the old one was in flight).
+    A duplicate node id is refused by the claim (membership.py) before it could come to this, so
+    the node starts its processor over, as a restart would."""
 
 
 class _Refused(Exception):
@@ -286,7 +299,11 @@ class Processor:
             for number in sorted(self._to_restore)
         ]
         reports = restore_partitions(
-            parts, self.settings.bootstrap_servers, self.settings.history, f"{self._group}.restore"
+            parts,
+            self.settings.bootstrap_servers,
+            self.settings.history,
+            f"{self._group}.restore",
+            client_extra=self.settings.client_extra(),
         )
         for part, report in zip(parts, reports, strict=True):
             self.counters.restores.append(report)
@@ -324,7 +341,11 @@ class Processor:
         for msg in msgs:
             err = msg.error()
             if err is not None:
-                if err.fatal():
+                # A consumer reports its fatal error as an event with code _FATAL whose
+                # fatal() is False; a loop that logged it would go on reading nothing for ever.
+                if err.fatal() or err.code() == KafkaError._FATAL:
+                    if _static_member_fenced(err):
+                        raise InboxConsumerLost(err.str())
                     raise NodeStopped(_fatal_reason(err))
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("inbox consumer error: %s", err)

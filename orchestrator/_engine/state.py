@@ -44,9 +44,12 @@ from contracts.envelopes import (
     TraceContext,
     WorkflowBlocked,
     WorkflowCompleted,
+    WorkflowContinuedAsNew,
     WorkflowFailed,
     WorkflowStarted,
+    WorkflowStartSent,
     WorkflowStatus,
+    WorkflowTimedOut,
 )
 
 TIMEOUT_ERROR = "ActivityTimeout"
@@ -140,6 +143,13 @@ class WorkflowState:
     operator_request_ids: set[str] = field(default_factory=set)
     parent: ParentRef | None = None  # a child workflow reports its end there
     children: dict[int, ChildState] = field(default_factory=dict)  # seq -> child
+    # The seq of this run's WorkflowStarted: a workflow id may have several runs in a row
+    # (continue-as-new, id reuse); each begins with a WorkflowStarted that follows the previous
+    # run's last event, and the state holds the current run only.
+    run_start_seq: int = 0
+    execution_timeout_ms: int | None = None
+    timed_out: bool = False
+    continued_as_new: Payload | None = None  # the next run's input, once this run has ended so
 
     def running_children(self) -> list[ChildState]:
         return [child for child in self.children.values() if not child.done]
@@ -151,13 +161,23 @@ class WorkflowState:
 
     @property
     def finished(self) -> bool:
+        if self.continued_as_new is not None:
+            return True
         return self.status is not None and self.status is not WorkflowStatus.RUNNING
+
+    @property
+    def execution_deadline_ms(self) -> int | None:
+        if self.execution_timeout_ms is None:
+            return None
+        return self.started_at_ms + self.execution_timeout_ms
 
     @property
     def current_step(self) -> str:
         """What the workflow waits for, in words, for ``describe``."""
         if self.status is None:
             return "not started"
+        if self.continued_as_new is not None:
+            return "continued as new"
         if self.finished:
             return self.status.value.lower()
         if self.blocked is not None:
@@ -184,7 +204,12 @@ class WorkflowState:
         """Fold one event in. Events at or below ``last_seq`` were applied already: ignored."""
         if event.event_seq <= self.last_seq:
             return
-        if event.event_seq != self.last_seq + 1:
+        if self.begins_run(event):
+            # A new run: the first (after the old runs' events were tombstoned and compacted
+            # away, its seq is > 1), or the next one after the previous run closed.
+            self.__dict__.update(vars(WorkflowState(self.workflow_id)))
+            self.run_start_seq = event.event_seq
+        elif event.event_seq != self.last_seq + 1:
             raise ValueError(
                 f"workflow {self.workflow_id}: event {event.event_seq} follows {self.last_seq}"
             )
@@ -192,11 +217,21 @@ class WorkflowState:
         self.updated_at_ms = event.recorded_at_ms
         _FOLD[type(event.event)](self, event.event, event.recorded_at_ms)
 
+    def begins_run(self, event: HistoryEvent) -> bool:
+        """Whether ``event`` starts a run: a WorkflowStarted on nothing (at any seq: the
+        earlier runs' events may be gone), or right after a closed run."""
+        if not isinstance(event.event, WorkflowStarted) or event.event_seq <= self.last_seq:
+            return False
+        return self.status is None or (self.finished and event.event_seq == self.last_seq + 1)
+
     def next_due_ms(self) -> int | None:
         if self.finished:
             return None
         dues = [d for d in (a.next_due_ms() for a in self.activities.values()) if d is not None]
         dues.extend(self.timers.values())
+        deadline = self.execution_deadline_ms
+        if deadline is not None and not self.timed_out:
+            dues.append(deadline)
         return min(dues) if dues else None
 
 
@@ -212,6 +247,7 @@ def _started(s: WorkflowState, e: WorkflowStarted, at: int) -> None:
     s.random_seed = e.random_seed
     s.started_at_ms = at
     s.parent = e.parent
+    s.execution_timeout_ms = e.execution_timeout_ms
 
 
 def _scheduled(s: WorkflowState, e: ActivityScheduled, at: int) -> None:
@@ -347,6 +383,16 @@ def _nothing(s: WorkflowState, e: LateReplyIgnored, at: int) -> None:
     return None
 
 
+def _timed_out(s: WorkflowState, e: WorkflowTimedOut, at: int) -> None:
+    s.timed_out = True
+
+
+def _continued(s: WorkflowState, e: WorkflowContinuedAsNew, at: int) -> None:
+    # Not an end state: the next run's WorkflowStarted follows in the same transaction.
+    s.continued_as_new = e.input
+    s.timers.clear()
+
+
 _FOLD: dict[type, Callable[[WorkflowState, Any, int], None]] = {
     WorkflowStarted: _started,
     ActivityScheduled: _scheduled,
@@ -368,6 +414,9 @@ _FOLD: dict[type, Callable[[WorkflowState, Any, int], None]] = {
     ChildWorkflowStarted: _child_started,
     ChildWorkflowCompleted: _child_ended,
     ChildWorkflowFailed: _child_ended,
+    WorkflowTimedOut: _timed_out,
+    WorkflowContinuedAsNew: _continued,
+    WorkflowStartSent: _nothing,  # the start went to the inbox with the event
 }
 
 
@@ -441,6 +490,15 @@ def decide_reply(
 ) -> list[EventBody]:
     """The events a service's reply leads to. Raises UnknownActivity for a stranger's reply."""
     act = state.activities.get(reply.seq)
+    if (
+        act is None
+        and 0 < reply.seq < state.run_start_seq
+        and f"{reply.idempotency_key}/".startswith(f"{state.workflow_id}/{reply.seq}/")
+    ):
+        # An activity of an earlier run (its commands have seqs below this run's start; an
+        # operator's retry adds /retry<N> to the key): that run is over, its reply changes
+        # nothing.
+        return [LateReplyIgnored(seq=reply.seq, attempt=reply.attempt, outcome=reply.outcome)]
     if act is None or act.idempotency_key != reply.idempotency_key:
         raise UnknownActivity(
             f"workflow {state.workflow_id} has no activity #{reply.seq} "
@@ -472,6 +530,9 @@ def decide_timers(state: WorkflowState, now_ms: int, rng: random.Random) -> list
     """
     if state.finished:
         return []
+    deadline = state.execution_deadline_ms
+    if deadline is not None and not state.timed_out and deadline <= now_ms:
+        return [WorkflowTimedOut(timeout_ms=state.execution_timeout_ms or 0)]
     for act in state.activities.values():
         if act.done or act.parked is not None:
             continue

@@ -72,6 +72,7 @@ class WorkflowSummary:
     last_seq: int
     next_due_ms: int | None
     finished_at_ms: int | None
+    run_start_seq: int = 1  # the seq of the current run's WorkflowStarted (continue-as-new)
     started_at_ms: int = 0
     updated_at_ms: int = 0  # the recorded time of its last event
     waiting_for: str = ""  # the current step(s) while it runs
@@ -91,6 +92,7 @@ class WorkflowSummary:
             last_seq=state.last_seq,
             next_due_ms=state.next_due_ms(),
             finished_at_ms=state.finished_at_ms,
+            run_start_seq=max(state.run_start_seq, 1),
             started_at_ms=state.started_at_ms,
             updated_at_ms=state.updated_at_ms,
             waiting_for="" if state.finished else _cut(state.current_step),
@@ -229,6 +231,7 @@ class StoreBatch:
         self.events: list[tuple[HistoryEvent, bytes]] = []
         self.summaries: dict[str, tuple[WorkflowSummary, int | None]] = {}  # new, old due
         self.removed: dict[str, tuple[int, int | None]] = {}  # workflow -> (last seq, due)
+        self.truncated: dict[str, int] = {}  # workflow -> its events below this seq go
         self.checkpoint: int | None = None
 
     def add_event(self, event: HistoryEvent, encoded: bytes) -> None:
@@ -242,8 +245,18 @@ class StoreBatch:
     def remove_workflow(self, workflow_id: str, last_seq: int, due_ms: int | None) -> None:
         self.removed[workflow_id] = (last_seq, due_ms)
 
+    def truncate(self, workflow_id: str, below_seq: int) -> None:
+        """Drop the workflow's events below ``below_seq``: the runs before its current one."""
+        self.truncated[workflow_id] = max(below_seq, self.truncated.get(workflow_id, 0))
+
     def __bool__(self) -> bool:
-        return bool(self.events or self.summaries or self.removed or self.checkpoint is not None)
+        return bool(
+            self.events
+            or self.summaries
+            or self.removed
+            or self.truncated
+            or self.checkpoint is not None
+        )
 
 
 class PartitionStore:
@@ -452,6 +465,8 @@ class PartitionStore:
             if identity != current[wf]:
                 _reindex(wb, wf, current[wf], identity, counts)
                 current[wf] = identity
+        for wf, below in batch.truncated.items():
+            wb.delete_range(_event_key(wf, 0), _event_key(wf, below))
         for wf, (last_seq, due) in batch.removed.items():
             wb.delete_range(_event_key(wf, 0), _event_key(wf, last_seq + 1))
             if due is not None:

@@ -56,6 +56,7 @@ from contracts.envelopes import (
     ErrorInfo,
     EventBody,
     HistoryEvent,
+    IdReusePolicy,
     LateReplyIgnored,
     MarkerRecorded,
     OperatorActed,
@@ -72,10 +73,13 @@ from contracts.envelopes import (
     TraceContext,
     WorkflowBlocked,
     WorkflowCompleted,
+    WorkflowContinuedAsNew,
     WorkflowFailed,
     WorkflowResult,
     WorkflowStarted,
+    WorkflowStartSent,
     WorkflowStatus,
+    WorkflowTimedOut,
 )
 
 SCHEMA_DIR = Path(codec.__file__).parent / "schemas"
@@ -116,6 +120,7 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         random_seed=longs,
         trace=opt(traces),
         parent=opt(parents),
+        execution_timeout_ms=opt(longs),
     ),
     ActivityScheduled: st.builds(
         ActivityScheduled,
@@ -170,6 +175,11 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     ),
     ChildWorkflowCompleted: st.builds(ChildWorkflowCompleted, seq=longs, result=payloads),
     ChildWorkflowFailed: st.builds(ChildWorkflowFailed, seq=longs, status=statuses, error=errors),
+    WorkflowTimedOut: st.builds(WorkflowTimedOut, timeout_ms=longs),
+    WorkflowContinuedAsNew: st.builds(WorkflowContinuedAsNew, input=payloads),
+    WorkflowStartSent: st.builds(
+        WorkflowStartSent, target_id=texts, workflow_type=texts, input=payloads, request_id=texts
+    ),
 }
 
 
@@ -194,6 +204,8 @@ ENVELOPES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         sent_at_ms=longs,
         trace=opt(traces),
         parent=opt(parents),
+        execution_timeout_ms=opt(longs),
+        id_reuse=st.sampled_from(IdReusePolicy),
     ),
     SignalWorkflow: st.builds(
         SignalWorkflow,
@@ -300,7 +312,7 @@ def _event_body_types() -> tuple[type[BaseModel], ...]:
 def test_strategies_cover_every_envelope_and_event_kind() -> None:
     assert set(ENVELOPES) == set(_union_members(Envelope))
     assert set(EVENT_BODIES) == set(_event_body_types())
-    assert len(EVENT_BODIES) == 20
+    assert len(EVENT_BODIES) == 23
 
 
 # --------------------------------------------------------------------------- round trips

@@ -14,6 +14,7 @@ PUBLIC_MODULES = {
     "orchestrator",
     "orchestrator.workflow",
     "orchestrator.tracing",
+    "orchestrator.schedule",
     "orchestrator.testing",
 }
 
@@ -22,6 +23,8 @@ def test_the_exported_names_are_pinned() -> None:
     assert sorted(orchestrator.__all__) == [
         "ActivityContract",
         "ActivityError",
+        "AsyncClient",
+        "AsyncWorkflowHandle",
         "AsyncioInWorkflow",
         "BusinessError",
         "ChildHandle",
@@ -33,9 +36,11 @@ def test_the_exported_names_are_pinned() -> None:
         "Compensation",
         "CompensationFailed",
         "ConfigurationError",
+        "ContinueAsNew",
         "DeliveryFailed",
         "DeterminismViolation",
         "EventSummary",
+        "IdReusePolicy",
         "KafkaUnavailable",
         "NodeStopped",
         "NonDeterminismError",
@@ -65,6 +70,7 @@ def test_the_exported_names_are_pinned() -> None:
         "WorkflowIdConflict",
         "WorkflowRegistry",
         "WorkflowStatus",
+        "WorkflowTimedOut",
         "ensure_service_topic",
         "ensure_topics",
         "run_in_thread",

@@ -38,15 +38,19 @@ from contracts.envelopes import (
     ChildWorkflowStarted,
     ErrorInfo,
     HistoryEvent,
+    IdReusePolicy,
     MarkerRecorded,
     OperatorActed,
     Payload,
     ReplyOutcome,
     StartWorkflow,
     WorkflowBlocked,
+    WorkflowContinuedAsNew,
     WorkflowFailed,
     WorkflowStarted,
+    WorkflowStartSent,
     WorkflowStatus,
+    WorkflowTimedOut,
 )
 from tests.unit.test_codec import ENVELOPES, EVENT_BODIES, history_events
 
@@ -153,6 +157,18 @@ def test_a_v0_reader_can_read_current_records(reply: ActivityReply) -> None:
 
 CHILD_BODIES = (ChildWorkflowStarted, ChildWorkflowCompleted, ChildWorkflowFailed)
 CHILD_KINDS = [f"saga.v1.{t.__name__}" for t in CHILD_BODIES]
+LIFECYCLE = (WorkflowTimedOut, WorkflowContinuedAsNew, WorkflowStartSent)
+LIFECYCLE_KINDS = [f"saga.v1.{t.__name__}" for t in LIFECYCLE]
+
+
+def _without_timeout(event: HistoryEvent) -> HistoryEvent:
+    """What a schema before the lifecycle kinds can hold: no execution timeout."""
+    body = event.event
+    if isinstance(body, WorkflowStarted):
+        body = body.model_copy(update={"execution_timeout_ms": None})
+    return event.model_copy(update={"event": body})
+
+
 HISTORY_V0 = Path(codec.__file__).parent / "schemas" / "legacy" / "HistoryEvent.v0.avsc"
 
 
@@ -177,6 +193,7 @@ def test_history_v0_is_the_current_schema_without_the_new_kinds() -> None:
         "saga.v1.ActivityParked",
         "saga.v1.OperatorActed",
         *CHILD_KINDS,
+        *LIFECYCLE_KINDS,
     ]
     assert fingerprint(v0) != current_schema(HistoryEvent).fingerprint
 
@@ -197,6 +214,7 @@ def test_history_v1_is_the_current_schema_without_the_operator_kinds() -> None:
         "saga.v1.ActivityParked",
         "saga.v1.OperatorActed",
         *CHILD_KINDS,
+        *LIFECYCLE_KINDS,
     ]
 
 
@@ -214,7 +232,11 @@ def _no_parent(event: HistoryEvent) -> bool:
 @given(
     history_events(
         st.one_of(
-            *(s for t, s in EVENT_BODIES.items() if t not in (*_OPERATOR_KINDS, *CHILD_BODIES))
+            *(
+                s
+                for t, s in EVENT_BODIES.items()
+                if t not in (*_OPERATOR_KINDS, *CHILD_BODIES, *LIFECYCLE)
+            )
         )
     )
 )
@@ -222,6 +244,7 @@ def test_history_written_before_operator_actions_reads_as_the_current_model(
     event: HistoryEvent,
 ) -> None:
     assume(_old_status(event) and _no_parent(event))
+    event = _without_timeout(event)
     v1 = _history_v1_schema()
     body = io.BytesIO()
     schemaless_writer(body, v1, _history_to_avro(event))
@@ -235,7 +258,14 @@ def test_history_written_before_operator_actions_reads_as_the_current_model(
             *(
                 s
                 for t, s in EVENT_BODIES.items()
-                if t not in (MarkerRecorded, WorkflowBlocked, *_OPERATOR_KINDS, *CHILD_BODIES)
+                if t
+                not in (
+                    MarkerRecorded,
+                    WorkflowBlocked,
+                    *_OPERATOR_KINDS,
+                    *CHILD_BODIES,
+                    *LIFECYCLE,
+                )
             )
         )
     )
@@ -243,6 +273,7 @@ def test_history_written_before_operator_actions_reads_as_the_current_model(
 def test_history_written_before_markers_reads_as_the_current_model(event: HistoryEvent) -> None:
     """A history written by nodes on the old code stays readable by nodes on the new one."""
     assume(_old_status(event) and _no_parent(event))
+    event = _without_timeout(event)
     v0 = _history_v0_schema()
     record = _history_to_avro(event)
     body = io.BytesIO()
@@ -282,24 +313,62 @@ def _frame(schema: dict[str, Any], record: dict[str, Any]) -> bytes:
 
 def test_history_v2_is_the_current_schema_before_child_workflows() -> None:
     v2 = _legacy("HistoryEvent.v2.avsc")
-    assert _branches(current_schema(HistoryEvent).schema) == [*_branches(v2), *CHILD_KINDS]
+    assert _branches(current_schema(HistoryEvent).schema) == [
+        *_branches(v2),
+        *CHILD_KINDS,
+        *LIFECYCLE_KINDS,
+    ]
 
 
 @given(
     history_events(
-        st.one_of(*(s for t, s in EVENT_BODIES.items() if t not in CHILD_BODIES))
+        st.one_of(*(s for t, s in EVENT_BODIES.items() if t not in (*CHILD_BODIES, *LIFECYCLE)))
     ).filter(lambda e: not isinstance(e.event, WorkflowStarted) or e.event.parent is None)
 )
 def test_history_written_before_child_workflows_reads_as_the_current_model(
     event: HistoryEvent,
 ) -> None:
+    event = _without_timeout(event)
     record = _history_to_avro(event)
     if record["event"][0] == "saga.v1.WorkflowStarted":
         record["event"][1].pop("parent")
+        record["event"][1].pop("execution_timeout_ms")
     assert decode_as(_frame(_legacy("HistoryEvent.v2.avsc"), record), HistoryEvent) == event
 
 
-@given(ENVELOPES[StartWorkflow].filter(lambda s: s.parent is None))
+def _old_start(start: StartWorkflow) -> bool:
+    return start.execution_timeout_ms is None and start.id_reuse is IdReusePolicy.REJECT_DUPLICATE
+
+
+@given(ENVELOPES[StartWorkflow].filter(lambda s: s.parent is None and _old_start(s)))
 def test_a_start_without_parent_written_by_an_older_client_reads(start: StartWorkflow) -> None:
-    record = start.model_dump(exclude={"parent"})
+    record = start.model_dump(exclude={"parent", "execution_timeout_ms", "id_reuse"})
     assert decode_as(_frame(_legacy("StartWorkflow.v0.avsc"), record), StartWorkflow) == start
+
+
+# --------------------------------------------------------------------------- lifecycle kinds
+
+
+def test_history_v3_is_the_current_schema_before_the_lifecycle_kinds() -> None:
+    v3 = _legacy("HistoryEvent.v3.avsc")
+    assert _branches(current_schema(HistoryEvent).schema) == [*_branches(v3), *LIFECYCLE_KINDS]
+
+
+@given(history_events(st.one_of(*(s for t, s in EVENT_BODIES.items() if t not in LIFECYCLE))))
+def test_history_written_before_the_lifecycle_kinds_reads_as_the_current_model(
+    event: HistoryEvent,
+) -> None:
+    """Histories of nodes without timeouts / continue-as-new stay readable (timeout: None)."""
+    event = _without_timeout(event)
+    record = _history_to_avro(event)
+    if record["event"][0] == "saga.v1.WorkflowStarted":
+        record["event"][1].pop("execution_timeout_ms")
+    assert decode_as(_frame(_legacy("HistoryEvent.v3.avsc"), record), HistoryEvent) == event
+
+
+@given(ENVELOPES[StartWorkflow].filter(_old_start))
+def test_a_start_without_timeout_or_id_reuse_from_an_older_client_reads(
+    start: StartWorkflow,
+) -> None:
+    record = start.model_dump(mode="python", exclude={"execution_timeout_ms", "id_reuse"})
+    assert decode_as(_frame(_legacy("StartWorkflow.v1.avsc"), record), StartWorkflow) == start
