@@ -101,6 +101,8 @@ class ActivityCommand(_Envelope):
     sent_at_ms: int
     deadline_ms: int | None = None
     trace: TraceContext | None = None
+    heartbeat_timeout_ms: int | None = None
+    heartbeat_details: Payload | None = None
 
 
 class ActivityReply(_Envelope):
@@ -116,6 +118,19 @@ class ActivityReply(_Envelope):
     error: ErrorInfo | None = None
     service: str = ""
     trace: TraceContext | None = None
+
+
+class ActivityHeartbeat(_Envelope):
+    """What a service sends to ``<ns>.inbox`` while a long attempt runs: it is alive, and how
+    far it got (``details``, given to the next attempt if this one fails)."""
+
+    workflow_id: str
+    seq: int
+    attempt: int
+    idempotency_key: str
+    sent_at_ms: int
+    details: Payload | None = None
+    service: str = ""
 
 
 class WorkflowStatus(StrEnum):
@@ -174,6 +189,7 @@ class ActivityScheduled(_Envelope):
     retry: RetryPolicy
     attempt_timeout_ms: int | None = None
     overall_timeout_ms: int | None = None
+    heartbeat_timeout_ms: int | None = None
 
 
 class ActivityAttemptStarted(_Envelope):
@@ -313,6 +329,7 @@ Envelope = (
     | CancelWorkflow
     | ActivityCommand
     | ActivityReply
+    | ActivityHeartbeat
     | WorkflowResult
     | DeadLetter
     | HistoryEvent
