@@ -68,7 +68,7 @@ class Workers:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
                 threading.Thread(
-                    target=loop.run_forever, name=f"{self._name}-asyncio", daemon=True
+                    target=_run_loop, args=(loop,), name=f"{self._name}-asyncio", daemon=True
                 ).start()
                 self._loop = loop
             return self._loop
@@ -83,3 +83,17 @@ class Workers:
             self._jobs.put(None)
         if loop is not None:
             loop.call_soon_threadsafe(loop.stop)
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        # Handlers still running when the service stops are cancelled: their commands were
+        # not committed and are answered by whoever reads the partitions next.
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.close()

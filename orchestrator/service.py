@@ -814,7 +814,10 @@ class Service:
         however long handlers take; when ``max_concurrency`` commands are waiting or running,
         the partitions are paused instead of read.
         """
-        room = self.max_concurrency - self._jobs - len(self._backlog)
+        # Up to max_concurrency commands wait read ahead, so a freed slot starts the next one
+        # at once; beyond that the partitions are paused (a pause drops what librdkafka
+        # fetched ahead, and a resume costs a fetch round trip: not on every slot).
+        room = 2 * self.max_concurrency - self._jobs - len(self._backlog)
         full = room <= 0
         if full != self._paused:
             kafka.pause(full)
