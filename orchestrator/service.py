@@ -201,10 +201,7 @@ class _Batch:
     """Records that could not be produced, and why."""
 
     def offsets(self) -> list[TopicPartition]:
-        return [
-            TopicPartition(t, p, o, metadata=meta)
-            for (t, p), (o, meta) in self.marks.items()
-        ]
+        return [TopicPartition(t, p, o, metadata=meta) for (t, p), (o, meta) in self.marks.items()]
 
 
 class _Abortable(Exception):

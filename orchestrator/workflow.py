@@ -268,6 +268,7 @@ class WorkflowContext(ABC):
         timeout: AttemptTimeout = NODE_DEFAULT,
         overall_timeout: timedelta | None = None,
         compensate: Compensation | Callable[[OutT], Compensation] | None = None,
+        heartbeat_timeout: timedelta | None = None,
     ) -> Awaitable[OutT]:
         """Schedule an activity at once and return an awaitable of its result.
 
@@ -283,6 +284,11 @@ class WorkflowContext(ABC):
         before the command is sent: a :class:`Compensation`, or a function that builds it from
         the result. If the saga fails or the workflow is cancelled while this step is in
         flight, the saga waits for its outcome and compensates it if it succeeded.
+
+        ``heartbeat_timeout``: for long activities whose handler calls ``info.heartbeat()``:
+        an attempt that sent no heartbeat for this long fails with ``HeartbeatTimeout`` (and
+        the retry policy decides), so a dead service is noticed in seconds even when the
+        attempt may take hours; the next attempt gets the last heartbeat's details.
         """
 
     @abstractmethod

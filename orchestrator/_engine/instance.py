@@ -360,6 +360,7 @@ class _Context(WorkflowContext):
         timeout: AttemptTimeout = NODE_DEFAULT,
         overall_timeout: timedelta | None = None,
         compensate: Compensation | Callable[[OutT], Compensation] | None = None,
+        heartbeat_timeout: timedelta | None = None,
     ) -> Awaitable[OutT]:
         saga: _SagaImpl | None = None
         if compensate is not None:
@@ -373,6 +374,7 @@ class _Context(WorkflowContext):
         return self._schedule(
             activity, arg, retry or _DEFAULT_RETRY, timeout, overall_timeout,
             undo=(saga, compensate) if saga is not None and compensate is not None else None,
+            heartbeat_timeout=heartbeat_timeout,
         )  # fmt: skip
 
     def _schedule(
@@ -385,6 +387,7 @@ class _Context(WorkflowContext):
         *,
         compensation: bool = False,
         undo: tuple[_SagaImpl, Compensation | Callable[[OutT], Compensation]] | None = None,
+        heartbeat_timeout: timedelta | None = None,
     ) -> _Future[OutT]:
         if not isinstance(arg, activity.input):
             raise TypeError(
@@ -413,6 +416,7 @@ class _Context(WorkflowContext):
                 retry=retry,
                 attempt_timeout_ms=_ms(timeout),
                 overall_timeout_ms=_ms(overall_timeout),
+                heartbeat_timeout_ms=_ms(heartbeat_timeout),
             )
         )
         return future

@@ -110,10 +110,11 @@ class Env:
         if self._producer is None:
             self._producer = Producer(producer_config(self.settings.bootstrap_servers))
         for cmd in commands:
-            extra = {} if partition is None else {"partition": partition}
-            self._producer.produce(
-                self.work.topic, key=cmd.workflow_id.encode(), value=codec.encode(cmd), **extra
-            )
+            key, value = cmd.workflow_id.encode(), codec.encode(cmd)
+            if partition is None:
+                self._producer.produce(self.work.topic, key=key, value=value)
+            else:
+                self._producer.produce(self.work.topic, key=key, value=value, partition=partition)
         assert self._producer.flush(10) == 0
 
     def replies(self, want: int, timeout: float = 30.0) -> list[ActivityReply]:
