@@ -403,6 +403,7 @@ class Decider:
                     # Nothing was due after all (heartbeats moved a deadline, which records
                     # nothing): summarising it again schedules its next due time.
                     batch.touched[(part.number, wf)] = cached
+                    batch.store(part.number)  # so the batch is committed, summaries and all
                 self._record(part, cached, events, batch, now)
 
     def repair_history(self, partitions: Mapping[int, Partition], batch: Batch) -> None:
