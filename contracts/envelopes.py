@@ -293,6 +293,17 @@ class WorkflowBlocked(_Envelope):
     code_version: str
 
 
+class LocalActivityRecorded(_Envelope):
+    """A local activity ran in the orchestrator (``ctx.run_local``): its result, or its error;
+    every replay returns it instead of running the function again."""
+
+    kind: Literal["LocalActivityRecorded"] = "LocalActivityRecorded"
+    seq: int
+    name: str
+    result: Payload | None = None
+    error: ErrorInfo | None = None
+
+
 EventBody = Annotated[
     WorkflowStarted
     | ActivityScheduled
@@ -308,7 +319,8 @@ EventBody = Annotated[
     | WorkflowCompleted
     | WorkflowFailed
     | MarkerRecorded
-    | WorkflowBlocked,
+    | WorkflowBlocked
+    | LocalActivityRecorded,
     Field(discriminator="kind"),
 ]
 

@@ -53,6 +53,8 @@ InT = TypeVar("InT", bound=BaseModel)
 OutT = TypeVar("OutT", bound=BaseModel)
 C = TypeVar("C", bound=type)
 T = TypeVar("T")
+LocalIn = TypeVar("LocalIn")
+LocalOut = TypeVar("LocalOut")
 
 _DEFN_ATTR = "__saga_workflow_defn__"
 _RUN_ATTR = "__saga_workflow_run__"
@@ -289,6 +291,22 @@ class WorkflowContext(ABC):
         an attempt that sent no heartbeat for this long fails with ``HeartbeatTimeout`` (and
         the retry policy decides), so a dead service is noticed in seconds even when the
         attempt may take hours; the next attempt gets the last heartbeat's details.
+        """
+
+    @abstractmethod
+    def run_local(
+        self, fn: Callable[[LocalIn], LocalOut], arg: LocalIn, *, name: str | None = None
+    ) -> Awaitable[LocalOut]:
+        """Run ``fn(arg)`` here, in the orchestrator, and record its result in the history: a
+        short side effect that needs no service (a lookup, a notification, an id from another
+        system). Every replay returns the recorded result without running ``fn`` again.
+
+        The result must be JSON-serialisable and is read back as ``fn``'s return annotation
+        (so the first run and every replay see the same value). An exception in ``fn`` is
+        recorded too and raised here as :class:`~orchestrator.errors.ActivityError`: no
+        retries, no timeout. ``fn`` runs on the node's loop, in the middle of the workflow's
+        step: keep it to milliseconds and make it idempotent (a crash before the step's commit
+        runs it again). ``name`` (default: ``fn``'s qualified name) is checked on replay.
         """
 
     @abstractmethod

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast, get_type_hints
 
 from pydantic import BaseModel
 
@@ -39,6 +39,7 @@ from contracts.envelopes import (
     EventBody,
     HistoryEvent,
     LateReplyIgnored,
+    LocalActivityRecorded,
     MarkerRecorded,
     Payload,
     RetryPolicy,
@@ -69,6 +70,8 @@ from orchestrator.workflow import (
     NODE_DEFAULT,
     AttemptTimeout,
     Compensation,
+    LocalIn,
+    LocalOut,
     Saga,
     WorkflowContext,
     WorkflowRegistry,
@@ -81,7 +84,14 @@ T = TypeVar("T")
 InT = TypeVar("InT", bound=BaseModel)
 OutT = TypeVar("OutT", bound=BaseModel)
 
-_CODE_EVENTS = (ActivityScheduled, TimerStarted, WorkflowCompleted, WorkflowFailed, MarkerRecorded)
+_CODE_EVENTS = (
+    ActivityScheduled,
+    TimerStarted,
+    WorkflowCompleted,
+    WorkflowFailed,
+    MarkerRecorded,
+    LocalActivityRecorded,
+)
 _BOOKKEEPING = (ActivityAttemptStarted, ActivityAttemptFailed, LateReplyIgnored, WorkflowBlocked)
 _DEFAULT_RETRY = RetryPolicy()
 
@@ -476,8 +486,21 @@ class _Context(WorkflowContext):
     def patched(self, change_id: str) -> bool:
         return self._run._patch(change_id, deprecated=False)
 
+    def run_local(
+        self, fn: Callable[[LocalIn], LocalOut], arg: LocalIn, *, name: str | None = None
+    ) -> Awaitable[LocalOut]:
+        return self._run._local(fn, arg, name or str(getattr(fn, "__qualname__", repr(fn))))
+
     def deprecate_patch(self, change_id: str) -> None:
         self._run._patch(change_id, deprecated=True)
+
+
+def _return_type(fn: Callable[..., Any]) -> Any:
+    """What ``fn`` says it returns (to read its recorded result back as), else Any."""
+    try:
+        return get_type_hints(fn).get("return", Any)
+    except Exception:  # unresolvable annotations: the JSON value as it is
+        return Any
 
 
 def _ms(value: timedelta | None) -> int | None:
@@ -934,6 +957,39 @@ class WorkflowRun:
         self._patches[change_id] = answer
         return answer
 
+    def _local(self, fn: Callable[[Any], Any], arg: Any, name: str) -> _Future[Any]:
+        """``ctx.run_local``: live, run ``fn`` now and record what came of it; on replay, the
+        recorded outcome at this point of the history, without running ``fn``."""
+        seq = self._next_command_seq()
+        future: _Future[Any] = _Future()
+        if self._replaying is not None:
+            at = self.state.last_seq + len(self._pending) + 1
+            recorded = self._replaying.get(at)
+            if not isinstance(recorded, LocalActivityRecorded) or (recorded.seq, recorded.name) != (
+                seq,
+                name,
+            ):
+                # Not what the history holds here: the command does not match and the replay
+                # reports it (NonDeterminismError); a side effect never runs on replay.
+                self._command(LocalActivityRecorded(seq=seq, name=name))
+                return future
+            body = recorded
+        else:
+            with determinism.suspended():
+                try:
+                    body = LocalActivityRecorded(seq=seq, name=name, result=to_payload(fn(arg)))
+                except Exception as exc:
+                    error = ErrorInfo(type=type(exc).__name__, message=str(exc))
+                    body = LocalActivityRecorded(seq=seq, name=name, error=error)
+        self._command(body)
+        if body.error is not None:
+            future.fail(
+                ActivityError(name, seq, body.error.type, body.error.message, business=False)
+            )
+        else:
+            _resolve_payload(future, body.result or to_payload(None), _return_type(fn))
+        return future
+
     def _next_command_seq(self) -> int:
         self._command_seq += 1
         return self._command_seq
@@ -980,10 +1036,14 @@ def _same_command(expected: EventBody, actual: EventBody) -> bool:
         return expected.status == actual.status
     if isinstance(expected, MarkerRecorded):
         return expected == actual
+    if isinstance(expected, LocalActivityRecorded) and isinstance(actual, LocalActivityRecorded):
+        return (expected.seq, expected.name) == (actual.seq, actual.name)
     return True
 
 
 def _describe(body: EventBody) -> str:
+    if isinstance(body, LocalActivityRecorded):
+        return f"local activity {body.name} #{body.seq}"
     if isinstance(body, ActivityScheduled):
         kind = "compensation" if body.is_compensation else "activity"
         return f"{kind} {body.activity_name} #{body.seq}"

@@ -28,6 +28,7 @@ from contracts.envelopes import (
     EventBody,
     HistoryEvent,
     LateReplyIgnored,
+    LocalActivityRecorded,
     MarkerRecorded,
     Payload,
     ReplyOutcome,
@@ -266,6 +267,7 @@ _FOLD: dict[type, Callable[[WorkflowState, Any, int], None]] = {
     WorkflowFailed: _wf_failed,
     WorkflowBlocked: _blocked,
     MarkerRecorded: _nothing,  # only the code reads markers (ctx.patched), on replay
+    LocalActivityRecorded: _nothing,  # only the code reads it (ctx.run_local), on replay
 }
 
 

@@ -53,6 +53,7 @@ from contracts.envelopes import (
     EventBody,
     HistoryEvent,
     LateReplyIgnored,
+    LocalActivityRecorded,
     MarkerRecorded,
     Payload,
     ReplyOutcome,
@@ -142,6 +143,9 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         WorkflowBlocked, error=st.none() | errors, at_seq=longs, code_version=st.text(max_size=20)
     ),
     MarkerRecorded: st.builds(MarkerRecorded, marker=texts, change_id=texts),
+    LocalActivityRecorded: st.builds(
+        LocalActivityRecorded, seq=longs, name=texts, result=opt(payloads), error=opt(errors)
+    ),
 }
 
 
@@ -260,7 +264,7 @@ def _event_body_types() -> tuple[type[BaseModel], ...]:
 def test_strategies_cover_every_envelope_and_event_kind() -> None:
     assert set(ENVELOPES) == set(_union_members(Envelope))
     assert set(EVENT_BODIES) == set(_event_body_types())
-    assert len(EVENT_BODIES) == 15
+    assert len(EVENT_BODIES) == 16
 
 
 # --------------------------------------------------------------------------- round trips

@@ -31,9 +31,12 @@ from contracts.codec import (
     fingerprint,
 )
 from contracts.envelopes import (
+    ActivityCommand,
     ActivityReply,
+    ActivityScheduled,
     ErrorInfo,
     HistoryEvent,
+    LocalActivityRecorded,
     MarkerRecorded,
     Payload,
     ReplyOutcome,
@@ -163,6 +166,7 @@ def test_history_v0_is_the_current_schema_without_the_new_kinds() -> None:
         *_branches(v0),
         "saga.v1.MarkerRecorded",
         "saga.v1.WorkflowBlocked",
+        "saga.v1.LocalActivityRecorded",
     ]
     assert fingerprint(v0) != current_schema(HistoryEvent).fingerprint
 
@@ -170,12 +174,17 @@ def test_history_v0_is_the_current_schema_without_the_new_kinds() -> None:
 @given(
     history_events(
         st.one_of(
-            *(s for t, s in EVENT_BODIES.items() if t not in (MarkerRecorded, WorkflowBlocked))
+            *(
+                s
+                for t, s in EVENT_BODIES.items()
+                if t not in (MarkerRecorded, WorkflowBlocked, LocalActivityRecorded)
+            )
         )
     )
 )
 def test_history_written_before_markers_reads_as_the_current_model(event: HistoryEvent) -> None:
     """A history written by nodes on the old code stays readable by nodes on the new one."""
+    event = _without_v1_fields(event)
     v0 = _history_v0_schema()
     record = _history_to_avro(event)
     body = io.BytesIO()
@@ -194,3 +203,75 @@ def test_a_marker_event_round_trips_with_the_current_schema() -> None:
     data = encode(event)
     assert data[2:10] == current_schema(HistoryEvent).fingerprint.to_bytes(8, "little")
     assert decode_as(data, HistoryEvent) == event
+
+
+# --------------------------------------------------------------------------- HistoryEvent v1
+
+HISTORY_V1 = Path(codec.__file__).parent / "schemas" / "legacy" / "HistoryEvent.v1.avsc"
+
+
+def _legacy(path: Path) -> dict[str, Any]:
+    parsed = parse_schema(json.loads(path.read_text()))
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def _without_v1_fields(event: HistoryEvent) -> HistoryEvent:
+    """The event as a v1 (or older) writer could hold it: no heartbeat timeout."""
+    if isinstance(event.event, ActivityScheduled):
+        body = event.event.model_copy(update={"heartbeat_timeout_ms": None})
+        return event.model_copy(update={"event": body})
+    return event
+
+
+def test_history_v1_is_the_current_schema_before_heartbeats_and_local_activities() -> None:
+    v1 = _legacy(HISTORY_V1)
+    current = current_schema(HistoryEvent).schema
+    assert _branches(current) == [*_branches(v1), "saga.v1.LocalActivityRecorded"]
+    scheduled = [b for b in _event_branches(current) if b["name"].endswith("ActivityScheduled")]
+    v1_scheduled = [b for b in _event_branches(v1) if b["name"].endswith("ActivityScheduled")]
+    assert [f["name"] for f in v1_scheduled[0]["fields"]] == [
+        f["name"] for f in scheduled[0]["fields"] if f["name"] != "heartbeat_timeout_ms"
+    ]
+
+
+def _event_branches(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    (event,) = (f for f in schema["fields"] if f["name"] == "event")
+    return list(event["type"])
+
+
+@given(
+    history_events(
+        st.one_of(*(s for t, s in EVENT_BODIES.items() if t is not LocalActivityRecorded))
+    )
+)
+def test_history_written_before_heartbeats_reads_as_the_current_model(event: HistoryEvent) -> None:
+    event = _without_v1_fields(event)
+    v1 = _legacy(HISTORY_V1)
+    body = io.BytesIO()
+    schemaless_writer(body, v1, _history_to_avro(event))
+    framed = MAGIC + fingerprint(v1).to_bytes(8, "little") + body.getvalue()
+    assert decode_as(framed, HistoryEvent) == event
+
+
+# --------------------------------------------------------------------------- ActivityCommand v0
+
+COMMAND_V0 = Path(codec.__file__).parent / "schemas" / "legacy" / "ActivityCommand.v0.avsc"
+
+
+@given(ENVELOPES[ActivityCommand])
+def test_a_command_written_before_heartbeats_reads_with_no_heartbeat_fields(
+    command: ActivityCommand,
+) -> None:
+    """A node on the old code sends commands without heartbeat fields: a new service reads them
+    with none (no heartbeat deadline, no details)."""
+    v0 = _legacy(COMMAND_V0)
+    old = command.model_copy(update={"heartbeat_timeout_ms": None, "heartbeat_details": None})
+    body = io.BytesIO()
+    schemaless_writer(
+        body,
+        v0,
+        old.model_dump(mode="python", exclude={"heartbeat_timeout_ms", "heartbeat_details"}),
+    )
+    framed = MAGIC + fingerprint(v0).to_bytes(8, "little") + body.getvalue()
+    assert decode_as(framed, ActivityCommand) == old
