@@ -5,7 +5,7 @@ Heartbeats are not part of the service's transaction (a handler calls them while
 before its reply): they go through a plain idempotent producer of their own. Losing one is
 harmless, the next one counts; so they are throttled per command: at most one record per
 ``interval`` (a third of the workflow's ``heartbeat_timeout``, at least 0.2 s), and a call in
-between only remembers its details, sent by the next call that is due. The last details sent
+between is dropped (the next call that is due sends its own, newer details). The last details sent
 reach the next attempt if this one fails (``info.heartbeat_details``).
 """
 
@@ -41,6 +41,7 @@ class Heartbeats:
         self._producer: Producer | None = None
         self._lock = threading.Lock()
         self._last: dict[tuple[str, int, int], float] = {}
+        self._closed = False
 
     def beat(self, cmd: ActivityCommand, service: str, details: Any) -> None:
         """Send a heartbeat for ``cmd`` unless one was sent less than an interval ago."""
@@ -58,8 +59,8 @@ class Heartbeats:
         key = (cmd.workflow_id, cmd.seq, cmd.attempt)
         now = time.monotonic()
         with self._lock:
-            if now - self._last.get(key, float("-inf")) < interval:
-                return
+            if self._closed or now - self._last.get(key, float("-inf")) < interval:
+                return  # closed: a handler left running after the service stopped
             self._last[key] = now
             if len(self._last) > 10_000:  # forget the oldest: they belong to finished commands
                 for old in sorted(self._last, key=self._last.__getitem__)[:5_000]:
@@ -93,6 +94,7 @@ class Heartbeats:
     def close(self) -> None:
         with self._lock:
             producer, self._producer = self._producer, None
+            self._closed = True
         if producer is not None:
             producer.flush(1.0)
 

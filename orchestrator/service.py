@@ -1042,6 +1042,8 @@ class Service:
                     self._store.put(entry.key, entry.final)
                 except Exception:  # losing an entry only means the handler may run again
                     log.exception("service %s: cannot store the reply for %s", self.name, entry.key)
+            # A sent entry may stay tracked for long (above a slow command): keep it small.
+            entry.msg = entry.record = entry.cmd = entry.final = None
 
     def _count_failures(self, batch: _Batch, entries: list[Entry]) -> None:
         letters = {r.source for r in batch.records if r.topic == self.settings.dlq}
