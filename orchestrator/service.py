@@ -99,7 +99,7 @@ _BACKOFF_MAX_S = 2.0
 _MAX_REBUILDS = 5
 _MAX_TRIES = 3  # a record whose answer failed to produce this often is dead-lettered
 _IDLE_POLL_S = 0.1
-_BUSY_POLL_S = 0.005  # while handlers run: how soon a finished one is noticed
+_BUSY_WAIT_S = 0.002  # while handlers run: how long a turn waits for one before polling again
 _REDO_BACKOFF_S = 0.2
 _RECORD_OVERHEAD = 512  # record framing beside key, value and headers
 _HEADERS_KEPT_MAX = 16_384  # a dead letter keeps larger headers only for tracing
@@ -820,15 +820,16 @@ class Service:
             kafka.pause(full)
             self._paused = full
         first: tuple[Entry, _Outcome] | None = None
-        if full:
-            # Nothing is fetched while paused: wait for a handler instead, then keep the
-            # membership alive with a poll that returns at once.
+        if self._jobs:
+            # A finished handler must be noticed at once (a fast one takes microseconds and
+            # its reply is a hop of the saga): wait on the handlers, not in the consumer's
+            # poll, which nothing can interrupt; then take what the consumer has without
+            # waiting. Paused, nothing is fetched anyway: the poll keeps the membership alive.
             with contextlib.suppress(queue.Empty):
-                first = self._done.get(timeout=_IDLE_POLL_S)
-            messages = kafka.next_batch(1, timeout=0)
+                first = self._done.get(timeout=_IDLE_POLL_S if full else _BUSY_WAIT_S)
+            messages = kafka.next_batch(max(1, min(room, self.settings.max_batch)), timeout=0)
         else:
-            timeout = _BUSY_POLL_S if self._jobs else _IDLE_POLL_S
-            messages = kafka.next_batch(min(room, self.settings.max_batch), timeout)
+            messages = kafka.next_batch(max(1, min(room, self.settings.max_batch)), _IDLE_POLL_S)
         for msg in messages:
             self._take(msg)
         self._collect(first)
