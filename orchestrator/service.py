@@ -88,6 +88,7 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 _NAME = re.compile(r"^[a-zA-Z0-9._-]+$")
 _TXN_TIMEOUT_S = 10.0
 _OFFSETS_TIMEOUT_S = 5.0  # normally milliseconds; when stuck, the sooner replaced the better
+_COMMITTED_TIMEOUT_S = 1.0  # reading a partition's committed metadata (see _Kafka.committed)
 _GRACE_S = 2.0  # past a call's own timeout: the call is stuck (librdkafka #5456)
 # librdkafka's default backoff grows to 10 s while the broker is away, and a reconnect waits
 # for it after the broker is back.
@@ -288,17 +289,19 @@ class _Kafka:
     ) -> None:
         self.consumer.subscribe(topics, on_assign=on_assign, on_revoke=on_revoke, on_lost=on_revoke)
 
-    def pause(self, paused: bool) -> None:
+    def pause(self, paused: bool) -> bool:
         """Stop (or resume) fetching every assigned partition; polling goes on, so the group
-        membership stays alive while handlers run."""
+        membership stays alive while handlers run. False: not done, try again."""
         try:
             assigned = self.consumer.assignment()
             if paused:
                 self.consumer.pause(assigned)
             else:
                 self.consumer.resume(assigned)
+            return True
         except KafkaException as exc:  # e.g. in the middle of a rebalance: the next turn retries
             log.info("cannot %s the partitions: %s", "pause" if paused else "resume", exc)
+            return False
 
     def close(self) -> None:
         """Leave quickly, even with the broker away: each step gets a short deadline."""
@@ -498,19 +501,21 @@ class _Kafka:
             delay = min(delay * 2, _BACKOFF_MAX_S)
 
     def committed(self, tp: tuple[str, int]) -> tuple[int, str | None]:
-        """A partition's committed offset and metadata; (-1, None) when unknown or unreadable."""
-        found: list[TopicPartition] = []
+        """A partition's committed offset and metadata, asked once with a short deadline;
+        (-1, None) when it cannot be read now (the metadata only spares answering commands
+        again, which the dedupe store does too: not worth waiting for a coordinator)."""
         consumer = self.consumer
-
-        def read() -> None:
-            found[:] = consumer.committed([TopicPartition(*tp)], timeout=_OFFSETS_TIMEOUT_S)
-
         try:
-            self._call("committed", read, timeout=_OFFSETS_TIMEOUT_S)
-        except (ServiceError, _Abortable, _Broken) as exc:
-            log.warning("cannot read the committed offset of %s[%d]: %s", *tp, exc)
+            found = self._calls.call(
+                "committed",
+                lambda: consumer.committed([TopicPartition(*tp)], timeout=_COMMITTED_TIMEOUT_S),
+                _COMMITTED_TIMEOUT_S + _GRACE_S,
+                self._stopping,
+            )
+        except (KafkaException, Wedged) as exc:
+            log.info("committed offset of %s[%d] not read: %s", *tp, exc)
             return -1, None
-        if not found or found[0].offset < 0:
+        if not found or found[0].offset < 0 or found[0].error is not None:
             return -1, None
         return found[0].offset, found[0].metadata
 
@@ -681,6 +686,7 @@ class Service:
         """Final replies made but not yet committed (then they move to the dedupe store)."""
         self._jobs = 0
         self._paused = False
+        self._resync = False
         self._workers: Workers | None = None
         self._reply_limit = MAX_INBOX_RECORD_BYTES
         self._beats: _Heartbeats | None = None
@@ -801,6 +807,7 @@ class Service:
         self._finals.clear()
         self._jobs = 0
         self._paused = False
+        self._resync = False
 
     # -- one turn of the poll loop ---------------------------------------------------------
 
@@ -811,13 +818,18 @@ class Service:
         however long handlers take; when ``max_concurrency`` commands are waiting or running,
         the partitions are paused instead of read.
         """
-        # Up to max_concurrency commands wait read ahead, so a freed slot starts the next one
-        # at once; beyond that the partitions are paused (a pause drops what librdkafka
-        # fetched ahead, and a resume costs a fetch round trip: not on every slot).
-        room = 2 * self.max_concurrency - self._jobs - len(self._backlog)
+        # Commands are read ahead of the running ones (up to max_batch, at least
+        # max_concurrency), so a freed slot starts the next one at once; beyond that the
+        # partitions are paused. Rarely: a pause drops what librdkafka fetched ahead, and the
+        # fetch after a resume waits up to a second (measured), which paused once per slot
+        # made a service of max_concurrency 1 answer one command a second.
+        ahead = max(self.settings.max_batch, self.max_concurrency)
+        room = self.max_concurrency + ahead - self._jobs - len(self._backlog)
         full = room <= 0
-        if full != self._paused:
-            kafka.pause(full)
+        if full != self._paused or self._resync:
+            # After a rebalance the pause state of the partitions is not known (librdkafka
+            # may keep a partition paused across its revocation): set it again.
+            self._resync = not kafka.pause(full)
             self._paused = full
         first: tuple[Entry, _Outcome] | None = None
         if self._jobs:
@@ -834,22 +846,37 @@ class Service:
             self._take(msg)
         self._collect(first)
         self._start_queued()
+        self._gather_answers()
         self._commit(kafka)
 
+    def _gather_answers(self) -> None:
+        """While commands wait and handlers finish quickly, run more before committing, for
+        up to commit_interval_ms: one transaction per answer would bound a service with few
+        slots to one answer per commit round trip (a backlog after an outage drained at
+        ~10 a second on a loaded machine)."""
+        deadline = time.monotonic() + max(self.settings.commit_interval_ms, 1) / 1000
+        answers = 0
+        while self._backlog and self._jobs and answers < self.settings.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                item = self._done.get(timeout=left)
+            except queue.Empty:
+                return
+            self._collect(item)
+            self._start_queued()
+            answers += 1
+
     def _on_assign(self, _consumer: Any, _partitions: list[TopicPartition]) -> None:
-        self._paused = False  # newly assigned partitions fetch: the next turn pauses if full
+        self._resync = True  # the next turn pauses or resumes every assigned partition
 
     def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
-        """Commit what is answered while the partitions are still ours, then forget them.
-        Handlers still running keep running; a twin command that comes back (to us, after
-        the rebalance) waits for their outcome instead of running again."""
-        if self._kafka is not None:
-            try:
-                self._commit(self._kafka, retry=False)
-            except (ServiceError, Stopping):
-                raise
-            except Exception as exc:  # the new owner answers them
-                log.warning("service %s: cannot commit before the rebalance: %s", self.name, exc)
+        """Forget the partitions. Nothing is committed here: this runs inside the consumer's
+        poll, when the broker may be away (a lost session) and the partitions may be gone
+        already; the answers made since the last turn's commit are left to the next owner
+        (their handlers run again there). Handlers still running keep running; a twin command
+        that comes back to this instance waits for their outcome instead of running again."""
         dropped = self._tracker.drop((tp.topic, tp.partition) for tp in partitions)
         unsent = [e for e in dropped if e.state is State.DONE]
         for entry in dropped:
@@ -861,7 +888,7 @@ class Service:
                 self.name,
                 len(unsent),
             )
-        self._paused = False
+        self._resync = True
 
     def _take(self, msg: Message) -> None:
         tp = (msg.topic() or "", msg.partition() or 0)
@@ -1022,7 +1049,7 @@ class Service:
             record = self._reply_record(msg, cmd, reply)
         return reply, record
 
-    def _commit(self, kafka: _Kafka, *, retry: bool = True) -> None:
+    def _commit(self, kafka: _Kafka) -> None:
         """Commit the answers ready and the offsets they free; on failure keep them for the
         next turn (no handler runs again), and dead-letter a record refused too often."""
         commit = self._tracker.pending_commit()
@@ -1031,8 +1058,7 @@ class Service:
         batch = _Batch([e.record for e in commit.entries], dict(commit.offsets))
         if not kafka.commit(batch):
             self._count_failures(batch, commit.entries)
-            if retry:
-                kafka._sleep(_REDO_BACKOFF_S)
+            kafka._sleep(_REDO_BACKOFF_S)
             return
         self._tracker.committed(commit)
         for entry in commit.entries:
