@@ -136,6 +136,8 @@ class ActivityCommand(_Envelope):
     sent_at_ms: int
     deadline_ms: int | None = None
     trace: TraceContext | None = None
+    heartbeat_timeout_ms: int | None = None
+    heartbeat_details: Payload | None = None
 
 
 class ActivityReply(_Envelope):
@@ -151,6 +153,19 @@ class ActivityReply(_Envelope):
     error: ErrorInfo | None = None
     service: str = ""
     trace: TraceContext | None = None
+
+
+class ActivityHeartbeat(_Envelope):
+    """What a service sends to ``<ns>.inbox`` while a long attempt runs: it is alive, and how
+    far it got (``details``, given to the next attempt if this one fails)."""
+
+    workflow_id: str
+    seq: int
+    attempt: int
+    idempotency_key: str
+    sent_at_ms: int
+    details: Payload | None = None
+    service: str = ""
 
 
 class WorkflowStatus(StrEnum):
@@ -226,6 +241,7 @@ class ActivityScheduled(_Envelope):
     retry: RetryPolicy
     attempt_timeout_ms: int | None = None
     overall_timeout_ms: int | None = None
+    heartbeat_timeout_ms: int | None = None
 
 
 class ActivityAttemptStarted(_Envelope):
@@ -405,6 +421,17 @@ class WorkflowStartSent(_Envelope):
     request_id: str
 
 
+class LocalActivityRecorded(_Envelope):
+    """A local activity ran in the orchestrator (``ctx.run_local``): its result, or its error;
+    every replay returns it instead of running the function again."""
+
+    kind: Literal["LocalActivityRecorded"] = "LocalActivityRecorded"
+    seq: int
+    name: str
+    result: Payload | None = None
+    error: ErrorInfo | None = None
+
+
 EventBody = Annotated[
     WorkflowStarted
     | ActivityScheduled
@@ -428,7 +455,8 @@ EventBody = Annotated[
     | ChildWorkflowFailed
     | WorkflowTimedOut
     | WorkflowContinuedAsNew
-    | WorkflowStartSent,
+    | WorkflowStartSent
+    | LocalActivityRecorded,
     Field(discriminator="kind"),
 ]
 
@@ -450,6 +478,7 @@ Envelope = (
     | OperatorAction
     | ActivityCommand
     | ActivityReply
+    | ActivityHeartbeat
     | WorkflowResult
     | DeadLetter
     | HistoryEvent

@@ -11,6 +11,7 @@
 | node_id                | SAGA_NODE_ID                | the host name            |
 | commit_interval_ms     | SAGA_COMMIT_INTERVAL_MS     | 5                        |
 | max_batch              | SAGA_MAX_BATCH              | 1000                     |
+| max_concurrency        | SAGA_MAX_CONCURRENCY        | 16 (handlers at once)    |
 | retention_ms           | SAGA_RETENTION_MS           | 7 days                   |
 | kafka (extra config)   | SAGA_KAFKA__<KEY>           | none                     |
 | metrics_port           | SAGA_METRICS_PORT           | none (no HTTP endpoint)  |
@@ -94,6 +95,12 @@ class Settings(BaseSettings):
         description="how long to gather input for one transaction once a record arrived",
     )
     max_batch: int = Field(default=1000, ge=1, le=100_000)
+    max_concurrency: int = Field(
+        default=16,
+        ge=1,
+        le=10_000,
+        description="how many handlers a service runs at once (Service(max_concurrency=...))",
+    )
     retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=0)
     metrics_port: int | None = Field(
         default=None,

@@ -54,6 +54,8 @@ OutT = TypeVar("OutT", bound=BaseModel)
 C = TypeVar("C", bound=type)
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
+LocalIn = TypeVar("LocalIn")
+LocalOut = TypeVar("LocalOut")
 
 _DEFN_ATTR = "__saga_workflow_defn__"
 _RUN_ATTR = "__saga_workflow_run__"
@@ -336,6 +338,7 @@ class WorkflowContext(ABC):
         timeout: AttemptTimeout = NODE_DEFAULT,
         overall_timeout: timedelta | None = None,
         compensate: Compensation | Callable[[OutT], Compensation] | None = None,
+        heartbeat_timeout: timedelta | None = None,
     ) -> Awaitable[OutT]:
         """Schedule an activity at once and return an awaitable of its result.
 
@@ -351,6 +354,27 @@ class WorkflowContext(ABC):
         before the command is sent: a :class:`Compensation`, or a function that builds it from
         the result. If the saga fails or the workflow is cancelled while this step is in
         flight, the saga waits for its outcome and compensates it if it succeeded.
+
+        ``heartbeat_timeout``: for long activities whose handler calls ``info.heartbeat()``:
+        an attempt that sent no heartbeat for this long fails with ``HeartbeatTimeout`` (and
+        the retry policy decides), so a dead service is noticed in seconds even when the
+        attempt may take hours; the next attempt gets the last heartbeat's details.
+        """
+
+    @abstractmethod
+    def run_local(
+        self, fn: Callable[[LocalIn], LocalOut], arg: LocalIn, *, name: str | None = None
+    ) -> Awaitable[LocalOut]:
+        """Run ``fn(arg)`` here, in the orchestrator, and record its result in the history: a
+        short side effect that needs no service (a lookup, a notification, an id from another
+        system). Every replay returns the recorded result without running ``fn`` again.
+
+        The result must be JSON-serialisable and is read back as ``fn``'s return annotation
+        (so the first run and every replay see the same value). An exception in ``fn`` is
+        recorded too and raised here as :class:`~orchestrator.errors.ActivityError`: no
+        retries, no timeout. ``fn`` runs on the node's loop, in the middle of the workflow's
+        step: keep it to milliseconds and make it idempotent (a crash before the step's commit
+        runs it again). ``name`` (default: ``fn``'s qualified name) is checked on replay.
         """
 
     @abstractmethod

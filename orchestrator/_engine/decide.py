@@ -27,6 +27,7 @@ from contracts.envelopes import (
     ActivityCommand,
     ActivityCompleted,
     ActivityFailed,
+    ActivityHeartbeat,
     ActivityReply,
     ActivityScheduled,
     CancelRequested,
@@ -61,7 +62,7 @@ from orchestrator.workflow import WorkflowRegistry
 
 from .partition import Cached, Partition
 from .restore import RestoreReport
-from .state import OperatorActionKind, OperatorRefused, UnknownActivity
+from .state import OperatorActionKind, OperatorRefused, UnknownActivity, note_heartbeat
 from .store import StoreBatch
 
 log = logging.getLogger(__name__)
@@ -269,6 +270,8 @@ class Decider:
                 self._on_operator(part, envelope, batch, msg, now)
             elif isinstance(envelope, ChildWorkflowEnded):
                 self._on_child_ended(part, envelope, batch, msg, now)
+            elif isinstance(envelope, ActivityHeartbeat):
+                self._on_heartbeat(part, envelope, now)
             else:
                 self._dead_letter(
                     batch,
@@ -507,6 +510,15 @@ class Decider:
                 Out(self.settings.inbox, child.workflow_id.encode(), codec.encode(envelope))
             )
 
+    def _on_heartbeat(self, part: Partition, beat: ActivityHeartbeat, now: int) -> None:
+        """A heartbeat records nothing: it moves the attempt's heartbeat deadline and keeps its
+        details in memory (docs/services.md "Heartbeats"). One for an attempt that ended, or
+        a workflow that is gone, is dropped quietly: heartbeats are sent without a transaction
+        and may well come late."""
+        cached = part.get(beat.workflow_id)
+        if cached is None or not note_heartbeat(cached.run.state, beat, now):
+            log.debug("heartbeat of %s attempt %d ignored", beat.idempotency_key, beat.attempt)
+
     def _on_reply(
         self, part: Partition, reply: ActivityReply, batch: Batch, msg: InboxRecord, now: int
     ) -> None:
@@ -598,6 +610,11 @@ class Decider:
                     log.error("timer of %s not fired: %s", wf, exc)
                     part.forget(wf)
                     continue
+                if not events:
+                    # Nothing was due after all (heartbeats moved a deadline, which records
+                    # nothing): summarising it again schedules its next due time.
+                    batch.touched[(part.number, wf)] = cached
+                    batch.store(part.number)  # so the batch is committed, summaries and all
                 self._record(part, cached, events, batch, now)
 
     def repair_history(self, partitions: Mapping[int, Partition], batch: Batch) -> None:
@@ -740,6 +757,8 @@ class Decider:
             sent_at_ms=now,
             deadline_ms=deadline,
             trace=run.state.trace,
+            heartbeat_timeout_ms=act.heartbeat_timeout_ms,
+            heartbeat_details=act.heartbeat_details,
         )
         if self.tracer is not None:  # the command's own span: the service's span is its child
             command = command.model_copy(update={"trace": self.tracer.command(command, act.topic)})

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, NoReturn, TypeVar, cast
+from typing import Any, Generic, NoReturn, TypeVar, cast, get_type_hints
 
 from pydantic import BaseModel
 
@@ -45,6 +45,7 @@ from contracts.envelopes import (
     EventBody,
     HistoryEvent,
     LateReplyIgnored,
+    LocalActivityRecorded,
     MarkerRecorded,
     OperatorActed,
     OperatorAction,
@@ -87,6 +88,8 @@ from orchestrator.workflow import (
     AttemptTimeout,
     ChildHandle,
     Compensation,
+    LocalIn,
+    LocalOut,
     ParentClosePolicy,
     Saga,
     WorkflowContext,
@@ -117,6 +120,7 @@ _CODE_EVENTS = (
     WorkflowContinuedAsNew,
     WorkflowStartSent,
     ChildWorkflowStarted,
+    LocalActivityRecorded,
 )
 #: A child's input, with room left under the inbox limit for the rest of its StartWorkflow.
 MAX_CHILD_INPUT_BYTES = MAX_INBOX_RECORD_BYTES - 4096
@@ -427,6 +431,7 @@ class _Context(WorkflowContext):
         timeout: AttemptTimeout = NODE_DEFAULT,
         overall_timeout: timedelta | None = None,
         compensate: Compensation | Callable[[OutT], Compensation] | None = None,
+        heartbeat_timeout: timedelta | None = None,
     ) -> Awaitable[OutT]:
         saga: _SagaImpl | None = None
         if compensate is not None:
@@ -440,6 +445,7 @@ class _Context(WorkflowContext):
         return self._schedule(
             activity, arg, retry or _DEFAULT_RETRY, timeout, overall_timeout,
             undo=(saga, compensate) if saga is not None and compensate is not None else None,
+            heartbeat_timeout=heartbeat_timeout,
         )  # fmt: skip
 
     def _schedule(
@@ -452,6 +458,7 @@ class _Context(WorkflowContext):
         *,
         compensation: bool = False,
         undo: tuple[_SagaImpl, Compensation | Callable[[OutT], Compensation]] | None = None,
+        heartbeat_timeout: timedelta | None = None,
     ) -> _Future[OutT]:
         if not isinstance(arg, activity.input):
             raise TypeError(
@@ -480,6 +487,7 @@ class _Context(WorkflowContext):
                 retry=retry,
                 attempt_timeout_ms=_ms(timeout),
                 overall_timeout_ms=_ms(overall_timeout),
+                heartbeat_timeout_ms=_ms(heartbeat_timeout),
             )
         )
         return future
@@ -632,6 +640,11 @@ class _Context(WorkflowContext):
     def patched(self, change_id: str) -> bool:
         return self._run._patch(change_id, deprecated=False)
 
+    def run_local(
+        self, fn: Callable[[LocalIn], LocalOut], arg: LocalIn, *, name: str | None = None
+    ) -> Awaitable[LocalOut]:
+        return self._run._local(fn, arg, name or str(getattr(fn, "__qualname__", repr(fn))))
+
     def deprecate_patch(self, change_id: str) -> None:
         self._run._patch(change_id, deprecated=True)
 
@@ -661,6 +674,14 @@ class _Context(WorkflowContext):
                 request_id=request_id,
             )
         )
+
+
+def _return_type(fn: Callable[..., Any]) -> Any:
+    """What ``fn`` says it returns (to read its recorded result back as), else Any."""
+    try:
+        return get_type_hints(fn).get("return", Any)
+    except Exception:  # unresolvable annotations: the JSON value as it is
+        return Any
 
 
 def _ms(value: timedelta | None) -> int | None:
@@ -1317,6 +1338,39 @@ class WorkflowRun:
         self._patches[change_id] = answer
         return answer
 
+    def _local(self, fn: Callable[[Any], Any], arg: Any, name: str) -> _Future[Any]:
+        """``ctx.run_local``: live, run ``fn`` now and record what came of it; on replay, the
+        recorded outcome at this point of the history, without running ``fn``."""
+        seq = self._next_command_seq()
+        future: _Future[Any] = _Future()
+        if self._replaying is not None:
+            at = self.state.last_seq + len(self._pending) + 1
+            recorded = self._replaying.get(at)
+            if not isinstance(recorded, LocalActivityRecorded) or (recorded.seq, recorded.name) != (
+                seq,
+                name,
+            ):
+                # Not what the history holds here: the command does not match and the replay
+                # reports it (NonDeterminismError); a side effect never runs on replay.
+                self._command(LocalActivityRecorded(seq=seq, name=name))
+                return future
+            body = recorded
+        else:
+            with determinism.suspended():
+                try:
+                    body = LocalActivityRecorded(seq=seq, name=name, result=to_payload(fn(arg)))
+                except Exception as exc:
+                    error = ErrorInfo(type=type(exc).__name__, message=str(exc))
+                    body = LocalActivityRecorded(seq=seq, name=name, error=error)
+        self._command(body)
+        if body.error is not None:
+            future.fail(
+                ActivityError(name, seq, body.error.type, body.error.message, business=False)
+            )
+        else:
+            _resolve_payload(future, body.result or to_payload(None), _return_type(fn))
+        return future
+
     def _next_command_seq(self) -> int:
         self._command_seq += 1
         return self._command_seq
@@ -1374,10 +1428,14 @@ def _same_command(expected: EventBody, actual: EventBody) -> bool:
             actual.target_id,
             actual.workflow_type,
         )
+    if isinstance(expected, LocalActivityRecorded) and isinstance(actual, LocalActivityRecorded):
+        return (expected.seq, expected.name) == (actual.seq, actual.name)
     return True
 
 
 def _describe(body: EventBody) -> str:
+    if isinstance(body, LocalActivityRecorded):
+        return f"local activity {body.name} #{body.seq}"
     if isinstance(body, ActivityScheduled):
         kind = "compensation" if body.is_compensation else "activity"
         return f"{kind} {body.activity_name} #{body.seq}"

@@ -21,6 +21,7 @@ from contracts.envelopes import (
     ActivityAttemptStarted,
     ActivityCompleted,
     ActivityFailed,
+    ActivityHeartbeat,
     ActivityParked,
     ActivityReply,
     ActivityScheduled,
@@ -32,6 +33,7 @@ from contracts.envelopes import (
     EventBody,
     HistoryEvent,
     LateReplyIgnored,
+    LocalActivityRecorded,
     MarkerRecorded,
     OperatorActed,
     ParentRef,
@@ -68,6 +70,9 @@ class OperatorRefused(ValueError):
     """An operator action that does not apply to the workflow as it is (the reason says why)."""
 
 
+HEARTBEAT_TIMEOUT_ERROR = "HeartbeatTimeout"
+
+
 @dataclass
 class ActivityState:
     seq: int
@@ -95,6 +100,19 @@ class ActivityState:
         """An operator's retry applies: parked, or between attempts."""
         return not self.done and (self.parked is not None or self.retry_at_ms is not None)
 
+    heartbeat_timeout_ms: int | None = None
+    # Heartbeats are kept here, not in the history (see docs/services.md "Heartbeats"): when
+    # the current attempt was last heard of, and the last details any attempt sent (given to
+    # the next attempt). A node that rebuilds the workflow gives the attempt a full
+    # heartbeat_timeout from then (heartbeat_grace) and has no details.
+    last_beat_ms: int = field(default=0, compare=False)
+    heartbeat_details: Payload | None = field(default=None, compare=False)
+
+    def heartbeat_due_ms(self) -> int | None:
+        if self.done or not self.attempt_open or self.heartbeat_timeout_ms is None:
+            return None
+        return max(self.attempt_started_ms, self.last_beat_ms) + self.heartbeat_timeout_ms
+
     def next_due_ms(self) -> int | None:
         if self.done or self.parked is not None:
             return None
@@ -103,6 +121,8 @@ class ActivityState:
             dues.append(self.scheduled_at_ms + self.overall_timeout_ms)
         if self.attempt_open and self.attempt_timeout_ms is not None:
             dues.append(self.attempt_started_ms + self.attempt_timeout_ms)
+        if (beat_due := self.heartbeat_due_ms()) is not None:
+            dues.append(beat_due)
         if self.retry_at_ms is not None:
             dues.append(self.retry_at_ms)
         return min(dues) if dues else None
@@ -263,6 +283,7 @@ def _scheduled(s: WorkflowState, e: ActivityScheduled, at: int) -> None:
         overall_timeout_ms=e.overall_timeout_ms,
         scheduled_at_ms=at,
         attempt_started_ms=at,
+        heartbeat_timeout_ms=e.heartbeat_timeout_ms,
     )
 
 
@@ -417,6 +438,7 @@ _FOLD: dict[type, Callable[[WorkflowState, Any, int], None]] = {
     WorkflowTimedOut: _timed_out,
     WorkflowContinuedAsNew: _continued,
     WorkflowStartSent: _nothing,  # the start went to the inbox with the event
+    LocalActivityRecorded: _nothing,  # only the code reads it (ctx.run_local), on replay
 }
 
 
@@ -559,6 +581,14 @@ def decide_timers(state: WorkflowState, now_ms: int, rng: random.Random) -> list
                 message=f"attempt {act.attempt} got no reply within {act.attempt_timeout_ms} ms",
             )
             return _after_failure(act, error, now_ms, rng)
+        beat_due = act.heartbeat_due_ms()
+        if beat_due is not None and beat_due <= now_ms:
+            error = ErrorInfo(
+                type=HEARTBEAT_TIMEOUT_ERROR,
+                message=f"attempt {act.attempt} sent no heartbeat for "
+                f"{act.heartbeat_timeout_ms} ms",
+            )
+            return _after_failure(act, error, now_ms, rng)
         if act.retry_at_ms is not None and act.retry_at_ms <= now_ms:
             return [ActivityAttemptStarted(seq=act.seq, attempt=act.attempt + 1)]
     for seq, due in sorted(state.timers.items()):
@@ -616,3 +646,31 @@ def decide_operator(
         f"workflow {state.workflow_id} has nothing to retry: no step is parked or between "
         "attempts, and it is not blocked"
     )
+
+
+def note_heartbeat(state: WorkflowState, beat: ActivityHeartbeat, now_ms: int) -> bool:
+    """Take a heartbeat of the current attempt: it is alive now, and its details are the ones
+    the next attempt gets. Records nothing; False for a heartbeat of an attempt that ended
+    (or of a stranger), which changes nothing."""
+    act = state.activities.get(beat.seq)
+    if (
+        act is None
+        or state.finished
+        or act.done
+        or not act.attempt_open
+        or act.idempotency_key != beat.idempotency_key
+        or act.attempt != beat.attempt
+    ):
+        return False
+    act.last_beat_ms = max(act.last_beat_ms, now_ms)
+    if beat.details is not None:
+        act.heartbeat_details = beat.details
+    return True
+
+
+def heartbeat_grace(state: WorkflowState, now_ms: int) -> None:
+    """A workflow rebuilt from its history (a restart, another node, the cache) does not know
+    when its attempts last sent a heartbeat: each gets a full heartbeat_timeout from now."""
+    for act in state.activities.values():
+        if act.heartbeat_timeout_ms is not None and act.attempt_open and not act.done:
+            act.last_beat_ms = max(act.last_beat_ms, now_ms)

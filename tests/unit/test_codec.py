@@ -42,6 +42,7 @@ from contracts.envelopes import (
     ActivityCommand,
     ActivityCompleted,
     ActivityFailed,
+    ActivityHeartbeat,
     ActivityParked,
     ActivityReply,
     ActivityScheduled,
@@ -58,6 +59,7 @@ from contracts.envelopes import (
     HistoryEvent,
     IdReusePolicy,
     LateReplyIgnored,
+    LocalActivityRecorded,
     MarkerRecorded,
     OperatorActed,
     OperatorAction,
@@ -133,6 +135,7 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         retry=retries,
         attempt_timeout_ms=opt(longs),
         overall_timeout_ms=opt(longs),
+        heartbeat_timeout_ms=opt(longs),
     ),
     ActivityAttemptStarted: st.builds(ActivityAttemptStarted, seq=longs, attempt=longs),
     ActivityAttemptFailed: st.builds(
@@ -179,6 +182,9 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     WorkflowContinuedAsNew: st.builds(WorkflowContinuedAsNew, input=payloads),
     WorkflowStartSent: st.builds(
         WorkflowStartSent, target_id=texts, workflow_type=texts, input=payloads, request_id=texts
+    ),
+    LocalActivityRecorded: st.builds(
+        LocalActivityRecorded, seq=longs, name=texts, result=opt(payloads), error=opt(errors)
     ),
 }
 
@@ -249,6 +255,18 @@ ENVELOPES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         sent_at_ms=longs,
         deadline_ms=opt(longs),
         trace=opt(traces),
+        heartbeat_timeout_ms=opt(longs),
+        heartbeat_details=opt(payloads),
+    ),
+    ActivityHeartbeat: st.builds(
+        ActivityHeartbeat,
+        workflow_id=texts,
+        seq=longs,
+        attempt=longs,
+        idempotency_key=texts,
+        sent_at_ms=longs,
+        details=opt(payloads),
+        service=texts,
     ),
     ActivityReply: st.builds(
         ActivityReply,
@@ -312,7 +330,7 @@ def _event_body_types() -> tuple[type[BaseModel], ...]:
 def test_strategies_cover_every_envelope_and_event_kind() -> None:
     assert set(ENVELOPES) == set(_union_members(Envelope))
     assert set(EVENT_BODIES) == set(_event_body_types())
-    assert len(EVENT_BODIES) == 23
+    assert len(EVENT_BODIES) == 24
 
 
 # --------------------------------------------------------------------------- round trips

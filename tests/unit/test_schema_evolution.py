@@ -31,14 +31,17 @@ from contracts.codec import (
     fingerprint,
 )
 from contracts.envelopes import (
+    ActivityCommand,
     ActivityParked,
     ActivityReply,
+    ActivityScheduled,
     ChildWorkflowCompleted,
     ChildWorkflowFailed,
     ChildWorkflowStarted,
     ErrorInfo,
     HistoryEvent,
     IdReusePolicy,
+    LocalActivityRecorded,
     MarkerRecorded,
     OperatorActed,
     Payload,
@@ -52,7 +55,13 @@ from contracts.envelopes import (
     WorkflowStatus,
     WorkflowTimedOut,
 )
-from tests.unit.test_codec import ENVELOPES, EVENT_BODIES, history_events
+from tests.unit.test_codec import ENVELOPES, history_events
+from tests.unit.test_codec import EVENT_BODIES as ALL_EVENT_BODIES
+
+# Local activities and heartbeat timeouts came last (HistoryEvent.v4 is the schema before
+# them): every older schema's tests draw from the kinds they knew.
+EVENT_BODIES = {t: s for t, s in ALL_EVENT_BODIES.items() if t is not LocalActivityRecorded}
+LOCAL_KINDS = ["saga.v1.LocalActivityRecorded"]
 
 LEGACY_V0 = Path(codec.__file__).parent / "schemas" / "legacy" / "ActivityReply.v0.avsc"
 
@@ -162,10 +171,17 @@ LIFECYCLE_KINDS = [f"saga.v1.{t.__name__}" for t in LIFECYCLE]
 
 
 def _without_timeout(event: HistoryEvent) -> HistoryEvent:
-    """What a schema before the lifecycle kinds can hold: no execution timeout."""
+    """What a schema before the lifecycle kinds can hold: no execution timeout, no heartbeat
+    timeout."""
+    return _without_heartbeat(event, execution=True)
+
+
+def _without_heartbeat(event: HistoryEvent, *, execution: bool = False) -> HistoryEvent:
     body = event.event
-    if isinstance(body, WorkflowStarted):
+    if isinstance(body, WorkflowStarted) and execution:
         body = body.model_copy(update={"execution_timeout_ms": None})
+    if isinstance(body, ActivityScheduled):
+        body = body.model_copy(update={"heartbeat_timeout_ms": None})
     return event.model_copy(update={"event": body})
 
 
@@ -194,6 +210,7 @@ def test_history_v0_is_the_current_schema_without_the_new_kinds() -> None:
         "saga.v1.OperatorActed",
         *CHILD_KINDS,
         *LIFECYCLE_KINDS,
+        *LOCAL_KINDS,
     ]
     assert fingerprint(v0) != current_schema(HistoryEvent).fingerprint
 
@@ -215,6 +232,7 @@ def test_history_v1_is_the_current_schema_without_the_operator_kinds() -> None:
         "saga.v1.OperatorActed",
         *CHILD_KINDS,
         *LIFECYCLE_KINDS,
+        *LOCAL_KINDS,
     ]
 
 
@@ -317,6 +335,7 @@ def test_history_v2_is_the_current_schema_before_child_workflows() -> None:
         *_branches(v2),
         *CHILD_KINDS,
         *LIFECYCLE_KINDS,
+        *LOCAL_KINDS,
     ]
 
 
@@ -351,7 +370,11 @@ def test_a_start_without_parent_written_by_an_older_client_reads(start: StartWor
 
 def test_history_v3_is_the_current_schema_before_the_lifecycle_kinds() -> None:
     v3 = _legacy("HistoryEvent.v3.avsc")
-    assert _branches(current_schema(HistoryEvent).schema) == [*_branches(v3), *LIFECYCLE_KINDS]
+    assert _branches(current_schema(HistoryEvent).schema) == [
+        *_branches(v3),
+        *LIFECYCLE_KINDS,
+        *LOCAL_KINDS,
+    ]
 
 
 @given(history_events(st.one_of(*(s for t, s in EVENT_BODIES.items() if t not in LIFECYCLE))))
@@ -372,3 +395,40 @@ def test_a_start_without_timeout_or_id_reuse_from_an_older_client_reads(
 ) -> None:
     record = start.model_dump(mode="python", exclude={"execution_timeout_ms", "id_reuse"})
     assert decode_as(_frame(_legacy("StartWorkflow.v1.avsc"), record), StartWorkflow) == start
+
+
+# --------------------------------------------------------------------------- heartbeats, local
+
+
+def test_history_v4_is_the_current_schema_before_heartbeats_and_local_activities() -> None:
+    v4 = _legacy("HistoryEvent.v4.avsc")
+    current = current_schema(HistoryEvent).schema
+    assert _branches(current) == [*_branches(v4), *LOCAL_KINDS]
+    scheduled = [b for b in _event_branches(current) if b["name"].endswith("ActivityScheduled")]
+    v4_scheduled = [b for b in _event_branches(v4) if b["name"].endswith("ActivityScheduled")]
+    assert [f["name"] for f in v4_scheduled[0]["fields"]] == [
+        f["name"] for f in scheduled[0]["fields"] if f["name"] != "heartbeat_timeout_ms"
+    ]
+
+
+def _event_branches(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    (event,) = (f for f in schema["fields"] if f["name"] == "event")
+    return list(event["type"])
+
+
+@given(history_events(st.one_of(*EVENT_BODIES.values())))
+def test_history_written_before_heartbeats_reads_as_the_current_model(event: HistoryEvent) -> None:
+    event = _without_heartbeat(event)
+    framed = _frame(_legacy("HistoryEvent.v4.avsc"), _history_to_avro(event))
+    assert decode_as(framed, HistoryEvent) == event
+
+
+@given(ENVELOPES[ActivityCommand])
+def test_a_command_written_before_heartbeats_reads_with_no_heartbeat_fields(
+    command: ActivityCommand,
+) -> None:
+    """A node on the old code sends commands without heartbeat fields: a new service reads them
+    with none (no heartbeat deadline, no details)."""
+    old = command.model_copy(update={"heartbeat_timeout_ms": None, "heartbeat_details": None})
+    record = old.model_dump(mode="python", exclude={"heartbeat_timeout_ms", "heartbeat_details"})
+    assert decode_as(_frame(_legacy("ActivityCommand.v0.avsc"), record), ActivityCommand) == old
