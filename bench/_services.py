@@ -25,8 +25,8 @@ from pydantic import BaseModel
 
 from contracts import codec
 from contracts.envelopes import ActivityCommand, ActivityReply, ReplyOutcome
-from orchestrator.kafka_config import consumer_config, producer_config
-from orchestrator.payloads import to_payload
+from orchestrator._kafka_config import consumer_config, producer_config
+from orchestrator._payloads import to_payload
 
 Record = tuple[str, int, int, float, float]
 """workflow id, activity seq, command ``sent_at_ms``, consumed at ms, reply produced at ms."""

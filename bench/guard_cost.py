@@ -16,7 +16,7 @@ from contracts.envelopes import ActivityReply, ActivityScheduled, ReplyOutcome, 
 from orchestrator import workflow
 from orchestrator._engine import determinism
 from orchestrator._engine.instance import WorkflowRun
-from orchestrator.payloads import to_payload
+from orchestrator._payloads import to_payload
 from orchestrator.workflow import WorkflowContext, WorkflowRegistry
 from tests.unit.sagas import Done, Step
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from orchestrator._engine.store import PartitionStore, StoreBatch, WorkflowSummary
-from orchestrator.partitioner import partition_for
-from orchestrator.visibility import OwnedStores, VisibilityApi, WorkflowPage
+from orchestrator._partitioner import partition_for
+from orchestrator._visibility import OwnedStores, VisibilityApi, WorkflowPage
 
 _MIX = [  # status, share
     ("COMPLETED", 0.80),

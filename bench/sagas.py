@@ -66,9 +66,9 @@ from contracts.envelopes import (
     WorkflowStatus,
 )
 from orchestrator import tracing, workflow
-from orchestrator.kafka_config import consumer_config, producer_config
+from orchestrator._kafka_config import consumer_config, producer_config
+from orchestrator._payloads import to_payload
 from orchestrator.node import GC_THRESHOLD, OrchestratorNode
-from orchestrator.payloads import to_payload
 from orchestrator.settings import Settings
 from orchestrator.topics import TopicAdmin, ensure_service_topic, ensure_topics, topic_names
 from orchestrator.workflow import WorkflowContext, WorkflowRegistry

@@ -19,8 +19,10 @@ activities with :class:`Service`, and start workflows with :class:`Client` (or
 The public surface is what ``__all__`` lists, plus four submodules: ``orchestrator.workflow``
 (the decorators), ``orchestrator.tracing`` (OpenTelemetry setup and the trace tree),
 ``orchestrator.testing`` (replaying exported histories in tests) and ``orchestrator.schedule``
-(durable cron schedules). Every other module is internal
-and may change in any release, with or without a leading underscore in its name.
+(durable cron schedules). Modules whose name starts with an underscore are internal and may
+change in any release; ``client``, ``aio``, ``service``, ``node``, ``settings``, ``topics`` and
+``errors`` hold what ``__all__`` re-exports (import it from here), ``cli`` and ``console`` are
+the ``orchestrator`` command and its web console.
 """
 
 from contracts.activity import ActivityContract

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from contracts import codec
 from contracts.envelopes import ActivityReply, ReplyOutcome
-from orchestrator.local_db import open_local_db
+from orchestrator._local_db import open_local_db
 
 log = logging.getLogger(__name__)
 

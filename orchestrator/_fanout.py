@@ -1,6 +1,6 @@
 """Asking every registered node's query API and merging the answers (``Client.list``,
 ``Client.counts``, ``Client.describe``). Plain HTTP/JSON with the standard library: the nodes
-serve it from their stdlib HTTP server, and the shapes are ``orchestrator.visibility``'s."""
+serve it from their stdlib HTTP server, and the shapes are ``orchestrator._visibility``'s."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from urllib.parse import quote, urlencode
 
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.visibility import (
+from orchestrator._visibility import (
     ListQuery,
     NodeRecord,
     WorkflowCounts,

@@ -21,8 +21,8 @@ from confluent_kafka import KafkaException, Producer
 
 from contracts import codec
 from contracts.envelopes import ActivityCommand, ActivityHeartbeat
-from orchestrator.kafka_config import producer_config
-from orchestrator.payloads import PayloadError, to_payload
+from orchestrator._kafka_config import producer_config
+from orchestrator._payloads import PayloadError, to_payload
 from orchestrator.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """Which node owns an inbox partition, and the URL of its HTTP server.
 
-First the registrations on ``<ns>.nodes`` (``orchestrator/nodes.py``): each running node writes
-its URL (``http://<advertised_host>:<port>``) and the partitions it owns. When no registration
-names the partition (a node of a release before the registry), the consumer group
+First the registrations on ``<ns>.nodes`` (``orchestrator/_registration.py``): each running
+node writes its URL (``http://<advertised_host>:<port>``) and the partitions it owns. When no
+registration names the partition (a node of a release before the registry), the consumer group
 ``<ns>.orchestrator`` is described (the broker knows which member owns which inbox partition, and
 each member's ``group.instance.id`` is ``<ns>.orchestrator.<node id>``); the node's URL is then
 ``SAGA_NODE_URLS`` for that node id (``n1=http://10.0.0.5:9100,n2=http://10.0.0.6:9100``) or,
@@ -16,8 +16,8 @@ import os
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from orchestrator._kafka_config import admin_config
 from orchestrator.errors import QueryFailed
-from orchestrator.kafka_config import admin_config
 from orchestrator.settings import Settings
 
 __all__ = ["node_url_for"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs, quote, unquote
 
 from contracts.envelopes import Payload
-from orchestrator.payloads import JSON, NULL
+from orchestrator._payloads import JSON, NULL
 
 __all__ = ["QueryError", "QueryRequest", "handle_http", "query_path"]
 

@@ -47,8 +47,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from contracts.codec import CodecError, decode_as
 from contracts.envelopes import WorkflowResult
+from orchestrator._partitioner import partition_for
 from orchestrator.errors import Rejection
-from orchestrator.partitioner import partition_for
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,9 @@ from pydantic import ValidationError
 
 from contracts.envelopes import HistoryEvent, IdReusePolicy, OperatorActed, WorkflowStarted
 from orchestrator._engine.state import fold
+from orchestrator._kafka_config import LIBRDKAFKA_LOGGER
+from orchestrator._local_db import ensure_state_dir
+from orchestrator._payloads import PayloadError
 from orchestrator.client import Client, WorkflowDescription
 from orchestrator.errors import (
     NonDeterminismError,
@@ -35,9 +38,6 @@ from orchestrator.errors import (
     WorkflowFailedError,
     WorkflowIdConflict,
 )
-from orchestrator.kafka_config import LIBRDKAFKA_LOGGER
-from orchestrator.local_db import ensure_state_dir
-from orchestrator.payloads import PayloadError
 from orchestrator.settings import Settings, parse_duration_ms
 from orchestrator.testing import workflow_type
 from orchestrator.topics import (
@@ -941,7 +941,7 @@ _DLQ_TOPIC = click.option(
 @click.pass_context
 def dlq_list(ctx: click.Context, topic: str | None, as_json: bool) -> None:
     """One line per dead letter: where it is, when, its error type, its source and reason."""
-    from orchestrator.dlq import read_letters
+    from orchestrator._dlq import read_letters
 
     with _one_line():
         letters = read_letters(_settings(ctx), topic=topic)
@@ -966,7 +966,7 @@ def dlq_list(ctx: click.Context, topic: str | None, as_json: bool) -> None:
 def dlq_show(ctx: click.Context, where: str, topic: str | None) -> None:
     """Everything a letter holds, with its record decoded when it is one of ours."""
     from contracts import codec
-    from orchestrator.dlq import find_letter
+    from orchestrator._dlq import find_letter
 
     with _one_line():
         found = find_letter(_settings(ctx), where, topic=topic)
@@ -993,7 +993,7 @@ def dlq_show(ctx: click.Context, where: str, topic: str | None) -> None:
 @click.pass_context
 def dlq_replay(ctx: click.Context, where: str, topic: str | None, to_topic: str | None) -> None:
     """Produce the letter's original record again, to where it came from (after a fix)."""
-    from orchestrator.dlq import find_letter, replay
+    from orchestrator._dlq import find_letter, replay
 
     settings = _settings(ctx)
     with _one_line():

@@ -22,7 +22,7 @@ What goes over the wire (see ``docs/client.md``):
   its end and folds the workflow's events (a whole partition: fine for operators and tests, not
   a hot path). It also looks for dead letters keyed by the workflow id on ``<ns>.dlq``.
 * ``list`` and ``counts`` ask every node registered on ``<ns>.nodes`` (its query API,
-  ``orchestrator.visibility``) and merge the answers.
+  ``orchestrator._visibility``) and merge the answers.
 
 confluent-kafka stays private to this module; callers deal in envelopes, payloads and our errors.
 """
@@ -101,8 +101,12 @@ from contracts.envelopes import (
 from contracts.limits import MAX_INBOX_RECORD_BYTES
 from orchestrator._engine.state import OperatorActionKind, fold
 from orchestrator._fanout import NodeAnswerError, merged_counts, merged_list, node_detail
+from orchestrator._kafka_config import consumer_config, producer_config, unreachable
 from orchestrator._nodes import node_url_for
+from orchestrator._partitioner import partition_for
+from orchestrator._payloads import JSON, NULL, from_payload, to_payload
 from orchestrator._queries import query_path
+from orchestrator._registration import parse_node_record
 from orchestrator._results import (
     LOOKBACK_S,
     NEEDS_CONFIRM,
@@ -112,6 +116,13 @@ from orchestrator._results import (
     read_older,
 )
 from orchestrator._sender import Sender
+from orchestrator._visibility import (
+    DEFAULT_LIMIT,
+    ListQuery,
+    NodeRecord,
+    WorkflowCounts,
+    WorkflowPage,
+)
 from orchestrator.errors import (
     UNREACHABLE_HINT,
     KafkaUnavailable,
@@ -123,19 +134,8 @@ from orchestrator.errors import (
     WorkflowFailedError,
     WorkflowIdConflict,
 )
-from orchestrator.kafka_config import consumer_config, producer_config, unreachable
-from orchestrator.nodes import parse_node_record
-from orchestrator.partitioner import partition_for
-from orchestrator.payloads import JSON, NULL, from_payload, to_payload
 from orchestrator.settings import Settings
 from orchestrator.tracing import INSTRUMENTATION, client_start_span
-from orchestrator.visibility import (
-    DEFAULT_LIMIT,
-    ListQuery,
-    NodeRecord,
-    WorkflowCounts,
-    WorkflowPage,
-)
 
 __all__ = [
     "Client",
@@ -1383,7 +1383,7 @@ class Client:
         ``cursor``: the ``next_cursor`` of the previous page (None on the last page). The page
         says which partitions it covers: ``missing_partitions`` lists those no node answered
         for, and ``errors`` why. Raises :class:`NoNodes` when no node answered at all,
-        :class:`~orchestrator.visibility.QueryError` for a bad filter.
+        :class:`~orchestrator._visibility.QueryError` for a bad filter.
         """
         query = ListQuery.build(
             status=status,

@@ -21,16 +21,16 @@ from opentelemetry.trace import TracerProvider
 
 from orchestrator._engine.decide import Counters
 from orchestrator._engine.processor import InboxConsumerLost, Processor
+from orchestrator._health import Health, HealthServer, serve_http
+from orchestrator._metrics import NodeMetrics
 from orchestrator._queries import handle_http
+from orchestrator._registration import NodeRegistrar
+from orchestrator._visibility import OwnedStores, VisibilityApi
 from orchestrator.errors import NodeStopped
-from orchestrator.health import Health, HealthServer, serve_http
-from orchestrator.metrics import NodeMetrics
-from orchestrator.nodes import NodeRegistrar
 from orchestrator.schedule import with_schedules
 from orchestrator.settings import Settings
 from orchestrator.topics import verify_topics
 from orchestrator.tracing import WorkflowTracer
-from orchestrator.visibility import OwnedStores, VisibilityApi
 from orchestrator.workflow import WorkflowRegistry
 
 #: In-process restarts after a lost inbox consumer (a broker failover) before the node gives up.
@@ -126,7 +126,7 @@ class OrchestratorNode:
     def _routes(self, method: str, target: str, body: bytes | None) -> tuple[int, bytes] | None:
         """``/workflows/<id>/query/<name>``: answered by the processing thread; the other
         ``/workflows`` paths (list, counts, a workflow's state): read from the stores by the
-        HTTP thread (``orchestrator.visibility``)."""
+        HTTP thread (``orchestrator._visibility``)."""
         processor = self._processor
         answer = handle_http(
             method, target, body, processor.queries if processor is not None else None, 10.0

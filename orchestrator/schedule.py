@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from contracts.envelopes import IdReusePolicy, WorkflowStatus
 from orchestrator import workflow
+from orchestrator._payloads import from_payload
 from orchestrator.client import Client, WorkflowHandle, _newest_run
 from orchestrator.errors import OrchestratorError, UnknownWorkflow
-from orchestrator.payloads import from_payload
 from orchestrator.workflow import WorkflowContext, WorkflowRegistry
 
 SCHEDULE_TYPE = "orchestrator.schedule"

@@ -51,18 +51,18 @@ from contracts.envelopes import (
     TraceContext,
 )
 from contracts.limits import MAX_INBOX_RECORD_BYTES
+from orchestrator._dead_letters import dead_letter_of
 from orchestrator._deadline import DeadlineCaller, Stopping, Wedged, drop_in_background
 from orchestrator._dedupe import FINAL_OUTCOMES, DedupeStore, ReplyStore
+from orchestrator._health import Health, HealthServer, serve_http
 from orchestrator._heartbeats import Heartbeats as _Heartbeats
 from orchestrator._heartbeats import details_of as _details_of
 from orchestrator._inflight import Entry, State, Tracker
+from orchestrator._kafka_config import consumer_config, producer_config
+from orchestrator._metrics import ServiceMetrics
+from orchestrator._payloads import PayloadError, from_payload, to_payload
 from orchestrator._workers import Workers
-from orchestrator.dead_letters import dead_letter_of
 from orchestrator.errors import BusinessError, RetryableError
-from orchestrator.health import Health, HealthServer, serve_http
-from orchestrator.kafka_config import consumer_config, producer_config
-from orchestrator.metrics import ServiceMetrics
-from orchestrator.payloads import PayloadError, from_payload, to_payload
 from orchestrator.settings import Settings
 from orchestrator.tracing import INSTRUMENTATION, handler_span, record_reply
 

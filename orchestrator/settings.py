@@ -43,7 +43,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from orchestrator.kafka_config import check_client_settings, is_secret_key, librdkafka_key
+from orchestrator._kafka_config import check_client_settings, is_secret_key, librdkafka_key
 from orchestrator.topics import NamespaceTopics
 from orchestrator.workflow import DEFAULT_ACTIVITY_TIMEOUT
 

@@ -45,8 +45,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     TopicMetadata,
 )
 
+from orchestrator._kafka_config import LIBRDKAFKA_LOGGER, unreachable
 from orchestrator.errors import UNREACHABLE_HINT, KafkaUnavailable, OrchestratorError
-from orchestrator.kafka_config import LIBRDKAFKA_LOGGER, unreachable
 
 __all__ = [
     "BrokerUnreachable",
@@ -316,7 +316,7 @@ def namespace_topic_specs(
             {"cleanup.policy": "delete", "retention.ms": str(dlq_retention_ms), **replicas},
             exact_partitions=False,
         ),
-        # Node registrations (orchestrator/nodes.py): read whole by every client that lists
+        # Node registrations (orchestrator/_registration.py): read whole by every client that lists
         # workflows, so one partition; compacted, so it holds one record per live node id.
         TopicSpec(
             names.nodes, 1, replication_factor, {**NODES_CONFIG, **replicas}, exact_partitions=False

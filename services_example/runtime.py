@@ -29,8 +29,8 @@ from pydantic import BaseModel, ValidationError
 from rocksdict import WriteBatch
 
 from orchestrator import tracing
+from orchestrator._local_db import open_local_db
 from orchestrator.errors import BusinessError
-from orchestrator.local_db import open_local_db
 from orchestrator.service import CommandInfo, Service, ServiceError
 from orchestrator.settings import Settings
 from orchestrator.topics import TopicAdminError, ensure_service_topic, ensure_topics

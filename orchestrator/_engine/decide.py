@@ -51,11 +51,11 @@ from contracts.envelopes import (
     WorkflowStatus,
 )
 from contracts.limits import MAX_INBOX_RECORD_BYTES
-from orchestrator.dead_letters import DEAD_LETTER_MAX_BYTES, SourceRecord, dead_letter_of
+from orchestrator._dead_letters import DEAD_LETTER_MAX_BYTES, SourceRecord, dead_letter_of
+from orchestrator._metrics import NodeMetrics
+from orchestrator._partitioner import partition_for
+from orchestrator._payloads import PayloadError, from_payload
 from orchestrator.errors import NonDeterminismError, Rejection
-from orchestrator.metrics import NodeMetrics
-from orchestrator.partitioner import partition_for
-from orchestrator.payloads import PayloadError, from_payload
 from orchestrator.settings import Settings
 from orchestrator.tracing import WorkflowTracer, headers_of
 from orchestrator.workflow import WorkflowRegistry

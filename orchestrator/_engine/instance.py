@@ -66,6 +66,7 @@ from contracts.envelopes import (
     WorkflowTimedOut,
 )
 from contracts.limits import MAX_INBOX_RECORD_BYTES
+from orchestrator._payloads import NULL, PayloadError, from_payload, to_payload
 from orchestrator.errors import (
     ActivityError,
     AsyncioInWorkflow,
@@ -81,7 +82,6 @@ from orchestrator.errors import (
     WorkflowFailure,
 )
 from orchestrator.errors import WorkflowTimedOut as TimedOutError
-from orchestrator.payloads import NULL, PayloadError, from_payload, to_payload
 from orchestrator.workflow import (
     DEFAULT_COMPENSATION_RETRY,
     NODE_DEFAULT,

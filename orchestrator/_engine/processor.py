@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from orchestrator._dead_letters import DEAD_LETTER_MAX_BYTES
 from orchestrator._deadline import DeadlineCaller, Stopping, Wedged, drop_in_background
+from orchestrator._health import Health
+from orchestrator._kafka_config import admin_config, consumer_config, producer_config
+from orchestrator._metrics import NodeMetrics
+from orchestrator._partitioner import partition_for
 from orchestrator._queries import QueryRequest
-from orchestrator.dead_letters import DEAD_LETTER_MAX_BYTES
 from orchestrator.errors import NodeStopped, QueryFailed, UnknownQuery
-from orchestrator.health import Health
-from orchestrator.kafka_config import admin_config, consumer_config, producer_config
-from orchestrator.metrics import NodeMetrics
-from orchestrator.partitioner import partition_for
 from orchestrator.settings import Settings
 from orchestrator.tracing import WorkflowTracer
 from orchestrator.workflow import WorkflowRegistry
@@ -38,7 +38,7 @@ from .partition import Partition
 from .restore import restore_partitions
 
 if TYPE_CHECKING:
-    from orchestrator.visibility import OwnedStores
+    from orchestrator._visibility import OwnedStores
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from confluent_kafka import (
 from contracts import codec
 from contracts.codec import CodecError, UnknownSchema
 from contracts.envelopes import HistoryEvent
+from orchestrator._kafka_config import consumer_config
 from orchestrator.errors import NodeStopped
-from orchestrator.kafka_config import consumer_config
 from orchestrator.topics import HISTORY_DELETE_RETENTION_MS
 
 from .partition import Partition

@@ -43,7 +43,7 @@ from rocksdict import WriteBatch
 
 from contracts import codec
 from contracts.envelopes import HistoryEvent
-from orchestrator.local_db import open_local_db
+from orchestrator._local_db import open_local_db
 
 from .state import WorkflowState
 

@@ -35,6 +35,7 @@ from contracts.envelopes import (
     WorkflowStatus,
 )
 from orchestrator._engine.state import WorkflowState, fold
+from orchestrator._visibility import QueryError
 from orchestrator.client import (
     Client,
     ClientError,
@@ -43,7 +44,6 @@ from orchestrator.client import (
     _preview,
     _summaries,
 )
-from orchestrator.visibility import QueryError
 
 __all__ = ["Detail", "Filters", "Overview", "Row", "Source", "StepRow"]
 

@@ -43,11 +43,11 @@ from contracts.envelopes import (
     WorkflowStarted,
     WorkflowStatus,
 )
+from orchestrator._kafka_config import consumer_config, producer_config
+from orchestrator._partitioner import partition_for
+from orchestrator._payloads import to_payload
 from orchestrator.client import Client
 from orchestrator.errors import UnknownWorkflow
-from orchestrator.kafka_config import consumer_config, producer_config
-from orchestrator.partitioner import partition_for
-from orchestrator.payloads import to_payload
 from orchestrator.settings import Settings
 from tests.integration.kit import Kit, Step, Trip, build, create_topics, settings_for
 from tests.integration.procs import NodeProcess, ResultWatcher, service_threads

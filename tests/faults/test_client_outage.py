@@ -15,9 +15,9 @@ from confluent_kafka import Producer
 
 from contracts.codec import encode
 from contracts.envelopes import WorkflowResult, WorkflowStatus
+from orchestrator._kafka_config import producer_config
+from orchestrator._payloads import to_payload
 from orchestrator.client import Client
-from orchestrator.kafka_config import producer_config
-from orchestrator.payloads import to_payload
 from orchestrator.settings import Settings
 from orchestrator.topics import ensure_topics
 

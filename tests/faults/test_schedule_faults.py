@@ -21,8 +21,8 @@ from confluent_kafka import Consumer
 
 from contracts import codec
 from contracts.envelopes import StartWorkflow, WorkflowStatus
+from orchestrator._kafka_config import consumer_config
 from orchestrator.client import Client
-from orchestrator.kafka_config import consumer_config
 from orchestrator.schedule import create_schedule, delete_schedule, list_schedules, target_id
 from orchestrator.settings import Settings
 from tests.integration.kit import Trip, build, create_topics, settings_for

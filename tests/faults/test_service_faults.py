@@ -18,8 +18,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from contracts import codec
 from contracts.envelopes import ActivityCommand, ActivityReply, ReplyOutcome
-from orchestrator.kafka_config import consumer_config, producer_config
-from orchestrator.payloads import to_payload
+from orchestrator._kafka_config import consumer_config, producer_config
+from orchestrator._payloads import to_payload
 from orchestrator.topics import ensure_service_topic, ensure_topics
 from tests.faults.conftest import PrivateBroker
 from tests.faults.service_main import Work, contract

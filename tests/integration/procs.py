@@ -17,7 +17,7 @@ from confluent_kafka import Consumer
 
 from contracts import codec
 from contracts.envelopes import HistoryEvent, WorkflowResult
-from orchestrator.kafka_config import consumer_config
+from orchestrator._kafka_config import consumer_config
 from orchestrator.settings import Settings
 
 from .kit import Kit, make_service

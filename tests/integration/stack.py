@@ -14,8 +14,8 @@ from pydantic import BaseModel
 from contracts import codec
 from contracts.envelopes import DeadLetter, HistoryEvent
 from orchestrator._engine.decide import Counters
+from orchestrator._kafka_config import consumer_config
 from orchestrator.client import Client
-from orchestrator.kafka_config import consumer_config
 from orchestrator.settings import Settings
 
 from .kit import Kit, ThreadStack, Trip, TripResult, create_topics

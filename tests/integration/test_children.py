@@ -16,9 +16,9 @@ from pydantic import BaseModel
 from contracts.activity import ActivityContract
 from contracts.envelopes import ChildWorkflowFailed, ChildWorkflowStarted, WorkflowStatus
 from orchestrator import workflow
+from orchestrator._partitioner import partition_for
 from orchestrator.cli import main
 from orchestrator.errors import QueryFailed, UnknownQuery, UnknownWorkflow, WorkflowFailedError
-from orchestrator.partitioner import partition_for
 from orchestrator.workflow import Compensation, WorkflowContext
 
 from .kit import Approval, Done, Kit, Step, build, settings_for

@@ -19,11 +19,11 @@ from confluent_kafka import Producer
 
 from contracts.codec import decode_as
 from contracts.envelopes import CancelWorkflow, SignalWorkflow, WorkflowCompleted
+from orchestrator._kafka_config import producer_config
+from orchestrator._local_db import open_local_db
+from orchestrator._partitioner import partition_for
+from orchestrator._payloads import to_payload
 from orchestrator.cli import main
-from orchestrator.kafka_config import producer_config
-from orchestrator.local_db import open_local_db
-from orchestrator.partitioner import partition_for
-from orchestrator.payloads import to_payload
 from orchestrator.settings import Settings
 from orchestrator.topics import delete_topics, ensure_topics
 from tests.integration.test_client import (

@@ -36,12 +36,12 @@ from contracts.envelopes import (
     WorkflowStarted,
     WorkflowStatus,
 )
+from orchestrator._kafka_config import consumer_config, producer_config
+from orchestrator._partitioner import partition_for
+from orchestrator._payloads import from_payload, to_payload
 from orchestrator.cli import main
 from orchestrator.client import Client, ClientError
 from orchestrator.errors import UnknownWorkflow, WorkflowFailedError, WorkflowIdConflict
-from orchestrator.kafka_config import consumer_config, producer_config
-from orchestrator.partitioner import partition_for
-from orchestrator.payloads import from_payload, to_payload
 from orchestrator.settings import Settings
 from orchestrator.topics import delete_topics, ensure_topics
 

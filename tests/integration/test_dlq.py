@@ -13,10 +13,10 @@ from confluent_kafka import Producer
 
 from contracts import codec
 from contracts.envelopes import SignalWorkflow
+from orchestrator._dlq import FoundLetter, ReplayRefused, read_letters, replay
+from orchestrator._kafka_config import producer_config
+from orchestrator._payloads import to_payload
 from orchestrator.cli import main
-from orchestrator.dlq import FoundLetter, ReplayRefused, read_letters, replay
-from orchestrator.kafka_config import producer_config
-from orchestrator.payloads import to_payload
 from orchestrator.settings import Settings
 
 from .kit import Approval, Trip, TripResult

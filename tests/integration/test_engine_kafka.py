@@ -20,11 +20,11 @@ from contracts.envelopes import (
     WorkflowStatus,
 )
 from orchestrator import workflow
+from orchestrator._kafka_config import consumer_config, producer_config
+from orchestrator._partitioner import partition_for
+from orchestrator._payloads import to_payload
 from orchestrator.client import PayloadTooLarge
 from orchestrator.errors import UnknownWorkflow, WorkflowFailedError
-from orchestrator.kafka_config import consumer_config, producer_config
-from orchestrator.partitioner import partition_for
-from orchestrator.payloads import to_payload
 from orchestrator.settings import Settings
 from orchestrator.workflow import WorkflowContext
 

@@ -15,10 +15,10 @@ from typing import TypeVar
 import pytest
 from confluent_kafka import Producer
 
+from orchestrator._kafka_config import producer_config
+from orchestrator._metrics import NodeMetrics
 from orchestrator.client import Client
 from orchestrator.errors import NodeStopped, WorkflowFailedError
-from orchestrator.kafka_config import producer_config
-from orchestrator.metrics import NodeMetrics
 from orchestrator.node import OrchestratorNode
 from orchestrator.service import Service
 from orchestrator.settings import Settings

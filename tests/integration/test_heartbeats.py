@@ -15,9 +15,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from contracts import codec
 from contracts.envelopes import ActivityAttemptFailed, HistoryEvent, RetryPolicy
+from orchestrator._kafka_config import consumer_config
 from orchestrator.client import Client
 from orchestrator.errors import RetryableError
-from orchestrator.kafka_config import consumer_config
 from orchestrator.node import OrchestratorNode
 from orchestrator.service import CommandInfo, Service, serving
 from orchestrator.settings import Settings

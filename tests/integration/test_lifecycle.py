@@ -19,9 +19,9 @@ from contracts import codec
 from contracts.activity import ActivityContract
 from contracts.envelopes import IdReusePolicy, StartWorkflow, WorkflowStatus
 from orchestrator import workflow
+from orchestrator._kafka_config import consumer_config
 from orchestrator.cli import main
 from orchestrator.errors import WorkflowFailedError, WorkflowIdConflict
-from orchestrator.kafka_config import consumer_config
 from orchestrator.schedule import (
     ScheduleError,
     create_schedule,

@@ -13,8 +13,8 @@ import pytest
 from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator._kafka_config import producer_config
 from orchestrator.errors import WorkflowFailedError
-from orchestrator.kafka_config import producer_config
 
 from .kit import Trip, build, create_topics, settings_for
 from .test_tracing import ObservedStack

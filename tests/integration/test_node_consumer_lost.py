@@ -19,9 +19,9 @@ import pytest
 from confluent_kafka import Consumer
 
 from contracts.envelopes import WorkflowStatus
+from orchestrator._kafka_config import consumer_config
 from orchestrator.client import Client
 from orchestrator.errors import NodeStopped
-from orchestrator.kafka_config import consumer_config
 from orchestrator.node import OrchestratorNode
 
 from .kit import Trip, TripResult, build, create_topics, settings_for

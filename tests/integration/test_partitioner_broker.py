@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from confluent_kafka import KafkaError, Message, Producer
 
-from orchestrator.partitioner import murmur2, partition_for
+from orchestrator._partitioner import murmur2, partition_for
 from orchestrator.topics import TopicAdmin, ensure_service_topic
 
 pytestmark = pytest.mark.broker

@@ -14,8 +14,8 @@ from pydantic import BaseModel
 from contracts.activity import ActivityContract
 from contracts.envelopes import ActivityCompleted, ActivityScheduled, RetryPolicy, WorkflowStatus
 from orchestrator import workflow
+from orchestrator._payloads import from_payload
 from orchestrator.errors import WorkflowFailedError
-from orchestrator.payloads import from_payload
 from orchestrator.workflow import Compensation, WorkflowContext
 
 from .kit import Done, Step, TripResult, build, settings_for

@@ -29,10 +29,10 @@ from contracts.envelopes import (
     TraceContext,
 )
 from orchestrator import service as service_module
+from orchestrator._kafka_config import consumer_config, producer_config
+from orchestrator._partitioner import partition_for
+from orchestrator._payloads import from_payload, to_payload
 from orchestrator.errors import BusinessError
-from orchestrator.kafka_config import consumer_config, producer_config
-from orchestrator.partitioner import partition_for
-from orchestrator.payloads import from_payload, to_payload
 from orchestrator.service import CommandInfo, Service, ServiceError, serving
 from orchestrator.settings import Settings
 from orchestrator.topics import ensure_service_topic, ensure_topics

@@ -20,10 +20,10 @@ from contracts import codec
 from contracts.activity import ActivityContract
 from contracts.envelopes import ActivityCommand, ActivityReply, ReplyOutcome
 from orchestrator import workflow
+from orchestrator._kafka_config import consumer_config, producer_config
+from orchestrator._payloads import to_payload
 from orchestrator.client import Client
-from orchestrator.kafka_config import consumer_config, producer_config
 from orchestrator.node import OrchestratorNode
-from orchestrator.payloads import to_payload
 from orchestrator.service import CommandInfo, Service, serving
 from orchestrator.settings import Settings
 from orchestrator.topics import ensure_service_topic, ensure_topics

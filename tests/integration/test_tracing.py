@@ -16,9 +16,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from orchestrator import tracing
+from orchestrator._metrics import NodeMetrics, ServiceMetrics
 from orchestrator.client import Client, WorkflowHandle
 from orchestrator.errors import WorkflowFailedError
-from orchestrator.metrics import NodeMetrics, ServiceMetrics
 from orchestrator.node import OrchestratorNode
 from orchestrator.service import Service
 from orchestrator.settings import Settings

@@ -7,7 +7,7 @@ import time
 import pytest
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
-from orchestrator.kafka_config import consumer_config, producer_config
+from orchestrator._kafka_config import consumer_config, producer_config
 from orchestrator.topics import ensure_service_topic
 
 pytestmark = pytest.mark.broker

@@ -15,12 +15,12 @@ from typing import TypeVar
 import pytest
 from click.testing import CliRunner
 
+from orchestrator._partitioner import partition_for
+from orchestrator._visibility import NodeRecord, WorkflowPage, WorkflowRow
 from orchestrator.cli import main
 from orchestrator.client import Client, NoNodes, WorkflowDescription
 from orchestrator.errors import UnknownWorkflow, WorkflowFailedError
 from orchestrator.node import OrchestratorNode
-from orchestrator.partitioner import partition_for
-from orchestrator.visibility import NodeRecord, WorkflowPage, WorkflowRow
 
 from .kit import Trip, TripResult
 from .stack import Stack

@@ -28,9 +28,9 @@ from contracts.envelopes import (
 )
 from orchestrator import workflow
 from orchestrator._engine.instance import WorkflowRun
+from orchestrator._partitioner import partition_for
+from orchestrator._payloads import to_payload
 from orchestrator.errors import QueryFailed, UnknownQuery, WorkflowFailure
-from orchestrator.partitioner import partition_for
-from orchestrator.payloads import to_payload
 from orchestrator.workflow import Compensation, ParentClosePolicy, WorkflowContext
 
 from .sagas import Done, Step, step_a, step_b, step_c, undo_a, undo_b, undo_c

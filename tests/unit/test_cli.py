@@ -327,7 +327,7 @@ def test_run_with_a_state_dir_that_cannot_be_created_is_one_line(
 def test_a_locked_state_dir_is_one_line_from_run(
     runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from orchestrator.local_db import open_local_db
+    from orchestrator._local_db import open_local_db
 
     held = open_local_db(tmp_path / "saga" / "p0")
 

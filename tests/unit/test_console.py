@@ -35,13 +35,13 @@ from contracts.envelopes import (
     WorkflowStarted,
     WorkflowStatus,
 )
+from orchestrator._payloads import to_payload
+from orchestrator._visibility import WorkflowCounts, WorkflowPage, WorkflowRow
 from orchestrator.client import Client, ClientError
 from orchestrator.console import Console, ConsoleServer, serve
 from orchestrator.errors import UnknownWorkflow
-from orchestrator.payloads import to_payload
 from orchestrator.settings import Settings
 from orchestrator.tracing import WORKFLOW_ID, JsonLinesSpanExporter, trace_context_of
-from orchestrator.visibility import WorkflowCounts, WorkflowPage, WorkflowRow
 
 T0 = 1_800_000_000_000
 

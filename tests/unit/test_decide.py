@@ -27,9 +27,9 @@ from orchestrator import workflow
 from orchestrator._engine.decide import MAX_RECORD_BYTES, Batch, Counters, Decider, Out
 from orchestrator._engine.partition import Partition
 from orchestrator._engine.restore import RestoreReport
+from orchestrator._partitioner import partition_for
+from orchestrator._payloads import to_payload
 from orchestrator.errors import WorkflowFailure
-from orchestrator.partitioner import partition_for
-from orchestrator.payloads import to_payload
 from orchestrator.settings import Settings
 from orchestrator.workflow import WorkflowContext, WorkflowRegistry
 

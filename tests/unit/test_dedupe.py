@@ -84,7 +84,7 @@ def test_rocksdb_store_persists_across_reopen(tmp_path: Path) -> None:
 
 
 def test_an_unreadable_entry_reads_as_unknown(tmp_path: Path) -> None:
-    from orchestrator.local_db import open_local_db
+    from orchestrator._local_db import open_local_db
 
     path = tmp_path / "dedupe"
     DedupeStore(path).close()

@@ -31,7 +31,7 @@ from contracts.envelopes import (
 from orchestrator import workflow
 from orchestrator._engine import determinism
 from orchestrator._engine.instance import WorkflowRun
-from orchestrator.payloads import to_payload
+from orchestrator._payloads import to_payload
 from orchestrator.workflow import WorkflowContext, WorkflowRegistry
 
 from .sagas import Done, Step, step_a, step_b, undo_a

@@ -23,8 +23,8 @@ from contracts.envelopes import (
     WorkflowStatus,
 )
 from orchestrator._engine.instance import WorkflowRun
+from orchestrator._payloads import from_payload, to_payload
 from orchestrator.client import Client
-from orchestrator.payloads import from_payload, to_payload
 from orchestrator.workflow import WorkflowRegistry
 
 PAGE = Path(__file__).parents[2] / "docs" / "workflows.md"

@@ -20,7 +20,7 @@ from contracts.envelopes import (
     WorkflowStatus,
 )
 from orchestrator._engine.instance import WorkflowRun
-from orchestrator.payloads import from_payload, to_payload
+from orchestrator._payloads import from_payload, to_payload
 from orchestrator.workflow import WorkflowRegistry
 
 UNDOS = {"cancel", "refund", "return"}

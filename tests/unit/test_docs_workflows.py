@@ -23,8 +23,8 @@ from contracts.envelopes import (
     WorkflowStatus,
 )
 from orchestrator._engine.instance import WorkflowRun
+from orchestrator._payloads import from_payload, to_payload
 from orchestrator.errors import NonDeterminismError
-from orchestrator.payloads import from_payload, to_payload
 from orchestrator.testing import Replayer, dump_histories
 from orchestrator.workflow import WorkflowRegistry
 

@@ -27,8 +27,8 @@ from contracts.envelopes import (
 from orchestrator._engine.instance import WorkflowRun
 from orchestrator._engine.state import OperatorRefused, fold
 from orchestrator._engine.store import WorkflowSummary
+from orchestrator._payloads import from_payload, to_payload
 from orchestrator.errors import NonDeterminismError
-from orchestrator.payloads import from_payload, to_payload
 from orchestrator.workflow import WorkflowRegistry
 
 from .sagas import Done, Step, ThreeSteps, Trip, TripResult, Unbounded, WaitsForSignal

@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator._engine.store import PartitionStore, StoreBatch, WorkflowSummary
-from orchestrator.health import Health, HealthServer, serve_http
-from orchestrator.metrics import NodeMetrics
+from orchestrator._health import Health, HealthServer, serve_http
+from orchestrator._metrics import NodeMetrics
 from orchestrator.settings import Settings
 
 

@@ -23,7 +23,7 @@ from orchestrator._engine.state import (
     heartbeat_grace,
     note_heartbeat,
 )
-from orchestrator.payloads import to_payload
+from orchestrator._payloads import to_payload
 
 WF = "wf-beat"
 T0 = 1_000_000

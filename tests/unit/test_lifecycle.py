@@ -26,9 +26,9 @@ from orchestrator._engine.decide import Batch
 from orchestrator._engine.partition import Partition
 from orchestrator._engine.restore import _Restorer
 from orchestrator._engine.state import fold
+from orchestrator._partitioner import partition_for
+from orchestrator._payloads import from_payload, to_payload
 from orchestrator.errors import ContinueAsNew
-from orchestrator.partitioner import partition_for
-from orchestrator.payloads import from_payload, to_payload
 from orchestrator.schedule import ScheduleSpec, ScheduleWorkflow, target_id, with_schedules
 from orchestrator.testing import Replayer
 from orchestrator.workflow import WorkflowContext, WorkflowRegistry

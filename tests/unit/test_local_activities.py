@@ -10,8 +10,8 @@ from pydantic import BaseModel
 
 from contracts.envelopes import HistoryEvent, LocalActivityRecorded, StartWorkflow, WorkflowStatus
 from orchestrator._engine.instance import WorkflowRun
+from orchestrator._payloads import from_payload, to_payload
 from orchestrator.errors import ActivityError, NonDeterminismError
-from orchestrator.payloads import from_payload, to_payload
 from orchestrator.workflow import WorkflowContext, WorkflowRegistry, defn, run
 
 CALLS: list[int] = []

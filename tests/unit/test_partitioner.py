@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator import partitioner
-from orchestrator.partitioner import murmur2, partition_for
+from orchestrator import _partitioner as partitioner
+from orchestrator._partitioner import murmur2, partition_for
 
 # Verbatim from apache/kafka clients/src/test/java/org/apache/kafka/common/utils/UtilsTest.java
 # (testMurmur2): the values Java's Utils.murmur2 returns.

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from contracts.envelopes import Payload
+from orchestrator._health import Health, HealthServer
+from orchestrator._payloads import JSON
 from orchestrator._queries import QueryRequest, handle_http, query_path
-from orchestrator.health import Health, HealthServer
-from orchestrator.payloads import JSON
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ latest that is not a rejected start; another start's rejection never answers."""
 from __future__ import annotations
 
 from contracts.envelopes import ErrorInfo, WorkflowResult, WorkflowStatus
+from orchestrator._payloads import to_payload
 from orchestrator._results import pick
-from orchestrator.payloads import to_payload
 
 
 def _done(request_id: str | None, value: int) -> WorkflowResult:

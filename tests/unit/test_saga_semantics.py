@@ -31,7 +31,7 @@ from contracts.envelopes import (
 )
 from orchestrator._engine.instance import WorkflowRun
 from orchestrator._engine.state import fold
-from orchestrator.payloads import from_payload, to_payload
+from orchestrator._payloads import from_payload, to_payload
 from orchestrator.workflow import WorkflowRegistry
 
 from .sagas import (

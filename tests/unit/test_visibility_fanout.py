@@ -13,8 +13,8 @@ import pytest
 
 from orchestrator._engine.store import PartitionStore, StoreBatch, WorkflowSummary
 from orchestrator._fanout import merged_counts, merged_list
-from orchestrator.health import Health, HealthServer
-from orchestrator.visibility import ListQuery, NodeRecord, OwnedStores, VisibilityApi
+from orchestrator._health import Health, HealthServer
+from orchestrator._visibility import ListQuery, NodeRecord, OwnedStores, VisibilityApi
 
 
 def _store(path: Path, rows: list[tuple[str, str, int, int]]) -> PartitionStore:

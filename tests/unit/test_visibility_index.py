@@ -20,7 +20,7 @@ from orchestrator._engine import restore
 from orchestrator._engine.partition import Partition
 from orchestrator._engine.state import fold
 from orchestrator._engine.store import PartitionStore, StoreBatch, WorkflowSummary
-from orchestrator.visibility import (
+from orchestrator._visibility import (
     ListQuery,
     OwnedStores,
     QueryError,

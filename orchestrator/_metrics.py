@@ -1,7 +1,7 @@
 """Prometheus metrics of an orchestrator node or a service, each with its own registry.
 
 No process-wide registry: a :class:`NodeMetrics` or :class:`ServiceMetrics` owns a
-``CollectorRegistry`` (or is given one), and :func:`orchestrator.health.serve_http` exposes it
+``CollectorRegistry`` (or is given one), and :func:`orchestrator._health.serve_http` exposes it
 over HTTP on the ``metrics_port`` setting, beside ``/healthz`` and ``/ready``. Two nodes in one
 process (tests) never share a counter.
 

@@ -1,6 +1,6 @@
 """Node registration on ``<ns>.nodes``: how clients find the nodes' query APIs.
 
-A node writes one record keyed by its node id (a :class:`~orchestrator.visibility.NodeRecord`,
+A node writes one record keyed by its node id (a :class:`~orchestrator._visibility.NodeRecord`,
 JSON) when it starts and whenever the set of partitions it owns changes, and a tombstone when it
 stops cleanly; the topic is compacted, so it holds the latest record of each node id. A client
 reads the whole topic (one partition, a record per node) and asks every registered node.
@@ -21,9 +21,9 @@ import time
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from pydantic import ValidationError
 
-from orchestrator.kafka_config import producer_config
+from orchestrator._kafka_config import producer_config
+from orchestrator._visibility import NodeRecord
 from orchestrator.settings import Settings
-from orchestrator.visibility import NodeRecord
 
 __all__ = ["NodeRegistrar", "parse_node_record"]
 

@@ -1,7 +1,7 @@
 """Reading and replaying dead letters: what an operator does with ``<ns>.dlq`` (or a service's
 dead-letter topic) once the cause is fixed.
 
-    from orchestrator.dlq import read_letters, replay
+    from orchestrator._dlq import read_letters, replay
     for found in read_letters(settings):
         print(found.where, found.letter.error_type, found.letter.reason)
     replay(settings, found)     # the original key and value, back to the topic they came from
@@ -18,8 +18,8 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from contracts import codec
 from contracts.envelopes import DeadLetter
+from orchestrator._kafka_config import consumer_config, producer_config
 from orchestrator.errors import OrchestratorError
-from orchestrator.kafka_config import consumer_config, producer_config
 from orchestrator.settings import Settings
 
 __all__ = ["DeadLetterNotFound", "FoundLetter", "ReplayRefused", "read_letters", "replay"]

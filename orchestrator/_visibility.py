@@ -497,14 +497,14 @@ _JSON = "application/json"
 
 
 class VisibilityApi:
-    """The ``/workflows`` endpoints of a node, for :func:`orchestrator.health.serve_http`."""
+    """The ``/workflows`` endpoints of a node, for :func:`orchestrator._health.serve_http`."""
 
     def __init__(self, owned: OwnedStores, node_id: str) -> None:
         self.owned = owned
         self.node_id = node_id
 
     def route(self, method: str, target: str, body: bytes | None) -> tuple[int, bytes] | None:
-        """As ``orchestrator.health.Routes``: (status, JSON body), or None for a request that
+        """As ``orchestrator._health.Routes``: (status, JSON body), or None for a request that
         is not this API's."""
         if method != "GET":
             return None
