@@ -63,7 +63,7 @@ from orchestrator.workflow import WorkflowRegistry
 from .partition import Cached, Partition
 from .restore import RestoreReport
 from .state import OperatorActionKind, OperatorRefused, UnknownActivity, note_heartbeat
-from .store import StoreBatch
+from .store import IndexQuery, StoreBatch
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +202,10 @@ class Decider:
             number = self._to_wake.pop()
             part = partitions.get(number)
             if part is not None:
+                # From the status index: the unfinished ones only, no summary decoded.
                 self._to_check.extend(
-                    (number, s.workflow_id)
-                    for s in part.store.summaries()
-                    if s.status in _UNFINISHED
+                    (number, found.workflow_id)
+                    for found in part.store.positions(IndexQuery(statuses=_UNFINISHED))
                 )
         budget = _WAKE_PER_TURN
         while self._to_check and budget > 0:
