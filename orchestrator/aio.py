@@ -23,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, overload
 
 from opentelemetry.trace import TracerProvider
@@ -33,6 +34,7 @@ from pydantic import BaseModel
 from contracts.codec import encode
 from contracts.envelopes import CancelWorkflow, IdReusePolicy, TraceContext, WorkflowResult
 from orchestrator._results import LOOKBACK_S, NEEDS_CONFIRM, ResultSubscription
+from orchestrator._visibility import DEFAULT_LIMIT, WorkflowCounts, WorkflowPage
 from orchestrator.client import (
     Client,
     ClientError,
@@ -216,16 +218,28 @@ class AsyncClient:
         <orchestrator.client.Client.describe>`, run in a worker thread)."""
         return await asyncio.to_thread(self.sync.describe, workflow_id, timeout=timeout)
 
-    async def list(self, *args: Any, **kwargs: Any) -> Any:
-        """The workflows the nodes know, as :meth:`Client.list` returns them (in a worker thread).
+    async def list(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        type: str | Sequence[str] | None = None,
+        since: datetime | int | None = None,
+        until: datetime | int | None = None,
+        prefix: str | None = None,
+        limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+        timeout: float = 10.0,
+    ) -> WorkflowPage:
+        """A page of workflows of every node, newest start first: :meth:`Client.list` (the
+        nodes are asked over HTTP) in a worker thread, so the loop goes on meanwhile."""
+        return await asyncio.to_thread(
+            self.sync.list, status=status, type=type, since=since, until=until,
+            prefix=prefix, limit=limit, cursor=cursor, timeout=timeout,
+        )  # fmt: skip
 
-        Takes the same arguments as ``Client.list``; raises ``NotImplementedError`` on a build
-        whose ``Client`` has no ``list`` yet.
-        """
-        listing = getattr(self.sync, "list", None)
-        if listing is None:
-            raise NotImplementedError("this build's Client has no list(): update the package")
-        return await asyncio.to_thread(listing, *args, **kwargs)
+    async def counts(self, *, timeout: float = 10.0) -> WorkflowCounts:
+        """How many workflows every node holds, by status and type (:meth:`Client.counts`)."""
+        return await asyncio.to_thread(self.sync.counts, timeout=timeout)
 
     # -- private -------------------------------------------------------------------------
 

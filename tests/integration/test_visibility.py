@@ -4,6 +4,7 @@ the history once the node is gone."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import threading
@@ -16,7 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from orchestrator._partitioner import partition_for
-from orchestrator._visibility import NodeRecord, WorkflowPage, WorkflowRow
+from orchestrator._visibility import NodeRecord, WorkflowCounts, WorkflowPage, WorkflowRow
+from orchestrator.aio import AsyncClient
 from orchestrator.cli import main
 from orchestrator.client import Client, NoNodes, WorkflowDescription
 from orchestrator.errors import UnknownWorkflow, WorkflowFailedError
@@ -247,3 +249,19 @@ def test_two_nodes_answer_for_their_partitions_and_the_client_merges_them(
     finally:
         stop.set()
         thread.join(30)
+
+
+def test_the_async_client_lists_and_counts_through_the_same_nodes(stack: Stack) -> None:
+    _start_mix(stack)
+    expected = _eventually(
+        lambda: page if len((page := stack.client.list(limit=50)).items) == 6 else None,
+        "six workflows listed",
+    )
+
+    async def listed() -> tuple[WorkflowPage, WorkflowCounts]:
+        async with AsyncClient(stack.settings) as client:
+            return await client.list(limit=50), await client.counts()
+
+    page, counts = asyncio.run(listed())
+    assert _ids(page.items) == _ids(expected.items)
+    assert sum(counts.by_status.values()) == 6
