@@ -105,7 +105,15 @@ def main(argv: list[str]) -> int:
     if os.environ.get("BENCH_LIBRDKAFKA_LOG"):  # with SAGA_KAFKA__DEBUG=eos,...: to the log file
         logging.getLogger("orchestrator.librdkafka").setLevel(logging.DEBUG)
     settings = Settings()
-    service = Service(service_name(base), settings, state_dir=Path(settings.state_dir))
+    # BENCH_SERVICES_TRANSACTIONAL=0: the SDK's at-least-once mode (reply flushed, then offsets
+    # committed), one of the lower-latency options measured in docs/performance.md.
+    transactional = os.environ.get("BENCH_SERVICES_TRANSACTIONAL", "1") != "0"
+    service = Service(
+        service_name(base),
+        settings,
+        state_dir=Path(settings.state_dir),
+        transactional=transactional,
+    )
     register(service, base)
     try:
         service.run()  # until SIGTERM
