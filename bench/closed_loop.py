@@ -67,6 +67,7 @@ from contracts.envelopes import (
 )
 from contracts.orders import Order
 from orchestrator.client import Client
+from orchestrator.errors import WorkflowFailedError
 from orchestrator.kafka_config import consumer_config
 from orchestrator.settings import Settings
 from orchestrator.topics import TopicAdmin, ensure_service_topic, ensure_topics, topic_names
@@ -247,7 +248,14 @@ def order(wf: str, n: int) -> Order:
 
 
 def closed_loop(
-    client: Client, results: Results, stack: Stack, label: str, c: int, seconds: float
+    client: Client,
+    results: Results,
+    stack: Stack,
+    label: str,
+    c: int,
+    seconds: float,
+    *,
+    via_client: bool = False,
 ) -> tuple[list[Saga], float, float]:
     """C threads in a closed loop for ``seconds``; (sagas, window start ms, window end ms)."""
     began = now_ms()
@@ -263,11 +271,19 @@ def closed_loop(
                 wf = f"{label}-{thread}-{n}"
                 event = results.expect(wf)
                 called = now_ms()
-                client.start("place-order", order(wf, n), workflow_id=wf)
+                handle = client.start("place-order", order(wf, n), workflow_id=wf)
                 acked = now_ms()
-                if not event.wait(60):
-                    raise TimeoutError(f"no result for {wf} within 60 s")
-                at, status = results.arrived[wf]
+                if via_client:  # the client's own result(): its subscription, its wake-up
+                    status = "COMPLETED"
+                    try:
+                        handle.result(timeout=60)
+                    except WorkflowFailedError as exc:
+                        status = exc.status
+                    at = now_ms()
+                else:
+                    if not event.wait(60):
+                        raise TimeoutError(f"no result for {wf} within 60 s")
+                    at, status = results.arrived[wf]
                 with lock:
                     sagas.append(Saga(wf, called, acked, at, status))
                 n += 1
@@ -382,6 +398,7 @@ class Options:
     partitions: int = 6
     extra_env: dict[str, str] = field(default_factory=dict)
     client_result_probe: int = 20  # sagas at C = 1 waited for with Client.result (0: skip)
+    via_client: bool = False  # every level waits with Client.result, not the bench's reader
 
 
 def run_phase(opts: Options) -> dict[str, Any]:
@@ -392,7 +409,11 @@ def run_phase(opts: Options) -> dict[str, Any]:
     stack = Stack(opts.bootstrap, ns, opts.partitions, root, dict(opts.extra_env))
     settings = Settings(bootstrap_servers=opts.bootstrap, namespace=ns, partitions=opts.partitions)
     client = Client(settings)
-    figures: dict[str, Any] = {"levels": {}, "env": dict(opts.extra_env)}
+    figures: dict[str, Any] = {
+        "levels": {},
+        "env": dict(opts.extra_env),
+        "results_via": "Client.result" if opts.via_client else "one subscription",
+    }
     results: Results | None = None
     try:
         stack.start()
@@ -404,7 +425,15 @@ def run_phase(opts: Options) -> dict[str, Any]:
         topics = [settings.inbox, settings.history, *command_topics]
         for c in opts.levels:
             load = os.getloadavg()[0]
-            sagas, w0, w1 = closed_loop(client, results, stack, f"c{c}", c, opts.seconds + WARM_S)
+            sagas, w0, w1 = closed_loop(
+                client,
+                results,
+                stack,
+                f"c{c}",
+                c,
+                opts.seconds + WARM_S,
+                via_client=opts.via_client,
+            )
             counted = [s for s in sagas if w0 <= s.called_ms and s.done_ms <= w1]
             done_in_window = [s for s in sagas if w0 <= s.done_ms <= w1]
             rate = len(done_in_window) / ((w1 - w0) / 1000)
@@ -517,6 +546,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="environment of the node and services, e.g. SAGA_COMMIT_INTERVAL_MS=0",
     )
+    p.add_argument(
+        "--via-client",
+        action="store_true",
+        help="wait for each result with Client.result (on main: a consumer per call, so keep "
+        "C small) instead of the bench's one subscription",
+    )
     args = p.parse_args(argv)
     opts = Options(
         bootstrap=args.bootstrap,
@@ -524,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds=3.0 if args.quick else args.seconds,
         extra_env=dict(kv.split("=", 1) for kv in args.env),
         client_result_probe=args.client_probe,
+        via_client=args.via_client,
     )
     figures = run_phase(opts)
     for name, verdict in figures["targets"].items():

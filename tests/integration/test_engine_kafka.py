@@ -89,6 +89,10 @@ def test_cancel_compensates_and_a_signal_resumes(stack: Stack) -> None:
     waiting = stack.client.start("trip", Trip(wait_signal=True), workflow_id="sign-me")
     _wait_for(lambda: len(stack.kit.steps_of("cancel-me")) == 2)
     _wait_for(lambda: len(stack.kit.steps_of("sign-me")) == 2)
+    # The kit registers each undo with saga.on_failure once its step returned, so a step still in
+    # flight at the cancel is not undone (docs/workflows.md, "Cancel"). The service applying
+    # step 2 is not enough: wait until the node has recorded it, or the cancel may overtake it.
+    _wait_for(lambda: _completed(stack, "cancel-me") == 2)
     stack.client.cancel("cancel-me", reason="customer changed their mind")
     stack.client.signal("sign-me", "approve", Approval(by="ops"))
     with pytest.raises(WorkflowFailedError) as info:
@@ -352,3 +356,8 @@ def test_a_start_over_the_inbox_limit_is_refused_by_the_client(stack: Stack) -> 
         stack.client.start("trip", {"pad": "x" * 600_000}, workflow_id="too-large")
     with pytest.raises(UnknownWorkflow):
         stack.client.describe("too-large", timeout=3)
+
+
+def _completed(stack: Stack, workflow_id: str) -> int:
+    """ActivityCompleted events in the workflow's history so far."""
+    return sum(1 for e in stack.history(workflow_id) if e.event.kind == "ActivityCompleted")
