@@ -35,6 +35,7 @@ def processor(settings: Settings, consumer: StubConsumer) -> Processor:
     proc.settings = settings
     proc._consumer = consumer  # type: ignore[assignment]
     proc._partitions = {}
+    proc._restored = False
     return proc
 
 
@@ -65,3 +66,54 @@ def test_max_batch_bounds_the_batch() -> None:
 
     assert records == ["r0", "r1", "r2", "r3"]
     assert consumer.queued == ["r4", "r5", "r6", "r7", "r8", "r9"]
+
+
+class StubDecider:
+    def __init__(self) -> None:
+        self.fired = 0
+
+    def fire_timers(self, partitions: Any, batch: Any, now: int) -> None:
+        self.fired += 1
+
+    def expire_finished(self, partitions: Any, batch: Any, now: int) -> None:
+        pass
+
+    def repair_history(self, partitions: Any, batch: Any) -> None:
+        pass
+
+    def wake_blocked(self, partitions: Any, batch: Any, now: int) -> None:
+        pass
+
+
+class OverduePartition:
+    def next_due_ms(self) -> int:
+        return 0  # a timer that fell due long ago
+
+
+def test_after_a_restore_the_inbox_is_read_before_overdue_timers_fire() -> None:
+    """Replies that came in time while no node ran must be read before the attempt timeouts
+    that fell due meanwhile fire; else answered attempts are retried (or the saga compensated
+    after max_attempts: seen in tests/faults/test_node_faults.py's kill loop)."""
+    consumer = StubConsumer([])
+    proc = processor(Settings(), consumer)
+    decider = StubDecider()
+    proc._decider = decider  # type: ignore[assignment]
+    proc.metrics = None
+    proc.health = None
+    proc._to_restore = {0}
+
+    def restore() -> None:
+        proc._to_restore.clear()
+        proc._partitions = {0: OverduePartition()}  # type: ignore[dict-item]
+
+    proc._restore_assigned = restore  # type: ignore[method-assign]
+
+    proc.step()  # the turn that restores: no timers yet
+    assert decider.fired == 0
+    # The next poll waits for the first fetch although a timer is overdue ...
+    assert proc._poll_timeout() > 0
+    # ... and after that, overdue timers make the loop poll without waiting again.
+    assert proc._poll_timeout() == 0
+
+    proc.step()
+    assert decider.fired == 1
