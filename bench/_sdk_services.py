@@ -18,7 +18,10 @@ import os
 import sys
 from pathlib import Path
 
-from contracts.orders import (
+from orchestrator.errors import BusinessError
+from orchestrator.service import CommandInfo, Service
+from orchestrator.settings import Settings
+from services_example.contracts import (
     CARD_DECLINED,
     CancelShipment,
     ChargePayment,
@@ -40,9 +43,6 @@ from contracts.orders import (
     schedule_shipment,
     service_name,
 )
-from orchestrator.errors import BusinessError
-from orchestrator.service import CommandInfo, Service
-from orchestrator.settings import Settings
 
 DECLINED_CARD = "declined-card"
 SERVICES = ("inventory", "payments", "shipping")

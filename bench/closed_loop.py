@@ -65,12 +65,12 @@ from contracts.envelopes import (
     WorkflowResult,
     WorkflowStarted,
 )
-from contracts.orders import Order
 from orchestrator.client import Client
 from orchestrator.errors import WorkflowFailedError
 from orchestrator.kafka_config import consumer_config
 from orchestrator.settings import Settings
 from orchestrator.topics import TopicAdmin, ensure_service_topic, ensure_topics, topic_names
+from services_example.contracts import Order
 
 SERVICES = ("inventory", "payments", "shipping")
 LEVELS = (1, 4, 32, 128, 512)

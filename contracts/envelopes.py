@@ -54,6 +54,21 @@ class RetryPolicy(_Envelope):
 # --------------------------------------------------------------------------- inbox envelopes
 
 
+class IdReusePolicy(StrEnum):
+    """What a start does when a workflow with its id exists (docs/workflows.md, "Id reuse")."""
+
+    REJECT_DUPLICATE = "REJECT_DUPLICATE"  # only the same start again, as a no-op
+    ALLOW_DUPLICATE = "ALLOW_DUPLICATE"  # a new run once the previous one has closed
+    TERMINATE_IF_RUNNING = "TERMINATE_IF_RUNNING"  # end a running one, then a new run
+
+
+class ParentRef(_Envelope):
+    """The parent of a child workflow: where the child reports how it ended."""
+
+    workflow_id: str
+    seq: int
+
+
 class StartWorkflow(_Envelope):
     workflow_id: str
     workflow_type: str
@@ -61,6 +76,9 @@ class StartWorkflow(_Envelope):
     input: Payload
     sent_at_ms: int
     trace: TraceContext | None = None
+    parent: ParentRef | None = None  # set when a workflow starts this one as its child
+    execution_timeout_ms: int | None = None
+    id_reuse: IdReusePolicy = IdReusePolicy.REJECT_DUPLICATE
 
 
 class SignalWorkflow(_Envelope):
@@ -118,6 +136,8 @@ class ActivityCommand(_Envelope):
     sent_at_ms: int
     deadline_ms: int | None = None
     trace: TraceContext | None = None
+    heartbeat_timeout_ms: int | None = None
+    heartbeat_details: Payload | None = None
 
 
 class ActivityReply(_Envelope):
@@ -133,6 +153,19 @@ class ActivityReply(_Envelope):
     error: ErrorInfo | None = None
     service: str = ""
     trace: TraceContext | None = None
+
+
+class ActivityHeartbeat(_Envelope):
+    """What a service sends to ``<ns>.inbox`` while a long attempt runs: it is alive, and how
+    far it got (``details``, given to the next attempt if this one fails)."""
+
+    workflow_id: str
+    seq: int
+    attempt: int
+    idempotency_key: str
+    sent_at_ms: int
+    details: Payload | None = None
+    service: str = ""
 
 
 class WorkflowStatus(StrEnum):
@@ -154,6 +187,20 @@ class WorkflowResult(_Envelope):
     result: Payload | None = None
     error: ErrorInfo | None = None
     request_id: str | None = None
+
+
+class ChildWorkflowEnded(_Envelope):
+    """A child workflow ended (or its start was refused): sent by the child's node to
+    ``<ns>.inbox``, keyed by the parent's id, in the transaction that records the child's end."""
+
+    workflow_id: str  # the parent's
+    seq: int
+    child_workflow_id: str
+    status: WorkflowStatus
+    sent_at_ms: int
+    result: Payload | None = None
+    error: ErrorInfo | None = None
+    trace: TraceContext | None = None
 
 
 class DeadLetter(_Envelope):
@@ -179,6 +226,8 @@ class WorkflowStarted(_Envelope):
     input: Payload
     random_seed: int
     trace: TraceContext | None = None
+    parent: ParentRef | None = None  # set for a child workflow: it reports its end there
+    execution_timeout_ms: int | None = None
 
 
 class ActivityScheduled(_Envelope):
@@ -192,6 +241,7 @@ class ActivityScheduled(_Envelope):
     retry: RetryPolicy
     attempt_timeout_ms: int | None = None
     overall_timeout_ms: int | None = None
+    heartbeat_timeout_ms: int | None = None
 
 
 class ActivityAttemptStarted(_Envelope):
@@ -317,6 +367,71 @@ class OperatorActed(_Envelope):
     input: Payload | None = None
 
 
+class ChildWorkflowStarted(_Envelope):
+    """The code started a child workflow: its StartWorkflow goes to the inbox (keyed by the
+    child's id) in the same transaction."""
+
+    kind: Literal["ChildWorkflowStarted"] = "ChildWorkflowStarted"
+    seq: int
+    child_workflow_id: str
+    workflow_type: str
+    input: Payload
+    parent_close_policy: str = "REQUEST_CANCEL"
+
+
+class ChildWorkflowCompleted(_Envelope):
+    kind: Literal["ChildWorkflowCompleted"] = "ChildWorkflowCompleted"
+    seq: int
+    result: Payload
+
+
+class ChildWorkflowFailed(_Envelope):
+    """A child ended without a result (``status`` says how), or its start was refused."""
+
+    kind: Literal["ChildWorkflowFailed"] = "ChildWorkflowFailed"
+    seq: int
+    status: WorkflowStatus
+    error: ErrorInfo
+
+
+class WorkflowTimedOut(_Envelope):
+    """The execution timeout passed: the code gets ``WorkflowTimedOut`` at its current await
+    (its saga compensates) and the workflow fails with it."""
+
+    kind: Literal["WorkflowTimedOut"] = "WorkflowTimedOut"
+    timeout_ms: int
+
+
+class WorkflowContinuedAsNew(_Envelope):
+    """The run ended by ``ctx.continue_as_new(input)``: the next event is the ``WorkflowStarted``
+    of a new run of the same workflow; this run's events are tombstoned."""
+
+    kind: Literal["WorkflowContinuedAsNew"] = "WorkflowContinuedAsNew"
+    input: Payload
+
+
+class WorkflowStartSent(_Envelope):
+    """The workflow asked for another workflow to be started (a schedule's tick): a
+    ``StartWorkflow`` went to the inbox in the same transaction."""
+
+    kind: Literal["WorkflowStartSent"] = "WorkflowStartSent"
+    target_id: str
+    workflow_type: str
+    input: Payload
+    request_id: str
+
+
+class LocalActivityRecorded(_Envelope):
+    """A local activity ran in the orchestrator (``ctx.run_local``): its result, or its error;
+    every replay returns it instead of running the function again."""
+
+    kind: Literal["LocalActivityRecorded"] = "LocalActivityRecorded"
+    seq: int
+    name: str
+    result: Payload | None = None
+    error: ErrorInfo | None = None
+
+
 EventBody = Annotated[
     WorkflowStarted
     | ActivityScheduled
@@ -334,7 +449,14 @@ EventBody = Annotated[
     | MarkerRecorded
     | WorkflowBlocked
     | ActivityParked
-    | OperatorActed,
+    | OperatorActed
+    | ChildWorkflowStarted
+    | ChildWorkflowCompleted
+    | ChildWorkflowFailed
+    | WorkflowTimedOut
+    | WorkflowContinuedAsNew
+    | WorkflowStartSent
+    | LocalActivityRecorded,
     Field(discriminator="kind"),
 ]
 
@@ -356,7 +478,9 @@ Envelope = (
     | OperatorAction
     | ActivityCommand
     | ActivityReply
+    | ActivityHeartbeat
     | WorkflowResult
     | DeadLetter
     | HistoryEvent
+    | ChildWorkflowEnded
 )

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 import click
 from pydantic import ValidationError
 
-from contracts.envelopes import HistoryEvent, OperatorActed
+from contracts.envelopes import HistoryEvent, IdReusePolicy, OperatorActed, WorkflowStarted
 from orchestrator._engine.state import fold
 from orchestrator.client import Client, WorkflowDescription
 from orchestrator.errors import (
@@ -38,7 +38,7 @@ from orchestrator.errors import (
 from orchestrator.kafka_config import LIBRDKAFKA_LOGGER
 from orchestrator.local_db import ensure_state_dir
 from orchestrator.payloads import PayloadError
-from orchestrator.settings import Settings
+from orchestrator.settings import Settings, parse_duration_ms
 from orchestrator.testing import workflow_type
 from orchestrator.topics import (
     TopicError,
@@ -242,50 +242,84 @@ def _topic_failure(ctx: click.Context, exc: TopicError) -> NoReturn:
 
 
 _replication = click.option(
-    "--replication-factor", type=click.IntRange(min=1), default=1, show_default=True
+    "--replication-factor",
+    type=click.IntRange(min=1),
+    help="[env: SAGA_REPLICATION_FACTOR; default: min(3, brokers)]",
+)
+_min_isr = click.option(
+    "--min-insync-replicas",
+    type=click.IntRange(min=1),
+    help="[env: SAGA_MIN_INSYNC_REPLICAS; default: min(2, replication factor)]",
 )
 _topic_timeout = click.option("--timeout", type=float, default=30.0, show_default=True)
 
 
 @topics.command("create")
 @_replication
+@_min_isr
 @_topic_timeout
 @click.pass_context
-def topics_create(ctx: click.Context, replication_factor: int, timeout: float) -> None:
+def topics_create(
+    ctx: click.Context,
+    replication_factor: int | None,
+    min_insync_replicas: int | None,
+    timeout: float,
+) -> None:
     """Create the missing topics of the namespace and check the existing ones."""
-    _topics_command(ctx, ensure_topics, replication_factor, timeout, "are ready")
+    _topics_command(
+        ctx, ensure_topics, replication_factor, min_insync_replicas, timeout, "are ready"
+    )
 
 
 @topics.command("verify")
 @_replication
+@_min_isr
 @_topic_timeout
 @click.pass_context
-def topics_verify(ctx: click.Context, replication_factor: int, timeout: float) -> None:
-    """Check the topics of the namespace; exit 1 listing every mismatch."""
-    _topics_command(ctx, verify_topics, replication_factor, timeout, "are as required")
+def topics_verify(
+    ctx: click.Context,
+    replication_factor: int | None,
+    min_insync_replicas: int | None,
+    timeout: float,
+) -> None:
+    """Check the topics of the namespace; exit 1 listing every mismatch and every
+    under-replicated partition."""
+    _topics_command(
+        ctx, verify_topics, replication_factor, min_insync_replicas, timeout, "are as required"
+    )
 
 
 def _topics_command(
     ctx: click.Context,
     action: Callable[..., TopicReport],
-    replication_factor: int,
+    replication_factor: int | None,
+    min_insync_replicas: int | None,
     timeout: float,
     outcome: str,
 ) -> None:
     s = _settings(ctx)
+    rf = replication_factor if replication_factor is not None else s.replication_factor
+    isr = min_insync_replicas if min_insync_replicas is not None else s.min_insync_replicas
     try:
         report = action(
             s.bootstrap_servers,
             s.namespace,
             s.partitions,
-            replication_factor,
+            rf,
+            min_insync_replicas=isr,
             client_config=s.client_extra(),
             timeout_s=timeout,
         )
     except TopicError as exc:
         _topic_failure(ctx, exc)
+    except ValueError as exc:  # min.insync.replicas above the replication factor
+        raise click.UsageError(str(exc), ctx=ctx) from None
     _print_report(report)
-    click.echo(f"topics of namespace {s.namespace} {outcome} ({s.partitions} partitions)")
+    click.echo(
+        f"topics of namespace {s.namespace} {outcome} ({s.partitions} partitions, "
+        f"replication factor {report.replication_factor}, "
+        f"min.insync.replicas {report.min_insync_replicas})"
+    )
 
 
 # --------------------------------------------------------------------------- run
@@ -400,6 +434,19 @@ def _dump(value: Any) -> str:
 @click.option("--id", "workflow_id", help="the workflow id (default: a new UUID)")
 @click.option("--wait", is_flag=True, help="wait for the result and print it")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="with --wait")
+@click.option(
+    "--execution-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="fail the workflow (WorkflowTimedOut, its saga compensates) if not done by then",
+)
+@click.option(
+    "--id-reuse",
+    type=click.Choice([p.value for p in IdReusePolicy], case_sensitive=False),
+    default=IdReusePolicy.REJECT_DUPLICATE.value,
+    show_default=True,
+    help="when a workflow with this id exists (docs/workflows.md, Id reuse)",
+)
 @click.pass_context
 def start(
     ctx: click.Context,
@@ -408,12 +455,20 @@ def start(
     workflow_id: str | None,
     wait: bool,
     timeout: float,
+    execution_timeout: float | None,
+    id_reuse: str,
 ) -> None:
     """Start a workflow of type TYPE; print its id (or, with --wait, its result)."""
     if workflow_id == "":
         raise click.BadParameter("must not be empty", param_hint="'--id'")
     with _client(ctx) as client:
-        handle = client.start(workflow_type, input_, workflow_id=workflow_id)
+        handle = client.start(
+            workflow_type,
+            input_,
+            workflow_id=workflow_id,
+            execution_timeout=execution_timeout,
+            id_reuse=IdReusePolicy(id_reuse.upper()),
+        )
         if not wait:
             click.echo(handle.workflow_id)
             return
@@ -438,7 +493,7 @@ def _check_running(client: Client, workflow_id: str, what: str) -> None:
     the sender never sees; the history is what the client can read.
     """
     try:
-        description = client.describe(workflow_id)
+        description = client.describe(workflow_id, dead_letters=False)
     except UnknownWorkflow as exc:
         raise click.ClickException(
             f"{exc}; the {what} was not sent (just started? the node may not have processed "
@@ -505,6 +560,33 @@ def result(ctx: click.Context, workflow_id: str, timeout: float) -> None:
 
 @main.command()
 @click.argument("workflow_id", metavar="ID")
+@click.argument("name")
+@click.option(
+    "--arg",
+    "arg",
+    metavar="JSON",
+    callback=_json_option,
+    help="the query's argument, as JSON (or @file); default: none",
+)
+@click.option(
+    "--url",
+    metavar="URL",
+    help="the HTTP server of the node that owns the workflow (default: found from the group)",
+)
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.pass_context
+def query(
+    ctx: click.Context, workflow_id: str, name: str, arg: Any, url: str | None, timeout: float
+) -> None:
+    """Ask workflow ID its @workflow.query NAME and print the answer as JSON (nothing is
+    recorded; the node that owns the workflow answers from its state)."""
+    with _client(ctx) as client:
+        value = client.query(workflow_id, name, arg, timeout=timeout, url=url)
+    click.echo(_dump(value))
+
+
+@main.command()
+@click.argument("workflow_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--timeout", type=float, default=10.0, show_default=True)
 @click.pass_context
@@ -516,6 +598,127 @@ def describe(ctx: click.Context, workflow_id: str, as_json: bool, timeout: float
         click.echo(_dump(description.to_dict()))
     else:
         click.echo(render_description(description))
+
+
+# --------------------------------------------------------------------------- finding workflows
+
+
+def _moment(text: str | None, option: str) -> int | None:
+    """``1h`` / ``30m`` / ``2d`` ago, or an ISO date-time (UTC unless it says), as epoch ms."""
+    if text is None:
+        return None
+    try:
+        return int(time.time() * 1000) - parse_duration_ms(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither a duration ago (30m, 1h, 2d) nor an ISO date-time "
+            "(2026-11-27T09:00)",
+            param_hint=f"'{option}'",
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _ms_iso(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    )
+
+
+@main.command("list")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    metavar="STATUS",
+    help="RUNNING, BLOCKED, PARKED, COMPLETED, FAILED, COMPENSATED, CANCELLED or TERMINATED "
+    "(repeatable, or comma-separated)",
+)
+@click.option("--type", "types", multiple=True, metavar="TYPE", help="workflow type (repeatable)")
+@click.option("--since", metavar="WHEN", help="started at or after: 1h (ago), 2d, or ISO time")
+@click.option("--until", metavar="WHEN", help="started at or before: like --since")
+@click.option("--prefix", default=None, help="workflow ids starting with this")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--cursor", default=None, help="the next page: the cursor the previous one printed")
+@click.option("--json", "as_json", is_flag=True, help="the page as JSON (docs/operations.md)")
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.pass_context
+def list_cmd(
+    ctx: click.Context,
+    statuses: tuple[str, ...],
+    types: tuple[str, ...],
+    since: str | None,
+    until: str | None,
+    prefix: str | None,
+    limit: int,
+    cursor: str | None,
+    as_json: bool,
+    timeout: float,
+) -> None:
+    """List workflows of every node, newest start first, one page at a time."""
+    since_ms, until_ms = _moment(since, "--since"), _moment(until, "--until")
+    with _client(ctx) as client:
+        page = client.list(
+            status=statuses,
+            type=types,
+            since=since_ms,
+            until=until_ms,
+            prefix=prefix,
+            limit=limit,
+            cursor=cursor,
+            timeout=timeout,
+        )
+    if as_json:
+        click.echo(page.model_dump_json(indent=2))
+    else:
+        click.echo(f"{'ID':36} {'TYPE':16} {'STATUS':11} {'STARTED':20} WAITING FOR / REASON")
+        for row in page.items:
+            detail = row.reason if row.reason and not row.waiting_for else row.waiting_for
+            click.echo(
+                f"{row.workflow_id:36} {row.workflow_type:16} {row.status:11} "
+                f"{_ms_iso(row.started_at_ms):20} {(detail or '')[:80]}"
+            )
+        if page.next_cursor:
+            click.echo(f"more: add --cursor {page.next_cursor}", err=True)
+    _coverage_warnings(page.missing_partitions, page.errors)
+
+
+def _coverage_warnings(missing: list[int], errors: list[str]) -> None:
+    for error in errors:
+        click.echo(f"warning: {error}", err=True)
+    if missing:
+        click.echo(
+            f"warning: no node answered for partition(s) {', '.join(map(str, missing))}: "
+            "their workflows are not in this answer",
+            err=True,
+        )
+
+
+@main.command("counts")
+@click.option("--json", "as_json", is_flag=True, help="the counts as JSON (docs/operations.md)")
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.pass_context
+def counts_cmd(ctx: click.Context, as_json: bool, timeout: float) -> None:
+    """How many workflows the nodes hold, by status and by type."""
+    with _client(ctx) as client:
+        counts = client.counts(timeout=timeout)
+    if as_json:
+        click.echo(counts.model_dump_json(indent=2))
+    else:
+        click.echo(f"{counts.total} workflows")
+        for status, n in counts.by_status.items():
+            click.echo(f"  {status or '(not started)':12} {n}")
+        click.echo("by type:")
+        for kind, n in counts.by_type.items():
+            click.echo(f"  {kind:24} {n}")
+    _coverage_warnings(counts.missing_partitions, counts.errors)
 
 
 # --------------------------------------------------------------------------- operator actions
@@ -539,7 +742,7 @@ def _check_action(client: Client, workflow_id: str, what: str, step: int | None)
     """Refuse an action the history shows cannot apply, before sending it: the node would
     dead-letter it (OperatorRefused), which the sender does not see."""
     try:
-        d = client.describe(workflow_id)
+        d = client.describe(workflow_id, dead_letters=False)
     except UnknownWorkflow as exc:
         raise click.ClickException(f"{exc}; the {what} was not sent") from None
     if d.finished and what != "terminate":
@@ -564,7 +767,7 @@ def _await_action(client: Client, workflow_id: str, request_id: str, wait: float
             if isinstance(e.event, OperatorActed) and e.event.request_id == request_id
         ]  # fmt: skip
         if acted:
-            d = client.describe(workflow_id)
+            d = client.describe(workflow_id, dead_letters=False)
             for event in acted:
                 click.echo(f"recorded as event #{event.event_seq}; status now {d.operator_status}")
             return
@@ -941,8 +1144,12 @@ def _running_then_recent(events: list[HistoryEvent]) -> tuple[bool, int]:
 
 
 def _gapless(events: list[HistoryEvent]) -> list[HistoryEvent]:
-    out = []
-    for expected, event in enumerate(events, start=1):
+    out: list[HistoryEvent] = []
+    if not events:
+        return out
+    # A later run of the id starts at its WorkflowStarted's seq (continue-as-new, id reuse).
+    first = events[0].event_seq if isinstance(events[0].event, WorkflowStarted) else 1
+    for expected, event in enumerate(events, start=first):
         if event.event_seq != expected:
             break
         out.append(event)
@@ -993,7 +1200,17 @@ def render_description(d: WorkflowDescription) -> str:
         rows.append(("cancel", "requested"))
     if not d.complete:
         rows.append(("warning", "the history has gaps; the state is folded up to the first gap"))
+    rows.append(("source", d.source))
     lines = [f"{label:9} {value}" for label, value in rows]
+    if d.dead_letters:
+        lines.append("")
+        lines.append(f"dead letters ({len(d.dead_letters)}; `orchestrator dlq show WHERE`):")
+        for letter in d.dead_letters:
+            when = datetime.fromtimestamp(letter.failed_at_ms / 1000, UTC)
+            lines.append(
+                f"  {letter.where:8} {when.isoformat(timespec='seconds')}  {letter.kind:16} "
+                f"{letter.error_type}: {letter.reason[:100]}"
+            )
     lines.append("")
     lines.append(f"events ({len(d.events)}):")
     origin = d.started_at or (d.events[0].time if d.events else None)
@@ -1004,6 +1221,103 @@ def render_description(d: WorkflowDescription) -> str:
             f"  {_relative(offset):>10}  #{event.seq:<4} {event.kind:{kind_width}}  {event.summary}"
         )
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+@main.group()
+def schedule() -> None:
+    """Durable cron schedules: start a workflow at every tick (docs/operations.md)."""
+
+
+@schedule.command("create")
+@click.argument("name")
+@click.option("--cron", help="a cron expression in UTC: 5 fields, or 6 with seconds first")
+@click.option(
+    "--every",
+    type=click.FloatRange(min=1),
+    metavar="SECONDS",
+    help="a fixed interval instead of --cron (ticks aligned to the Unix epoch)",
+)
+@click.option("--type", "workflow_type", required=True, help="the workflow type to start")
+@click.option(
+    "--input",
+    "input_",
+    metavar="JSON",
+    callback=_json_option,
+    help="the input of every start, as JSON (or @file); default: null",
+)
+@click.option(
+    "--catch-up",
+    type=click.FloatRange(min=0),
+    default=3600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="after an outage, start missed ticks at most this old; older ones are skipped",
+)
+@click.pass_context
+def schedule_create(
+    ctx: click.Context,
+    name: str,
+    cron: str | None,
+    every: float | None,
+    workflow_type: str,
+    input_: Any,
+    catch_up: float,
+) -> None:
+    """Create schedule NAME: starts TYPE with id NAME-<tick time> at every tick."""
+    from datetime import timedelta
+
+    from orchestrator.schedule import create_schedule
+
+    if (cron is None) == (every is None):
+        raise click.UsageError("give one of --cron and --every")
+    with _client(ctx) as client:
+        handle = create_schedule(
+            client,
+            name,
+            workflow_type,
+            input_,
+            cron=cron,
+            every=None if every is None else timedelta(seconds=every),
+            catch_up=timedelta(seconds=catch_up),
+        )
+    click.echo(f"created schedule {name} (workflow {handle.workflow_id})")
+
+
+@schedule.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print JSON lines")
+@click.pass_context
+def schedule_list(ctx: click.Context, as_json: bool) -> None:
+    """The running schedules: name, cadence, workflow type, next tick, starts so far."""
+    from orchestrator.schedule import list_schedules
+
+    with _client(ctx) as client:
+        found = list_schedules(client)
+    for s in found:
+        when = s.next_tick.isoformat(timespec="seconds") if s.next_tick else "-"
+        if as_json:
+            row = {"name": s.name, "cadence": s.cadence, "type": s.workflow_type}
+            click.echo(json.dumps({**row, "next_tick": when, "started": s.started}))
+        else:
+            click.echo(
+                f"{s.name}\t{s.cadence}\t{s.workflow_type}\tnext {when}\t{s.started} started"
+            )
+    if not found and not as_json:
+        click.echo("no schedules", err=True)
+
+
+@schedule.command("delete")
+@click.argument("name")
+@click.pass_context
+def schedule_delete(ctx: click.Context, name: str) -> None:
+    """Delete schedule NAME (no more ticks; what it started goes on)."""
+    from orchestrator.schedule import delete_schedule
+
+    with _client(ctx) as client:
+        request_id = delete_schedule(client, name)
+    click.echo(f"deleting schedule {name} (request {request_id})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,29 +11,41 @@ What goes over the wire (see ``docs/client.md``):
 
 * ``start``/``signal``/``cancel`` produce a ``StartWorkflow``/``SignalWorkflow``/``CancelWorkflow``
   to ``<ns>.inbox``, keyed by the workflow id (murmur2, so the record lands on the workflow's
-  partition), with an idempotent producer, and return once the broker has acknowledged it.
-* ``result`` reads the workflow's partition of ``<ns>.results`` from the beginning
-  (``read_committed``, assigned, never committing offsets) until the workflow's result shows up.
-* ``describe`` reads the workflow's partition of ``<ns>.history`` up to its end and folds the
-  workflow's events. It scans a whole partition: fine for operators and tests, not a hot path.
+  partition), with an idempotent producer, and return once the broker has acknowledged it. One
+  thread serves the delivery reports of every caller (``_sender.py``): concurrent calls share
+  batches and each waits only for its own acknowledgement.
+* ``result`` waits on the client's one shared subscription to ``<ns>.results`` (``_results.py``:
+  a background consumer, assigned, ``read_committed``, never committing offsets, with a cache of
+  recent results), which wakes the waiters of a workflow id when its result arrives.
+* ``describe`` asks the node that owns the workflow's partition (found on ``<ns>.nodes``) for
+  its events, and when no node answers reads the workflow's partition of ``<ns>.history`` up to
+  its end and folds the workflow's events (a whole partition: fine for operators and tests, not
+  a hot path). It also looks for dead letters keyed by the workflow id on ``<ns>.dlq``.
+* ``list`` and ``counts`` ask every node registered on ``<ns>.nodes`` (its query API,
+  ``orchestrator.visibility``) and merge the answers.
 
 confluent-kafka stays private to this module; callers deal in envelopes, payloads and our errors.
 """
 
 from __future__ import annotations
 
+import builtins
+import dataclasses
 import getpass
 import json
 import logging
 import os
+import queue
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, overload
 
 from confluent_kafka import (
@@ -48,7 +60,7 @@ from confluent_kafka import (
 from opentelemetry.trace import Span, Tracer, TracerProvider
 from pydantic import BaseModel
 
-from contracts.codec import CodecError, decode_as, encode
+from contracts.codec import CodecError, decode, decode_as, encode
 from contracts.envelopes import (
     ActivityAttemptFailed,
     ActivityAttemptStarted,
@@ -58,8 +70,13 @@ from contracts.envelopes import (
     ActivityScheduled,
     CancelRequested,
     CancelWorkflow,
+    ChildWorkflowCompleted,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
+    DeadLetter,
     ErrorInfo,
     HistoryEvent,
+    IdReusePolicy,
     LateReplyIgnored,
     MarkerRecorded,
     OperatorActed,
@@ -73,34 +90,61 @@ from contracts.envelopes import (
     TraceContext,
     WorkflowBlocked,
     WorkflowCompleted,
+    WorkflowContinuedAsNew,
     WorkflowFailed,
     WorkflowResult,
     WorkflowStarted,
+    WorkflowStartSent,
     WorkflowStatus,
+    WorkflowTimedOut,
 )
 from contracts.limits import MAX_INBOX_RECORD_BYTES
 from orchestrator._engine.state import OperatorActionKind, fold
+from orchestrator._fanout import NodeAnswerError, merged_counts, merged_list, node_detail
+from orchestrator._nodes import node_url_for
+from orchestrator._queries import query_path
+from orchestrator._results import (
+    LOOKBACK_S,
+    NEEDS_CONFIRM,
+    ResultSubscription,
+    Sent,
+    Waiter,
+    read_older,
+)
+from orchestrator._sender import Sender
 from orchestrator.errors import (
     UNREACHABLE_HINT,
     KafkaUnavailable,
     OrchestratorError,
+    QueryFailed,
     Rejection,
+    UnknownQuery,
     UnknownWorkflow,
     WorkflowFailedError,
     WorkflowIdConflict,
 )
 from orchestrator.kafka_config import consumer_config, producer_config, unreachable
+from orchestrator.nodes import parse_node_record
 from orchestrator.partitioner import partition_for
 from orchestrator.payloads import JSON, NULL, from_payload, to_payload
 from orchestrator.settings import Settings
 from orchestrator.tracing import INSTRUMENTATION, client_start_span
+from orchestrator.visibility import (
+    DEFAULT_LIMIT,
+    ListQuery,
+    NodeRecord,
+    WorkflowCounts,
+    WorkflowPage,
+)
 
 __all__ = [
     "Client",
     "ClientError",
     "ClientUnreachable",
+    "DeadLetterInfo",
     "DeliveryFailed",
     "EventSummary",
+    "NoNodes",
     "WorkflowDescription",
     "WorkflowHandle",
 ]
@@ -110,8 +154,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CONFLICT = Rejection.WORKFLOW_ID_CONFLICT.value
-_REJECTIONS = frozenset(r.value for r in Rejection)
-"""``ErrorInfo.type`` of the result the orchestrator writes when it rejects a start."""
 
 _SUMMARY_MAX = 160
 # Errors of a partition whose leadership is still settling (e.g. a topic created a moment ago).
@@ -125,6 +167,8 @@ _TRANSIENT = frozenset(
     }
 )
 _PREVIEW_MAX = 60
+_NODES_TTL_S = 5.0  # how long Client.nodes trusts what it read of <ns>.nodes
+_SENT_AT_MAX = 100_000  # request ids whose send time result() remembers
 
 
 class ClientError(OrchestratorError):
@@ -137,6 +181,11 @@ class PayloadTooLarge(ClientError):
 
 class ClientUnreachable(ClientError, KafkaUnavailable):
     """No broker answered at the bootstrap servers."""
+
+
+class NoNodes(ClientError):
+    """No orchestrator node of the namespace answered a list or count (none registered, or
+    none reachable)."""
 
 
 class DeliveryFailed(ClientError):
@@ -179,6 +228,10 @@ class WorkflowHandle:
 
     def cancel(self, reason: str = "") -> str:
         return self.client.cancel(self.workflow_id, reason)
+
+    def query(self, name: str, arg: object = None, result_type: Any = Any) -> Any:
+        """Ask the workflow query ``name``; see :meth:`Client.query`."""
+        return self.client.query(self.workflow_id, name, arg, result_type=result_type)
 
     def describe(self, *, timeout: float = 10.0) -> WorkflowDescription:
         return self.client.describe(self.workflow_id, timeout=timeout)
@@ -240,6 +293,13 @@ class WorkflowDescription:
     parked_steps: tuple[int, ...] = ()
     """The steps (activity seq) of compensations that gave up and wait for an operator
     (``retry`` or ``skip``); ``status`` stays RUNNING meanwhile (docs/operations.md)."""
+    source: str = "history"
+    """Where the events came from: ``node <id>`` (the owning node's state) or ``history`` (a
+    scan of the history partition, when no node answered)."""
+    dead_letters: tuple[DeadLetterInfo, ...] | None = None
+    """Dead letters keyed by this workflow's id on ``<ns>.dlq`` (inputs the node could not
+    apply: a signal before the start, a record it could not decode, ...); None when the
+    dead-letter topic was not read."""
 
     @property
     def operator_status(self) -> str:
@@ -284,11 +344,28 @@ class WorkflowDescription:
             "blocked": self.blocked.model_dump() if self.blocked else None,
             "parked_steps": list(self.parked_steps),
             "complete": self.complete,
+            "source": self.source,
+            "dead_letters": None
+            if self.dead_letters is None
+            else [vars(letter) for letter in self.dead_letters],
             "events": [
                 {"seq": e.seq, "time": _iso(e.time), "kind": e.kind, "summary": e.summary}
                 for e in self.events
             ],
         }
+
+
+@dataclass(frozen=True)
+class DeadLetterInfo:
+    """A dead letter addressed to a workflow: where it is (``orchestrator dlq show WHERE``),
+    what it was, and why it could not be applied."""
+
+    where: str  # PARTITION:OFFSET on the dead-letter topic
+    error_type: str
+    reason: str
+    failed_at_ms: int
+    source: str  # topic[partition]@offset of the original record
+    kind: str  # the original record's type (StartWorkflow, SignalWorkflow, ...) or "?"
 
 
 def _operator_name() -> str:
@@ -404,6 +481,28 @@ def _summaries(events: list[HistoryEvent]) -> tuple[EventSummary, ...]:
                     f"{body.action}{step}{edited} by {body.operator or '?'}: "
                     f"{body.reason or '(no reason)'}"
                 )
+            case ChildWorkflowStarted():
+                names[body.seq] = body.child_workflow_id
+                text = (
+                    f"child {body.workflow_type} {body.child_workflow_id} #{body.seq} started "
+                    f"with {_preview(body.input)} (parent close: {body.parent_close_policy})"
+                )
+            case ChildWorkflowCompleted():
+                text = (
+                    f"child {names.get(body.seq, '?')} #{body.seq} completed: "
+                    f"{_preview(body.result)}"
+                )
+            case ChildWorkflowFailed():
+                text = (
+                    f"child {names.get(body.seq, '?')} #{body.seq} ended {body.status.value}: "
+                    f"{_err(body.error)}"
+                )
+            case WorkflowTimedOut():
+                text = f"execution timeout of {body.timeout_ms} ms passed"
+            case WorkflowContinuedAsNew():
+                text = f"continued as new with {_preview(body.input)}"
+            case WorkflowStartSent():
+                text = f"started {body.workflow_type} {body.target_id}"
         if len(text) > _SUMMARY_MAX:
             text = text[: _SUMMARY_MAX - 3] + "..."
         out.append(EventSummary(event.event_seq, _time(event.recorded_at_ms), body.kind, text))
@@ -426,17 +525,29 @@ class Client:
         *,
         send_timeout: float = 15.0,
         tracer_provider: TracerProvider | None = None,
+        results_lookback: float = LOOKBACK_S,
     ) -> None:
-        """``tracer_provider``: ``start`` makes a span ``start <type>``, the workflow's root."""
+        """``tracer_provider``: ``start`` makes a span ``start <type>``, the workflow's root.
+
+        ``results_lookback``: how many seconds back the shared results subscription starts
+        reading when the first ``result()`` call opens it (see ``docs/client.md``).
+        """
         self.settings = settings
         self._tracer: Tracer | None = (
             tracer_provider.get_tracer(INSTRUMENTATION) if tracer_provider else None
         )
         self._send_timeout = send_timeout
         self._lock = threading.Lock()
-        self._producer: Producer | None = None
+        self._producer: Sender | None = None
         self._partitions: dict[str, int] = {}
         self._closed = False
+        self._nodes_cache: tuple[float, list[NodeRecord]] | None = None
+        self._results_lookback = results_lookback
+        self._results: ResultSubscription | None = None
+        self._results_lock = threading.Lock()
+        # When this client sent each recent start (by request id): a waiter on a start sent
+        # after the results cache's coverage began needs no backfill (_results.py).
+        self._sent_at: OrderedDict[str, Sent] = OrderedDict()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -447,12 +558,17 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Flush what is still queued and release the producer. Idempotent."""
+        """Flush what is still queued, release the producer and the results subscription.
+        Idempotent."""
         with self._lock:
             producer, self._producer = self._producer, None
             self._closed = True
+        with self._results_lock:
+            results, self._results = self._results, None
+        if results is not None:
+            results.close()
         if producer is not None:
-            producer.flush(self._send_timeout)
+            producer.close(self._send_timeout)
 
     # -- sending -------------------------------------------------------------------------
 
@@ -463,16 +579,64 @@ class Client:
         *,
         workflow_id: str | None = None,
         trace: TraceContext | None = None,
+        execution_timeout: timedelta | float | None = None,
+        id_reuse: IdReusePolicy | str = IdReusePolicy.REJECT_DUPLICATE,
     ) -> WorkflowHandle:
         """Ask the orchestrator to start a workflow; return once the request is on the inbox.
 
-        ``workflow_id`` defaults to a fresh UUID. Starting an id that exists with the same type
-        and input is a no-op (the handle refers to the running workflow); with another type or
-        input the orchestrator rejects it, and the handle's ``result()`` raises
-        :class:`~orchestrator.errors.WorkflowIdConflict`.
+        ``workflow_id`` defaults to a fresh UUID. With ``id_reuse=REJECT_DUPLICATE`` (the
+        default), starting an id that exists with the same type and input is a no-op (the
+        handle refers to that workflow); with another type or input the orchestrator rejects
+        it, and the handle's ``result()`` raises
+        :class:`~orchestrator.errors.WorkflowIdConflict`. ``ALLOW_DUPLICATE`` starts a new run
+        once the previous one has closed (while it runs, as REJECT_DUPLICATE);
+        ``TERMINATE_IF_RUNNING`` ends a running one (TERMINATED, as ``terminate`` does: nothing
+        compensated) and starts a new run. The handle's ``result()`` is the result of the run
+        this start made (or, after continue-as-new, of its last run).
+
+        ``execution_timeout`` (a ``timedelta`` or seconds) bounds the whole workflow, all its
+        continue-as-new runs included: when it passes, the code gets
+        :class:`~orchestrator.errors.WorkflowTimedOut` at its current await, its saga
+        compensates, and the workflow ends FAILED or COMPENSATED with error type
+        ``WorkflowTimedOut``.
         """
+        envelope, span = self._start_envelope(
+            workflow_type, input, workflow_id, trace, execution_timeout, id_reuse
+        )
+        try:
+            partition, offset = self._send(
+                envelope.workflow_id,
+                encode(envelope),
+                envelope.trace,
+                f"start of {envelope.workflow_id}",
+            )
+        finally:
+            if span is not None:
+                span.end()
+        self._remember(envelope, partition, offset)
+        return WorkflowHandle(self, envelope.workflow_id, envelope.request_id, workflow_type)
+
+    def _remember(self, start: StartWorkflow, partition: int, offset: int) -> None:
+        """Where this client's start went, for ``result()`` (``_results.py``)."""
+        with self._lock:
+            self._sent_at[start.request_id] = Sent(start.sent_at_ms, partition, offset)
+            while len(self._sent_at) > _SENT_AT_MAX:
+                self._sent_at.popitem(last=False)
+
+    def _start_envelope(
+        self,
+        workflow_type: str,
+        input: BaseModel | Any,
+        workflow_id: str | None,
+        trace: TraceContext | None,
+        execution_timeout: timedelta | float | None = None,
+        id_reuse: IdReusePolicy | str = IdReusePolicy.REJECT_DUPLICATE,
+    ) -> tuple[StartWorkflow, Span | None]:
+        """The start to send, and the span to end once it is sent."""
         if not workflow_type:
             raise ValueError("workflow_type must not be empty")
+        timeout_ms = _timeout_ms(execution_timeout)
+        policy = IdReusePolicy(id_reuse)
         workflow_id = str(uuid.uuid4()) if workflow_id is None else workflow_id
         _check_id(workflow_id)
         request_id = uuid.uuid4().hex
@@ -489,13 +653,10 @@ class Client:
             input=payload,
             sent_at_ms=_now_ms(),
             trace=trace,
+            execution_timeout_ms=timeout_ms,
+            id_reuse=policy,
         )
-        try:
-            self._send(workflow_id, encode(envelope), trace, f"start of {workflow_id}")
-        finally:
-            if span is not None:
-                span.end()
-        return WorkflowHandle(self, workflow_id, request_id, workflow_type)
+        return envelope, span
 
     def signal(
         self,
@@ -506,11 +667,18 @@ class Client:
         trace: TraceContext | None = None,
     ) -> str:
         """Send signal ``name`` with ``payload`` to a workflow; returns the request id."""
+        envelope = self._signal_envelope(workflow_id, name, payload, trace)
+        self._send(workflow_id, encode(envelope), trace, f"signal {name} to {workflow_id}")
+        return envelope.request_id
+
+    def _signal_envelope(
+        self, workflow_id: str, name: str, payload: object, trace: TraceContext | None
+    ) -> SignalWorkflow:
         _check_id(workflow_id)
         if not name:
             raise ValueError("signal name must not be empty")
         request_id = uuid.uuid4().hex
-        envelope = SignalWorkflow(
+        return SignalWorkflow(
             workflow_id=workflow_id,
             signal_name=name,
             request_id=request_id,
@@ -518,8 +686,6 @@ class Client:
             sent_at_ms=_now_ms(),
             trace=trace,
         )
-        self._send(workflow_id, encode(envelope), trace, f"signal {name} to {workflow_id}")
-        return request_id
 
     def cancel(
         self, workflow_id: str, reason: str = "", *, trace: TraceContext | None = None
@@ -536,6 +702,57 @@ class Client:
         )
         self._send(workflow_id, encode(envelope), trace, f"cancel of {workflow_id}")
         return request_id
+
+    def query(
+        self,
+        workflow_id: str,
+        name: str,
+        arg: object = None,
+        *,
+        result_type: Any = Any,
+        timeout: float = 10.0,
+        url: str | None = None,
+    ) -> Any:
+        """Ask a workflow's ``@workflow.query`` method ``name`` (with ``arg``, JSON-able) and
+        return its answer decoded as ``result_type``. The node that owns the workflow answers
+        from its state; nothing is recorded in the history.
+
+        ``url`` is that node's HTTP server (``http://host:port``); by default it is found
+        (``orchestrator/_nodes.py``: the registrations on ``<ns>.nodes``). Raises
+        :class:`~orchestrator.errors.UnknownWorkflow`,
+        :class:`~orchestrator.errors.UnknownQuery`, or
+        :class:`~orchestrator.errors.QueryFailed` (its method raised, a bad argument, a
+        BLOCKED workflow, no node reachable; ``error_type`` says which).
+        """
+        _check_id(workflow_id)
+        if not name:
+            raise ValueError("query name must not be empty")
+        body = None if arg is None else to_payload(arg).data
+        deadline = time.monotonic() + timeout
+        for attempt in range(3):
+            base = url
+            if base is None:
+                count = self._partition_count(self.settings.inbox, deadline)
+                partition = partition_for(workflow_id, count)
+                base = node_url_for(
+                    self.settings, partition, timeout=max(deadline - time.monotonic(), 1.0)
+                )
+            status, data = _http_query(
+                base + query_path(workflow_id, name), body, max(deadline - time.monotonic(), 1.0)
+            )
+            if status == 200:
+                return from_payload(Payload(encoding=JSON, data=data), result_type)
+            error_type, message = _query_error(status, data)
+            # The partition moved (a rebalance) or is being restored: ask again, found anew.
+            if error_type in ("NotOwner", "Unavailable") and url is None and attempt < 2:
+                time.sleep(0.5)
+                continue
+            break
+        if error_type == "UnknownWorkflow":
+            raise UnknownWorkflow(message)
+        if error_type == "UnknownQuery":
+            raise UnknownQuery(message)
+        raise QueryFailed(message, error_type=error_type)
 
     # -- operator actions (recorded in the workflow's history as OperatorActed) -----------
 
@@ -641,48 +858,135 @@ class Client:
         """
         _check_id(workflow_id)
         found = self._wait_result(workflow_id, request_id, timeout)
-        if found.status is WorkflowStatus.COMPLETED:
-            return from_payload(found.result or Payload(encoding=NULL), output_type)
-        error = found.error or ErrorInfo(type="UnknownError", message="no error recorded")
-        if error.type == CONFLICT and request_id is not None and found.request_id == request_id:
-            raise WorkflowIdConflict(
-                f"workflow {workflow_id} exists with another type or input: {error.message}"
-            )
-        raise WorkflowFailedError(workflow_id, found.status.value, error.type, error.message)
+        return _output(found, workflow_id, request_id, output_type)
 
-    def describe(self, workflow_id: str, *, timeout: float = 10.0) -> WorkflowDescription:
-        """The workflow's state and timeline, folded from its events on ``<ns>.history``.
+    def describe(
+        self, workflow_id: str, *, timeout: float = 10.0, dead_letters: bool = True
+    ) -> WorkflowDescription:
+        """The workflow's state and timeline, folded from its events.
 
-        Reads the workflow's whole history partition (every workflow of that partition) from the
-        beginning to the end it had when the call began: meant for operators and tests, not for
-        a hot path. Raises :class:`~orchestrator.errors.UnknownWorkflow` if the partition holds
-        no event of ``workflow_id`` (never started, or its history expired), ``TimeoutError`` if
-        the partition could not be read within ``timeout`` seconds.
+        Asks the node that owns the workflow's partition first (its local state; ``source`` is
+        ``node <id>``); when no node answers, reads the workflow's whole history partition from
+        the beginning to the end it had when the call began (``source`` is ``history``). With
+        ``dead_letters``, also reads ``<ns>.dlq`` for letters keyed by the workflow id (best
+        effort: ``dead_letters`` is None if it could not be read in time). Raises
+        :class:`~orchestrator.errors.UnknownWorkflow` if there is no event of ``workflow_id``
+        (never started, or its history expired), ``TimeoutError`` if the partition could not be
+        read within ``timeout`` seconds.
         """
-        ordered = self.history(workflow_id, timeout=timeout)
-        prefix_run = []
-        for expected, event in enumerate(ordered, start=1):
-            if event.event_seq != expected:
-                break
-            prefix_run.append(event)
-        state = fold(workflow_id, prefix_run)
-        return WorkflowDescription(
-            workflow_id=workflow_id,
-            workflow_type=state.workflow_type,
-            status=state.status,
-            current_step=state.current_step,
-            started_at=_time(state.started_at_ms) if state.status is not None else None,
-            finished_at=_time(state.finished_at_ms) if state.finished_at_ms is not None else None,
-            input=state.input,
-            result=state.result,
-            error=state.error,
-            request_id=state.request_id,
-            cancel_requested=state.cancel_requested,
-            events=_summaries(ordered),
-            complete=len(prefix_run) == len(ordered),
-            blocked=state.blocked if not state.finished else None,
-            parked_steps=tuple(a.seq for a in state.parked) if not state.finished else (),
+        _check_id(workflow_id)
+        deadline = time.monotonic() + timeout
+        source = "history"
+        ordered: list[HistoryEvent] | None = None
+        asked = self._describe_via_node(workflow_id, deadline)
+        if asked is not None:
+            source, ordered = asked
+            if ordered is None:
+                raise UnknownWorkflow(
+                    f"no workflow {workflow_id!r} in namespace {self.settings.namespace!r} "
+                    f"({source} owns its partition and holds none; never started, or its "
+                    "history has expired)"
+                )
+        if ordered is None:
+            ordered = self.history(workflow_id, timeout=max(deadline - time.monotonic(), 1.0))
+        letters = None
+        if dead_letters:
+            letters = self._dead_letters_of(workflow_id, deadline)
+        return dataclasses.replace(
+            describe_events(workflow_id, ordered), source=source, dead_letters=letters
         )
+
+    def _describe_via_node(
+        self, workflow_id: str, deadline: float
+    ) -> tuple[str, list[HistoryEvent] | None] | None:
+        """(``node <id>``, the events, or None if that node owns the partition and holds no
+        such workflow), or None when no node answered."""
+        if workflow_id == "counts":  # that path is the counts endpoint's
+            return None
+        try:
+            nodes = self.nodes(timeout=max(min(deadline - time.monotonic(), 5.0), 0.5))
+            count = self._partition_count(self.settings.inbox, deadline)
+        except (ClientError, TimeoutError) as exc:
+            log.info("describe %s: no node list (%s); reading the history", workflow_id, exc)
+            return None
+        partition = partition_for(workflow_id, count)
+        owners = [n for n in nodes if partition in n.partitions and n.url is not None]
+        for node in owners:
+            try:
+                detail = node_detail(
+                    node, workflow_id, partition, max(min(deadline - time.monotonic(), 5.0), 0.5)
+                )
+            except NodeAnswerError as exc:
+                log.info("describe %s: %s; trying elsewhere", workflow_id, exc)
+                self._nodes_cache = None
+                continue
+            where = f"node {node.node_id}"
+            return (where, None) if detail is None else (where, detail.history())
+        return None
+
+    def _dead_letters_of(
+        self, workflow_id: str, deadline: float
+    ) -> tuple[DeadLetterInfo, ...] | None:
+        topic = self.settings.dlq
+        key = workflow_id.encode()
+        letters: list[DeadLetterInfo] = []
+        consumer = self._consumer()
+        try:
+            wait = max(deadline - time.monotonic(), 2.0)
+            count = self._partition_count(topic, time.monotonic() + wait, consumer)
+            # Dead letters keep the original key: murmur2 puts them on the key's partition.
+            tp = TopicPartition(topic, partition_for(workflow_id, count), OFFSET_BEGINNING)
+            consumer.assign([tp])
+            low, high = self._watermarks(consumer, tp, time.monotonic() + wait)
+            if high > low:
+                for msg in _read_to_end(consumer, tp, high, time.monotonic() + wait):
+                    if msg.key() != key or not msg.value():
+                        continue
+                    try:
+                        letter = decode_as(msg.value() or b"", DeadLetter)
+                    except CodecError:
+                        continue
+                    letters.append(_letter_info(msg, letter))
+        except (ClientError, TimeoutError, KafkaException) as exc:
+            log.info("dead letters of %s not read: %s", workflow_id, exc)
+            return None
+        finally:
+            consumer.close()
+        return tuple(letters)
+
+    # -- finding workflows (the nodes' query API) ----------------------------------------
+
+    def nodes(self, *, timeout: float = 10.0, refresh: bool = False) -> list[NodeRecord]:
+        """The nodes registered on ``<ns>.nodes`` (latest record per node id; a node that
+        stopped cleanly is gone; one that died may still be listed). Cached for a few seconds
+        unless ``refresh``."""
+        cached = self._nodes_cache
+        if not refresh and cached is not None and time.monotonic() - cached[0] < _NODES_TTL_S:
+            return cached[1]
+        topic = self.settings.topics.nodes
+        deadline = time.monotonic() + timeout
+        found: dict[bytes, NodeRecord] = {}
+        consumer = self._consumer()
+        try:
+            count = self._partition_count(topic, deadline, consumer)
+            for number in range(count):
+                tp = TopicPartition(topic, number, OFFSET_BEGINNING)
+                consumer.assign([tp])
+                low, high = self._watermarks(consumer, tp, deadline)
+                if high <= low:
+                    continue
+                for msg in _read_to_end(consumer, tp, high, deadline):
+                    key, value = msg.key() or b"", msg.value()
+                    record = parse_node_record(value) if value else None
+                    if record is None:
+                        found.pop(key, None)  # a tombstone: the node stopped
+                    else:
+                        found[key] = record
+        finally:
+            consumer.close()
+        nodes = sorted(found.values(), key=lambda n: n.node_id)
+        self._nodes_cache = (time.monotonic(), nodes)
+        return nodes
 
     def history(self, workflow_id: str, *, timeout: float = 10.0) -> list[HistoryEvent]:
         """The events of one workflow on ``<ns>.history``, in sequence order (the same scan as
@@ -751,7 +1055,7 @@ class Client:
 
     # -- private: producing --------------------------------------------------------------
 
-    def _get_producer(self) -> Producer:
+    def _get_sender(self) -> Sender:
         with self._lock:
             if self._closed:
                 raise ClientError("the client is closed")
@@ -765,16 +1069,29 @@ class Client:
                         "message.timeout.ms": max(int(self._send_timeout * 1000), 1000),
                     },
                 )
-                self._producer = Producer(conf)
+                self._producer = Sender(conf)
             return self._producer
 
-    def _send(self, workflow_id: str, value: bytes, trace: TraceContext | None, what: str) -> None:
+    def _get_producer(self) -> Producer:
+        return self._get_sender().producer
+
+    def _submit(
+        self,
+        workflow_id: str,
+        value: bytes,
+        trace: TraceContext | None,
+        what: str,
+        on_done: Callable[[DeliveryFailed | None, int, int], None],
+    ) -> None:
+        """Queue one inbox record; ``on_done`` gets ``(None, partition, offset)`` once the broker
+        acknowledged it, or the error (on the sender's thread). Raises at once what is known
+        before sending."""
         if len(value) > MAX_INBOX_RECORD_BYTES:
             raise PayloadTooLarge(
                 f"the {what} is {len(value)} bytes, over the {MAX_INBOX_RECORD_BYTES} bytes a "
                 "node takes on its inbox: send less, e.g. a reference to the data"
             )
-        producer = self._get_producer()
+        sender = self._get_sender()
         topic = self.settings.inbox
         self._partition_count(topic, time.monotonic() + self._send_timeout)  # clear error if absent
         headers: list[tuple[str, str | bytes | None]] = []
@@ -782,35 +1099,44 @@ class Client:
             headers.append(("traceparent", trace.traceparent.encode()))
             if trace.tracestate:
                 headers.append(("tracestate", trace.tracestate.encode()))
-        outcome: list[KafkaError | None] = []
-        done = threading.Event()
 
-        def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            outcome.append(err)
-            done.set()
+        def on_delivery(err: KafkaError | None, partition: int, offset: int) -> None:
+            if err is None:
+                on_done(None, partition, offset)
+            else:
+                failed = f"could not send the {what} to {topic}: {_kafka_error(err)}"
+                on_done(DeliveryFailed(failed), partition, offset)
 
         try:
-            # No partition: librdkafka's murmur2 partitioner picks the workflow's partition.
-            producer.produce(
-                topic,
-                key=workflow_id.encode(),
-                value=value,
-                headers=headers or None,
-                on_delivery=on_delivery,
-            )
+            sender.send(topic, workflow_id.encode(), value, headers or None, on_delivery)
         except (KafkaException, BufferError) as exc:
             raise DeliveryFailed(f"could not send the {what} to {topic}: {exc}") from exc
-        deadline = time.monotonic() + self._send_timeout + 5.0
-        while not done.is_set() and time.monotonic() < deadline:
-            producer.poll(0.05)  # serves the delivery callbacks (of every thread's records)
-        if not outcome:
-            raise DeliveryFailed(
-                f"the {what} was not acknowledged by {self.settings.bootstrap_servers} within "
-                f"{self._send_timeout:g}s; it may still arrive (sending it again is safe)"
-            )
-        err = outcome[0]
-        if err is not None:
-            raise DeliveryFailed(f"could not send the {what} to {topic}: {_kafka_error(err)}")
+
+    def _not_acknowledged(self, what: str) -> DeliveryFailed:
+        return DeliveryFailed(
+            f"the {what} was not acknowledged by {self.settings.bootstrap_servers} within "
+            f"{self._send_timeout:g}s; it may still arrive (sending it again is safe)"
+        )
+
+    def _send(
+        self, workflow_id: str, value: bytes, trace: TraceContext | None, what: str
+    ) -> tuple[int, int]:
+        """Send one inbox record and wait for its acknowledgement: its (partition, offset)."""
+        outcome: list[tuple[DeliveryFailed | None, int, int]] = []
+        done = threading.Event()
+
+        def on_done(error: DeliveryFailed | None, partition: int, offset: int) -> None:
+            outcome.append((error, partition, offset))
+            done.set()
+
+        self._submit(workflow_id, value, trace, what, on_done)
+        # The sender's thread serves the report; this thread only waits for its own.
+        if not done.wait(self._send_timeout + 5.0):
+            raise self._not_acknowledged(what)
+        error, partition, offset = outcome[0]
+        if error is not None:
+            raise error
+        return partition, offset
 
     # -- private: consuming --------------------------------------------------------------
 
@@ -861,21 +1187,6 @@ class Client:
             self._partitions[topic] = count
         return count
 
-    @contextmanager
-    def _assigned(
-        self, topic: str, workflow_id: str, deadline: float
-    ) -> Iterator[tuple[Consumer, TopicPartition]]:
-        """A fresh consumer assigned to the workflow's partition of ``topic``, from the start."""
-        consumer = self._consumer()
-        try:
-            # The writers hash the workflow id with murmur2 over the topic's partition count.
-            count = self._partition_count(topic, deadline, consumer)
-            tp = TopicPartition(topic, partition_for(workflow_id, count), OFFSET_BEGINNING)
-            consumer.assign([tp])
-            yield consumer, tp
-        finally:
-            consumer.close()
-
     def _watermarks(
         self, consumer: Consumer, tp: TopicPartition, deadline: float
     ) -> tuple[int, int]:
@@ -898,58 +1209,291 @@ class Client:
                     ) from exc
             time.sleep(0.1)
 
+    def _results_subscription(self) -> ResultSubscription:
+        """The client's one subscription to ``<ns>.results``, opened at the first call (and
+        again after one failed for good)."""
+        with self._results_lock:
+            if self._closed:
+                raise ClientError("the client is closed")
+            sub = self._results
+            if sub is None or sub.failure is not None:
+                deadline = time.monotonic() + self._send_timeout
+                topic = self.settings.results
+                probe = self._consumer()
+                try:
+                    count = self._partition_count(topic, deadline, probe)
+                finally:
+                    probe.close()
+                try:
+                    sub = ResultSubscription(
+                        topic,
+                        self._results_consumer,
+                        partitions=count,
+                        lookback=self._results_lookback,
+                        metadata_timeout=self._send_timeout,
+                    )
+                except KafkaException as exc:
+                    raise ClientError(
+                        f"cannot read {topic} from {self.settings.bootstrap_servers}: "
+                        f"{_kafka_exception(exc)}"
+                    ) from exc
+                self._results = sub
+            return sub
+
+    def _results_consumer(self, error_cb: Callable[[KafkaError], None] | None = None) -> Consumer:
+        conf = consumer_config(
+            self.settings.bootstrap_servers,
+            # Required by librdkafka; never joined (assign) and never committed to.
+            f"{self.settings.namespace}.client-{uuid.uuid4().hex}",
+            # Only an idle fetch waits this long; a new record answers the fetch at once.
+            fetch_wait_max_ms=100,
+            extra={**self.settings.client_extra(), "enable.partition.eof": True},
+        )
+        if error_cb is not None:
+            conf["error_cb"] = error_cb
+        return Consumer(conf)
+
+    def _register_waiter(
+        self, workflow_id: str, request_id: str | None, deliver: Callable[[Any], None]
+    ) -> tuple[ResultSubscription, Waiter]:
+        sub = self._results_subscription()
+        with self._lock:
+            sent = self._sent_at.get(request_id) if request_id is not None else None
+        return sub, sub.register(workflow_id, request_id, sent, deliver)
+
+    def _confirm(self, sub: ResultSubscription, waiter: Waiter, deadline: float) -> None:
+        """Wait until the node has processed the waiter's start and the subscription has read
+        what the node wrote up to then; then a result of another request may answer it (a
+        duplicate start gets none of its own). Returns at ``deadline`` without confirming."""
+        sent = waiter.sent
+        if sent is None or waiter.done:
+            return
+        # The node's consumer group (orchestrator/_engine/processor.py) commits its inbox offsets
+        # in the transaction that writes what it decided, rejections included. Asking for its
+        # committed offsets neither joins the group nor commits.
+        probe = Consumer(
+            consumer_config(
+                self.settings.bootstrap_servers,
+                f"{self.settings.namespace}.orchestrator",
+                extra=self.settings.client_extra(),
+            )
+        )
+        try:
+            inbox = TopicPartition(self.settings.inbox, sent.partition)
+            while time.monotonic() < deadline and not waiter.done:
+                try:
+                    (committed,) = probe.committed(
+                        [inbox], timeout=max(deadline - time.monotonic(), 0.5)
+                    )
+                    if committed.offset > sent.offset:
+                        break
+                except KafkaException as exc:
+                    log.debug("committed offsets of %s: %s", inbox, exc)
+                time.sleep(0.05)
+            else:
+                return
+            partition = sub.partition_of(waiter.workflow_id)
+            _, high = self._watermarks(probe, TopicPartition(sub.topic, partition), deadline)
+            while sub.position(partition) < high and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            probe.close()
+        sub.confirm(waiter)
+
+    def _backfill(self, sub: ResultSubscription, waiter: Waiter, deadline: float) -> None:
+        """Read the results below the cache's floor for ``waiter`` (see ``_results.py``)."""
+        if waiter.backfill is None or waiter.done:
+            return
+        partition, end = waiter.backfill
+        try:
+            older = read_older(
+                self._results_consumer, sub.topic, waiter.workflow_id, partition, end, deadline
+            )
+        except KafkaException as exc:
+            raise ClientError(
+                f"cannot read {sub.topic} [{partition}]: {_kafka_exception(exc)}"
+            ) from exc
+        sub.offer_older(waiter, older)
+
+    def _no_result(
+        self, workflow_id: str, timeout: float, sub: ResultSubscription, waiter: Waiter
+    ) -> TimeoutError:
+        rejection = ""
+        if waiter.rejection is not None and waiter.rejection.error is not None:
+            error = waiter.rejection.error
+            rejection = f" (a start with this id was refused: {error.type}: {error.message})"
+        reader = ""
+        if waiter.asked and not waiter.confirmed:
+            reader = (
+                "; a result of another start of this id is there, which answers this one once "
+                "the node has processed this start (it has not yet)"
+            )
+        if not sub.ready:
+            reader += f"; the results subscription has not caught up with {sub.topic} yet"
+        if sub.last_error:
+            ago = time.monotonic() - sub.last_error_at
+            reader += f"; the results reader last reported ({ago:.0f}s ago): {sub.last_error}"
+        return TimeoutError(
+            f"no result for workflow {workflow_id!r} on {sub.topic} within {timeout:g}s: it is "
+            f"still running, or no orchestrator serves namespace {self.settings.namespace!r}"
+            f"{rejection}{reader}"
+        )
+
     def _wait_result(
         self, workflow_id: str, request_id: str | None, timeout: float
     ) -> WorkflowResult:
-        topic = self.settings.results
         deadline = time.monotonic() + timeout
-        key = workflow_id.encode()
-        with self._assigned(topic, workflow_id, deadline) as (consumer, tp):
-            partition = tp.partition
-            caught_up = False
-            latest: WorkflowResult | None = None
-            last_rejection: WorkflowResult | None = None
+        outcomes: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        sub, waiter = self._register_waiter(workflow_id, request_id, outcomes.put)
+        try:
+            self._backfill(sub, waiter, deadline)
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                try:
+                    found = outcomes.get(timeout=max(deadline - time.monotonic(), 0.0))
+                except queue.Empty:
+                    raise self._no_result(workflow_id, timeout, sub, waiter) from None
+                if found is not NEEDS_CONFIRM:
                     break
-                for msg in _batch(consumer, min(remaining, 0.5)):
-                    if msg.error() is not None:
-                        caught_up = caught_up or _is_eof(msg)
-                        continue
-                    if msg.key() != key:
-                        continue
-                    value = msg.value()
-                    if value is None:
-                        continue
-                    try:
-                        found = decode_as(value, WorkflowResult)
-                    except CodecError as exc:
-                        log.warning("%s: skipping undecodable result of %s: %s", topic, key, exc)
-                        continue
-                    if found.workflow_id != workflow_id:
-                        continue
-                    rejected = found.error is not None and found.error.type in _REJECTIONS
-                    mine = request_id is not None and found.request_id == request_id
-                    if mine:
-                        return found
-                    if rejected:
-                        # Another start's rejection: it answers that start, not the workflow a
-                        # valid start with this id runs (nor one still to come).
-                        last_rejection = found
-                        continue
-                    latest = found
-                if caught_up and latest is not None:
-                    return latest
-        rejection = ""
-        if last_rejection is not None and last_rejection.error is not None:
-            error = last_rejection.error
-            rejection = f" (a start with this id was refused: {error.type}: {error.message})"
-        raise TimeoutError(
-            f"no result for workflow {workflow_id!r} on {topic} [{partition}] within "
-            f"{timeout:g}s: it is still running, or no orchestrator serves namespace "
-            f"{self.settings.namespace!r}{rejection}"
+                self._confirm(sub, waiter, deadline)
+        finally:
+            sub.unregister(waiter)
+        if isinstance(found, BaseException):
+            raise ClientError(f"reading {sub.topic} failed: {found}") from found
+        assert isinstance(found, WorkflowResult)
+        return found
+
+    # -- finding workflows: list and counts --------------------------------------------
+
+    def list(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        type: str | Sequence[str] | None = None,
+        since: datetime | int | None = None,
+        until: datetime | int | None = None,
+        prefix: str | None = None,
+        limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+        timeout: float = 10.0,
+    ) -> WorkflowPage:
+        """A page of workflows of every node, newest start first.
+
+        ``status``/``type``: one or several (any of them matches); ``since``/``until``: bounds
+        of the start time (a datetime or epoch ms, inclusive); ``prefix``: of the workflow id;
+        ``cursor``: the ``next_cursor`` of the previous page (None on the last page). The page
+        says which partitions it covers: ``missing_partitions`` lists those no node answered
+        for, and ``errors`` why. Raises :class:`NoNodes` when no node answered at all,
+        :class:`~orchestrator.visibility.QueryError` for a bad filter.
+        """
+        query = ListQuery.build(
+            status=status,
+            type=type,
+            since_ms=_epoch_ms(since),
+            until_ms=_epoch_ms(until),
+            prefix=prefix,
+            limit=limit,
+            cursor=cursor,
         )
+        nodes, partitions = self._query_targets(timeout)
+        page = merged_list(nodes, query, partitions, timeout)
+        if page.errors:
+            self._nodes_cache = None  # a node moved or went: read the registrations again
+        if not page.partitions and page.errors:
+            raise NoNodes(self._no_nodes(page.errors))
+        return page
+
+    def counts(self, *, timeout: float = 10.0) -> WorkflowCounts:
+        """How many workflows every node holds, by status, by type and by both."""
+        nodes, partitions = self._query_targets(timeout)
+        counts = merged_counts(nodes, partitions, timeout)
+        if counts.errors:
+            self._nodes_cache = None
+        if not counts.partitions and counts.errors:
+            raise NoNodes(self._no_nodes(counts.errors))
+        return counts
+
+    def _query_targets(self, timeout: float) -> tuple[builtins.list[NodeRecord], int]:
+        try:
+            nodes = self.nodes(timeout=timeout)
+        except TimeoutError as exc:
+            raise NoNodes(f"could not read {self.settings.topics.nodes}: {exc}") from exc
+        if not nodes:
+            raise NoNodes(
+                f"no orchestrator node of namespace {self.settings.namespace!r} is registered "
+                f"on {self.settings.topics.nodes}: is a node running?"
+            )
+        return nodes, self._partition_count(self.settings.inbox, time.monotonic() + timeout)
+
+    def _no_nodes(self, errors: builtins.list[str]) -> str:
+        return (
+            f"no orchestrator node of namespace {self.settings.namespace!r} answered: "
+            + "; ".join(errors)
+        )
+
+
+def _output(
+    found: WorkflowResult, workflow_id: str, request_id: str | None, output_type: Any
+) -> Any:
+    """What ``result()`` returns for ``found``, or the error it raises."""
+    if found.status is WorkflowStatus.COMPLETED:
+        return from_payload(found.result or Payload(encoding=NULL), output_type)
+    error = found.error or ErrorInfo(type="UnknownError", message="no error recorded")
+    if error.type == CONFLICT and request_id is not None and found.request_id == request_id:
+        raise WorkflowIdConflict(
+            f"workflow {workflow_id} exists with another type or input: {error.message}"
+        )
+    raise WorkflowFailedError(workflow_id, found.status.value, error.type, error.message)
+
+
+def describe_events(workflow_id: str, ordered: list[HistoryEvent]) -> WorkflowDescription:
+    """A workflow's description from its events in sequence order: its newest run (after a
+    continue-as-new), folded up to a gap."""
+    ordered = _newest_run(ordered)
+    prefix_run = []
+    first = ordered[0].event_seq if ordered else 1
+    for expected, event in enumerate(ordered, start=first):
+        if event.event_seq != expected:
+            break
+        prefix_run.append(event)
+    state = fold(workflow_id, prefix_run)
+    return WorkflowDescription(
+        workflow_id=workflow_id,
+        workflow_type=state.workflow_type,
+        status=state.status,
+        current_step=state.current_step,
+        started_at=_time(state.started_at_ms) if state.status is not None else None,
+        finished_at=_time(state.finished_at_ms) if state.finished_at_ms is not None else None,
+        input=state.input,
+        result=state.result,
+        error=state.error,
+        request_id=state.request_id,
+        cancel_requested=state.cancel_requested,
+        events=_summaries(ordered),
+        complete=len(prefix_run) == len(ordered),
+        blocked=state.blocked if not state.finished else None,
+        parked_steps=tuple(a.seq for a in state.parked) if not state.finished else (),
+    )
+
+
+def _letter_info(msg: Message, letter: DeadLetter) -> DeadLetterInfo:
+    try:
+        kind = type(decode(letter.value or b"")).__name__
+    except CodecError:
+        kind = "?"
+    return DeadLetterInfo(
+        where=f"{msg.partition()}:{msg.offset()}",
+        error_type=letter.error_type,
+        reason=letter.reason,
+        failed_at_ms=letter.failed_at_ms,
+        source=f"{letter.source_topic}[{letter.source_partition}]@{letter.source_offset}",
+        kind=kind,
+    )
+
+
+def _epoch_ms(moment: datetime | int | None) -> int | None:
+    if moment is None or isinstance(moment, int):
+        return moment
+    return int(moment.timestamp() * 1000)
 
 
 def _read_to_end(
@@ -1007,6 +1551,50 @@ def _is_eof(msg: Message) -> bool:
         raise ClientError(f"reading {msg.topic()} failed: {_kafka_error(err)}")
     log.warning("consumer error on %s: %s", msg.topic(), _kafka_error(err))
     return False
+
+
+def _newest_run(events: list[HistoryEvent]) -> list[HistoryEvent]:
+    """The events of the workflow's newest run: from its last WorkflowStarted on (the earlier
+    runs' events are tombstoned, but may still be read until the tombstones are)."""
+    starts = [i for i, e in enumerate(events) if isinstance(e.event, WorkflowStarted)]
+    return events[starts[-1] :] if starts else events
+
+
+def _timeout_ms(value: timedelta | float | None) -> int | None:
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds <= 0:
+        raise ValueError(f"execution_timeout must be positive, got {value}")
+    return int(seconds * 1000)
+
+
+def _http_query(url: str, body: bytes | None, timeout: float) -> tuple[int, bytes]:
+    """POST the query (a GET when it has no argument); (status, body), whatever the status."""
+    request = urllib.request.Request(
+        url, data=body, method="GET" if body is None else "POST",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return int(answer.status), bytes(answer.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, exc.read()
+        finally:
+            exc.close()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise QueryFailed(f"cannot reach the node at {url}: {reason}", error_type="NoNode") from exc
+
+
+def _query_error(status: int, data: bytes) -> tuple[str, str]:
+    try:
+        found = json.loads(data)
+        return str(found["error"]), str(found["message"])
+    except (ValueError, KeyError, TypeError):
+        text = data.decode(errors="replace").strip()[:200]
+        return "QueryFailed", f"the node answered {status}: {text}"
 
 
 def _check_id(workflow_id: str) -> None:

@@ -82,6 +82,22 @@ class ActivityError(Exception):
         self.business = business
 
 
+class ChildWorkflowError(ActivityError):
+    """A child workflow ended without a result (failed, compensated, cancelled, parked), or its
+    start was refused. Raised at ``await handle.result()`` (or ``ctx.execute_child``); inside
+    ``ctx.saga()`` it triggers the compensations like a failed activity."""
+
+    def __init__(
+        self, workflow_id: str, seq: int, status: str, error_type: str, message: str
+    ) -> None:
+        super().__init__(f"child {workflow_id}", seq, error_type, message, business=True)
+        self.args = (
+            f"child workflow {workflow_id} (#{seq}) ended {status}: {error_type}: {message}",
+        )
+        self.workflow_id = workflow_id
+        self.status = status
+
+
 class WorkflowCancelled(Exception):
     """Raised at the workflow's current ``await`` when someone cancels it."""
 
@@ -135,6 +151,19 @@ class UnknownWorkflow(OrchestratorError, LookupError):
     """No workflow with this id is known."""
 
 
+class UnknownQuery(OrchestratorError, LookupError):
+    """The workflow's type has no query of that name."""
+
+
+class QueryFailed(OrchestratorError):
+    """A query could not be answered: its method raised, its argument does not fit, the node
+    that owns the workflow could not be reached, or the workflow is BLOCKED."""
+
+    def __init__(self, message: str, *, error_type: str = "QueryFailed") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
 class WorkflowFailedError(OrchestratorError):
     """The workflow ended without a result (failed, compensated, cancelled or parked)."""
 
@@ -165,3 +194,26 @@ class WorkflowFailure(OrchestratorError):
     def __init__(self, message: str, *, error_type: str | None = None) -> None:
         super().__init__(message)
         self.error_type = error_type or type(self).__name__
+
+
+class WorkflowTimedOut(WorkflowFailure):
+    """Raised at the workflow's current ``await`` when its execution timeout
+    (``Client.start(..., execution_timeout=)``) has passed. Like any failure, its saga
+    compensates; the workflow then ends FAILED (or COMPENSATED) with error type
+    ``WorkflowTimedOut``."""
+
+    def __init__(self, timeout_ms: int) -> None:
+        super().__init__(
+            f"the workflow did not finish within its execution timeout of {timeout_ms} ms"
+        )
+        self.timeout_ms = timeout_ms
+
+
+class ContinueAsNew(BaseException):
+    """Raised by ``ctx.continue_as_new(input)``: ends this run, and a new run of the same
+    workflow starts with ``input``. A ``BaseException``, so that ``except Exception`` in
+    workflow code does not swallow it; a saga does not compensate for it."""
+
+    def __init__(self, payload: object) -> None:
+        super().__init__("continue as new")
+        self.payload = payload

@@ -9,7 +9,8 @@
 ``GET /metrics`` is the Prometheus exposition of the registry; ``GET /healthz`` is 200 while the
 loop turned within ``stale_after_s`` (and nothing called :meth:`Health.fail`), else 503;
 ``GET /ready`` is 200 once the owner said so with :meth:`Health.set_ready`, else 503. A 503 body
-is one line that says why. Any other path is 404.
+is one line that says why. The owner may serve more paths with ``routes`` (the node's queries,
+``orchestrator/_queries.py``). Any other path is 404.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TypeAlias
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -28,6 +30,10 @@ from prometheus_client.exposition import choose_encoder
 __all__ = ["DEFAULT_STALE_AFTER_S", "Health", "HealthServer", "serve_http"]
 
 log = logging.getLogger(__name__)
+
+#: More paths: ``routes(method, target, body)`` returns ``(status, JSON body)``, or None when
+#: the target is not one of its paths. Called on the HTTP server's threads.
+Routes: TypeAlias = Callable[[str, str, bytes | None], tuple[int, bytes] | None]
 
 #: Twice the 30 s timeout of the Kafka calls one turn of a loop may wait on (commit, abort,
 #: init_transactions, committed offsets): a turn slowed by one such call is not read as a
@@ -110,8 +116,22 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(*health.readiness())
         elif path == "/metrics" and self.server.registry is not None:
             self._metrics(self.server.registry)
-        else:
+        elif not self._route("GET", None):
             self._send(404, b"not found\n", "text/plain; charset=utf-8")
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(min(length, 1 << 20)) if length > 0 else b""
+        if not self._route("POST", body):
+            self._send(404, b"not found\n", "text/plain; charset=utf-8")
+
+    def _route(self, method: str, body: bytes | None) -> bool:
+        routes = self.server.routes
+        answer = routes(method, self.path, body) if routes is not None else None
+        if answer is None:
+            return False
+        self._send(answer[0], answer[1], "application/json")
+        return True
 
     def _answer(self, ok: bool, reason: str) -> None:
         self._send(200 if ok else 503, reason.encode() + b"\n", "text/plain; charset=utf-8")
@@ -142,10 +162,15 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, address: tuple[str, int], health: Health, registry: CollectorRegistry | None
+        self,
+        address: tuple[str, int],
+        health: Health,
+        registry: CollectorRegistry | None,
+        routes: Routes | None = None,
     ) -> None:
         self.health = health
         self.registry = registry
+        self.routes = routes
         super().__init__(address, _Handler)
 
 
@@ -159,8 +184,9 @@ class HealthServer:
         registry: CollectorRegistry | None,
         port: int,
         addr: str = "0.0.0.0",
+        routes: Routes | None = None,
     ) -> None:
-        self._server = _Server((addr, port), health, registry)
+        self._server = _Server((addr, port), health, registry, routes)
         self.addr = addr
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(
@@ -177,13 +203,17 @@ class HealthServer:
 
 @contextlib.contextmanager
 def serve_http(
-    health: Health, registry: CollectorRegistry | None, port: int | None, addr: str = "0.0.0.0"
+    health: Health,
+    registry: CollectorRegistry | None,
+    port: int | None,
+    addr: str = "0.0.0.0",
+    routes: Routes | None = None,
 ) -> Iterator[HealthServer | None]:
     """Serve while the block runs; ``port`` None: serve nothing (yields None)."""
     if port is None:
         yield None
         return
-    server = HealthServer(health, registry, port, addr)
+    server = HealthServer(health, registry, port, addr, routes)
     try:
         yield server
     finally:

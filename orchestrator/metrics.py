@@ -19,9 +19,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["CENSUS_EVERY_S", "NodeMetrics", "ServiceMetrics"]
 
-#: How often the node counts its workflows by status. The count reads every workflow summary of
-#: the owned partitions (about 0.75 µs each, on the loop's thread), so it runs far less often
-#: than each turn; a Prometheus scrape every 15-30 s sees a count at most this old.
+#: How often the node counts its workflows by status. The count reads the count keys the
+#: visibility index keeps per status and type (a few keys per partition); it once read every
+#: summary, which is why it runs far less often than each turn. A Prometheus scrape every 15-30 s
+#: sees a count at most this old.
 CENSUS_EVERY_S = 10.0
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)

@@ -21,14 +21,17 @@ confluent-kafka stays inside this module; everything public is our own types.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import inspect
 import logging
+import queue
 import re
 import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,6 +53,10 @@ from contracts.envelopes import (
 from contracts.limits import MAX_INBOX_RECORD_BYTES
 from orchestrator._deadline import DeadlineCaller, Stopping, Wedged, drop_in_background
 from orchestrator._dedupe import FINAL_OUTCOMES, DedupeStore, ReplyStore
+from orchestrator._heartbeats import Heartbeats as _Heartbeats
+from orchestrator._heartbeats import details_of as _details_of
+from orchestrator._inflight import Entry, State, Tracker
+from orchestrator._workers import Workers
 from orchestrator.dead_letters import dead_letter_of
 from orchestrator.errors import BusinessError, RetryableError
 from orchestrator.health import Health, HealthServer, serve_http
@@ -81,6 +88,7 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 _NAME = re.compile(r"^[a-zA-Z0-9._-]+$")
 _TXN_TIMEOUT_S = 10.0
 _OFFSETS_TIMEOUT_S = 5.0  # normally milliseconds; when stuck, the sooner replaced the better
+_COMMITTED_TIMEOUT_S = 1.0  # reading a partition's committed metadata (see _Kafka.committed)
 _GRACE_S = 2.0  # past a call's own timeout: the call is stuck (librdkafka #5456)
 # librdkafka's default backoff grows to 10 s while the broker is away, and a reconnect waits
 # for it after the broker is back.
@@ -92,6 +100,7 @@ _BACKOFF_MAX_S = 2.0
 _MAX_REBUILDS = 5
 _MAX_TRIES = 3  # a record whose answer failed to produce this often is dead-lettered
 _IDLE_POLL_S = 0.1
+_BUSY_WAIT_S = 0.002  # while handlers run: how long a turn waits for one before polling again
 _REDO_BACKOFF_S = 0.2
 _RECORD_OVERHEAD = 512  # record framing beside key, value and headers
 _HEADERS_KEPT_MAX = 16_384  # a dead letter keeps larger headers only for tracing
@@ -122,9 +131,21 @@ class CommandInfo:
     is_compensation: bool
     trace: TraceContext | None = None
     deadline_ms: int | None = None
+    heartbeat_details: Any = None
+    """The details of the last heartbeat an earlier attempt of this operation sent (JSON
+    values), or None: where a long activity resumes."""
+    heartbeat_timeout_ms: int | None = None
+    """The workflow fails this attempt when no heartbeat came for this long (None: no limit)."""
+    _beat: Callable[[Any], None] | None = field(default=None, compare=False, repr=False)
+
+    def heartbeat(self, details: Any = None) -> None:
+        """Tell the workflow this attempt is alive; ``details`` (JSON values: how far it got)
+        reach the next attempt if this one fails. Cheap to call often: sends are throttled."""
+        if self._beat is not None:
+            self._beat(details)
 
     @classmethod
-    def of(cls, cmd: ActivityCommand) -> CommandInfo:
+    def of(cls, cmd: ActivityCommand, beat: Callable[[Any], None] | None = None) -> CommandInfo:
         return cls(
             workflow_id=cmd.workflow_id,
             activity_name=cmd.activity_name,
@@ -134,17 +155,25 @@ class CommandInfo:
             is_compensation=cmd.is_compensation,
             trace=cmd.trace,
             deadline_ms=cmd.deadline_ms,
+            heartbeat_details=_details_of(cmd),
+            heartbeat_timeout_ms=getattr(cmd, "heartbeat_timeout_ms", None),
+            _beat=beat,
         )
 
 
 Handler = Callable[[I, CommandInfo], O]
-"""A typed activity handler: takes the contract's input model and returns its output model."""
+"""A typed activity handler: takes the contract's input model and returns its output model.
+It runs on a worker thread, up to ``max_concurrency`` at once: it must be thread-safe."""
+
+AsyncHandler = Callable[[I, CommandInfo], Awaitable[O]]
+"""The same as a coroutine function: runs on the service's event loop."""
 
 
 @dataclass(frozen=True, slots=True)
 class _Registration:
     contract: ActivityContract[Any, Any]
     fn: Callable[[Any, CommandInfo], Any]
+    is_async: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,26 +194,15 @@ class _Record:
 
 @dataclass
 class _Batch:
-    """The answer to one consumed batch: what to produce, which offsets it covers, what to store."""
+    """One commit: the answers to produce and the offsets (with their metadata) to commit."""
 
-    records: list[_Record] = field(default_factory=list)
-    first: dict[tuple[str, int], int] = field(default_factory=dict)
-    next: dict[tuple[str, int], int] = field(default_factory=dict)
-    finals: dict[str, ActivityReply] = field(default_factory=dict)
+    records: list[_Record]
+    marks: dict[tuple[str, int], tuple[int, str]]
     failed: dict[_Source, str] = field(default_factory=dict)
     """Records that could not be produced, and why."""
 
-    def consumed(self, msg: Message) -> None:
-        tp, offset = (msg.topic() or "", msg.partition() or 0), msg.offset() or 0
-        self.first.setdefault(tp, offset)
-        self.next[tp] = offset + 1
-
-    @property
-    def sources(self) -> set[_Source]:
-        return {r.source for r in self.records}
-
     def offsets(self) -> list[TopicPartition]:
-        return [TopicPartition(t, p, o) for (t, p), o in self.next.items()]
+        return [TopicPartition(t, p, o, metadata=meta) for (t, p), (o, meta) in self.marks.items()]
 
 
 class _Abortable(Exception):
@@ -263,8 +281,27 @@ class _Kafka:
         if _is_fatal(err):
             self._consumer_fatal = err
 
-    def subscribe(self, topics: list[str]) -> None:
-        self.consumer.subscribe(topics)
+    def subscribe(
+        self,
+        topics: list[str],
+        on_assign: Callable[[Any, list[TopicPartition]], None],
+        on_revoke: Callable[[Any, list[TopicPartition]], None],
+    ) -> None:
+        self.consumer.subscribe(topics, on_assign=on_assign, on_revoke=on_revoke, on_lost=on_revoke)
+
+    def pause(self, paused: bool) -> bool:
+        """Stop (or resume) fetching every assigned partition; polling goes on, so the group
+        membership stays alive while handlers run. False: not done, try again."""
+        try:
+            assigned = self.consumer.assignment()
+            if paused:
+                self.consumer.pause(assigned)
+            else:
+                self.consumer.resume(assigned)
+            return True
+        except KafkaException as exc:  # e.g. in the middle of a rebalance: the next turn retries
+            log.info("cannot %s the partitions: %s", "pause" if paused else "resume", exc)
+            return False
 
     def close(self) -> None:
         """Leave quickly, even with the broker away: each step gets a short deadline."""
@@ -284,12 +321,12 @@ class _Kafka:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def next_batch(self, max_batch: int) -> list[Message]:
-        """Wait briefly for a record, then take whatever else is already fetched."""
+    def next_batch(self, max_batch: int, timeout: float = _IDLE_POLL_S) -> list[Message]:
+        """Wait up to ``timeout`` for a record, then take whatever else is already fetched."""
         if self._consumer_fatal is not None:
             raise ServiceError(_consumer_failure(self._consumer_fatal))
         self.producer.poll(0)
-        first = self.consumer.poll(_IDLE_POLL_S)
+        first = self.consumer.poll(timeout)
         if first is None:
             return []
         rest = self.consumer.consume(num_messages=max_batch - 1, timeout=0) if max_batch > 1 else []
@@ -327,7 +364,8 @@ class _Kafka:
     # -- committing ------------------------------------------------------------------------
 
     def commit(self, batch: _Batch) -> bool:
-        """Produce the batch's records and commit its offsets; False: rolled back, redo it.
+        """Produce the batch's records and commit its offsets; False: rolled back, try again
+        (the answers are kept: no handler runs again).
 
         Raises ``Stopping`` when asked to stop while waiting for the broker.
         """
@@ -341,13 +379,11 @@ class _Kafka:
             else:
                 self._commit_plain(batch)
         except _Abortable as exc:
-            log.warning("transaction aborted, redoing the batch: %s", exc)
+            log.warning("transaction aborted, committing its answers again: %s", exc)
             self._abort()
-            self._rewind(batch)
             return False
         except _Broken as exc:
             self._rebuild(str(exc))
-            self._rewind(batch)
             return False
         self._rebuilds = 0
         return True
@@ -386,6 +422,7 @@ class _Kafka:
                 "abort_transaction",
                 lambda: producer.abort_transaction(_TXN_TIMEOUT_S),
                 timeout_breaks=True,
+                fatal_breaks=True,
             )
             self._in_txn = False
         except (_Abortable, _Broken) as exc:
@@ -464,26 +501,24 @@ class _Kafka:
             self._sleep(delay)
             delay = min(delay * 2, _BACKOFF_MAX_S)
 
-    def _rewind(self, batch: _Batch) -> None:
-        """Seek the batch's partitions back to their committed offsets, so it is read again."""
-        partitions = [TopicPartition(t, p) for t, p in batch.first]
-        committed: list[TopicPartition] = []
+    def committed(self, tp: tuple[str, int]) -> tuple[int, str | None]:
+        """A partition's committed offset and metadata, asked once with a short deadline;
+        (-1, None) when it cannot be read now (the metadata only spares answering commands
+        again, which the dedupe store does too: not worth waiting for a coordinator)."""
         consumer = self.consumer
-
-        def read() -> None:
-            committed[:] = consumer.committed(partitions, timeout=_TXN_TIMEOUT_S)
-
         try:
-            self._call("committed", read)
-        except (ServiceError, _Abortable, _Broken) as exc:
-            log.warning("cannot read committed offsets (%s); rewinding to the batch start", exc)
-        positions = {(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset >= 0}
-        for (topic, partition), first in batch.first.items():
-            offset = positions.get((topic, partition), first)
-            try:
-                self.consumer.seek(TopicPartition(topic, partition, offset))
-            except KafkaException as exc:  # revoked meanwhile: its new owner reads it
-                log.info("not rewinding %s[%d]: %s", topic, partition, exc)
+            found = self._calls.call(
+                "committed",
+                lambda: consumer.committed([TopicPartition(*tp)], timeout=_COMMITTED_TIMEOUT_S),
+                _COMMITTED_TIMEOUT_S + _GRACE_S,
+                self._stopping,
+            )
+        except (KafkaException, Wedged) as exc:
+            log.info("committed offset of %s[%d] not read: %s", *tp, exc)
+            return -1, None
+        if not found or found[0].offset < 0 or found[0].error is not None:
+            return -1, None
+        return found[0].offset, found[0].metadata
 
     def _call(
         self,
@@ -491,6 +526,7 @@ class _Kafka:
         fn: Callable[[], object],
         *,
         timeout_breaks: bool = False,
+        fatal_breaks: bool = False,
         inline: bool = False,
         timeout: float = _TXN_TIMEOUT_S,
     ) -> None:
@@ -513,6 +549,12 @@ class _Kafka:
                 err = _kafka_error(exc)
                 if err is None:
                     raise ServiceError(f"{what} failed: {exc}") from exc
+                if err.fatal() and fatal_breaks and err.code() not in _FENCED_CODES:
+                    # An abort that fails for good (INVALID_TXN_STATE once a killed broker's
+                    # coordinator moved) leaves nothing worth keeping: a new producer's
+                    # init_transactions aborts what is open. Fenced stays fatal: another
+                    # instance has this transactional id.
+                    raise _Broken(f"{what}: {err.str()} ({err.name()})") from exc
                 if err.fatal():
                     self._fatal(what, err)
                 if err.txn_requires_abort():
@@ -610,15 +652,21 @@ class Service:
         transactional: bool = True,
         tracer_provider: TracerProvider | None = None,
         metrics: ServiceMetrics | None = None,
+        max_concurrency: int | None = None,
     ) -> None:
         """``tracer_provider``: a span per handled command, a child of the command's span;
         ``metrics``: served on ``settings.metrics_port`` (none = not served) with ``/healthz``
-        and ``/ready`` (:attr:`health`)."""
+        and ``/ready`` (:attr:`health`); ``max_concurrency``: how many handlers run at once
+        (default ``settings.max_concurrency``)."""
         if not _NAME.match(name) or name in (".", ".."):
             raise ValueError(f"service name {name!r} may hold only letters, digits, '.', '_', '-'")
+        concurrency = max_concurrency if max_concurrency is not None else settings.max_concurrency
+        if concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, not {concurrency}")
         self.name = name
         self.settings = settings
         self.transactional = transactional
+        self.max_concurrency = concurrency
         self._tracer: Tracer = (
             tracer_provider.get_tracer(INSTRUMENTATION) if tracer_provider else NoOpTracer()
         )
@@ -635,16 +683,35 @@ class Service:
         self._idle = threading.Event()
         self._idle.set()
         self._closed = False
+        # The state of one run(), touched only by the poll thread (handlers report through
+        # _done): see _inflight.py for how offsets follow out-of-order answers.
+        self._tracker = Tracker()
+        self._backlog: collections.deque[Entry] = collections.deque()
+        self._done: queue.SimpleQueue[tuple[Entry, _Outcome]] = queue.SimpleQueue()
+        self._leaders: dict[str, Entry] = {}
+        """The running command of each idempotency key: a twin waits for its outcome."""
+        self._finals: dict[str, ActivityReply] = {}
+        """Final replies made but not yet committed (then they move to the dedupe store)."""
+        self._jobs = 0
+        self._paused = False
+        self._resync = False
+        self._workers: Workers | None = None
+        self._reply_limit = MAX_INBOX_RECORD_BYTES
+        self._beats: _Heartbeats | None = None
 
     # -- registration ----------------------------------------------------------------------
 
-    def handler(self, contract: ActivityContract[I, O]) -> Callable[[Handler[I, O]], Handler[I, O]]:
-        """Register ``fn`` as the handler of ``contract``'s activity (one per activity name)."""
+    def handler(
+        self, contract: ActivityContract[I, O]
+    ) -> Callable[[Handler[I, O] | AsyncHandler[I, O]], Handler[I, O] | AsyncHandler[I, O]]:
+        """Register ``fn`` as the handler of ``contract``'s activity (one per activity name):
+        a plain function runs on a worker thread, an ``async def`` on the service's event loop."""
 
-        def register(fn: Handler[I, O]) -> Handler[I, O]:
+        def register(fn: Handler[I, O] | AsyncHandler[I, O]) -> Handler[I, O] | AsyncHandler[I, O]:
             if contract.name in self._handlers:
                 raise ValueError(f"service {self.name} already has a handler for {contract.name}")
-            self._handlers[contract.name] = _Registration(contract, fn)
+            is_async = inspect.iscoroutinefunction(fn)
+            self._handlers[contract.name] = _Registration(contract, fn, is_async)
             return fn
 
         return register
@@ -708,52 +775,147 @@ class Service:
             self._kafka = kafka = _Kafka(self.settings, self.name, txn_id, stopping)
         except Stopping:
             return
+        self._reply_limit = kafka.reply_limit
+        self._reset()
+        self._workers = Workers(f"svc-{self.name}", self.max_concurrency)
+        self._beats = _Heartbeats(self.settings, kafka.reply_limit)
         try:
             if not kafka.topic_exists(self.settings.dlq):
                 raise ServiceError(f"the dead-letter topic {self.settings.dlq} does not exist")
-            kafka.subscribe(self.topics)
-            log.info("service %s consuming %s", self.name, ", ".join(self.topics))
+            kafka.subscribe(self.topics, self._on_assign, self._on_revoke)
+            log.info(
+                "service %s consuming %s, up to %d handlers at once",
+                self.name,
+                ", ".join(self.topics),
+                self.max_concurrency,
+            )
             self.health.set_ready(True)
             while not stopping():
-                self._process_batch(kafka.next_batch(self.settings.max_batch))
+                self._turn(kafka)
                 self.health.beat()
         except Stopping:
             log.info("service %s stopping while waiting for the broker", self.name)
         finally:
             self.health.set_ready(False, "stopped")
             self._kafka = None
+            if self._jobs:
+                # Their commands were not committed: whoever reads the partitions next
+                # answers them (the handlers are idempotent by key).
+                log.info("service %s leaves %d handler(s) running", self.name, self._jobs)
+            self._workers.close()
+            self._beats.close()
             kafka.close()
+            self._reset()
 
-    # -- one batch -------------------------------------------------------------------------
+    def _reset(self) -> None:
+        self._tracker = Tracker()
+        self._backlog.clear()
+        self._done = queue.SimpleQueue()  # answers of a previous run's handlers are dropped
+        self._leaders.clear()
+        self._finals.clear()
+        self._jobs = 0
+        self._paused = False
+        self._resync = False
 
-    def _process_batch(self, messages: list[Message]) -> None:
-        """Answer ``messages``, commit the answers with their offsets, then remember them."""
-        if not messages or self._kafka is None:
-            return
-        batch = _Batch()
+    # -- one turn of the poll loop ---------------------------------------------------------
+
+    def _turn(self, kafka: _Kafka) -> None:
+        """Read what may be started, start it, collect finished handlers, commit their answers.
+
+        The poll thread never runs a handler, so the consumer polls (and stays in its group)
+        however long handlers take; when ``max_concurrency`` commands are waiting or running,
+        the partitions are paused instead of read.
+        """
+        # Commands are read ahead of the running ones (up to max_batch, at least
+        # max_concurrency), so a freed slot starts the next one at once; beyond that the
+        # partitions are paused. Rarely: a pause drops what librdkafka fetched ahead, and the
+        # fetch after a resume waits up to a second (measured), which paused once per slot
+        # made a service of max_concurrency 1 answer one command a second.
+        ahead = max(self.settings.max_batch, self.max_concurrency)
+        room = self.max_concurrency + ahead - self._jobs - len(self._backlog)
+        full = room <= 0
+        if full != self._paused or self._resync:
+            # After a rebalance the pause state of the partitions is not known (librdkafka
+            # may keep a partition paused across its revocation): set it again.
+            self._resync = not kafka.pause(full)
+            self._paused = full
+        first: tuple[Entry, _Outcome] | None = None
+        if self._jobs:
+            # A finished handler must be noticed at once (a fast one takes microseconds and
+            # its reply is a hop of the saga): wait on the handlers, not in the consumer's
+            # poll, which nothing can interrupt; then take what the consumer has without
+            # waiting. Paused, nothing is fetched anyway: the poll keeps the membership alive.
+            with contextlib.suppress(queue.Empty):
+                first = self._done.get(timeout=_IDLE_POLL_S if full else _BUSY_WAIT_S)
+            messages = kafka.next_batch(max(1, min(room, self.settings.max_batch)), timeout=0)
+        else:
+            messages = kafka.next_batch(max(1, min(room, self.settings.max_batch)), _IDLE_POLL_S)
         for msg in messages:
-            batch.consumed(msg)
-            batch.records.append(self._answer(msg, batch))
-        if not self._kafka.commit(batch):
-            self._count_failures(batch)
-            time.sleep(_REDO_BACKOFF_S)
-            return
-        for source in batch.sources:
-            self._failures.pop(source, None)
-        for key, reply in batch.finals.items():
+            self._take(msg)
+        self._collect(first)
+        self._start_queued()
+        self._gather_answers()
+        self._commit(kafka)
+
+    def _gather_answers(self) -> None:
+        """While commands wait and handlers finish quickly, run more before committing, for
+        up to commit_interval_ms: one transaction per answer would bound a service with few
+        slots to one answer per commit round trip (a backlog after an outage drained at
+        ~10 a second on a loaded machine)."""
+        deadline = time.monotonic() + max(self.settings.commit_interval_ms, 1) / 1000
+        answers = 0
+        while self._backlog and self._jobs and answers < self.settings.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
             try:
-                self._store.put(key, reply)
-            except Exception:  # losing an entry only means the handler may run again
-                log.exception("service %s: cannot store the reply for %s", self.name, key)
+                item = self._done.get(timeout=left)
+            except queue.Empty:
+                return
+            self._collect(item)
+            self._start_queued()
+            answers += 1
 
-    def _count_failures(self, batch: _Batch) -> None:
-        letters = {r.source for r in batch.records if r.topic == self.settings.dlq}
-        for source, why in batch.failed.items():
-            tries = self._failures.get(source, (0, "", False))[0] + 1
-            self._failures[source] = (tries, why, source in letters)
-            log.warning("service %s: answering %s failed (%d): %s", self.name, source, tries, why)
+    def _on_assign(self, _consumer: Any, _partitions: list[TopicPartition]) -> None:
+        self._resync = True  # the next turn pauses or resumes every assigned partition
 
-    def _answer(self, msg: Message, batch: _Batch) -> _Record:
+    def _on_revoke(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        """Forget the partitions. Nothing is committed here: this runs inside the consumer's
+        poll, when the broker may be away (a lost session) and the partitions may be gone
+        already; the answers made since the last turn's commit are left to the next owner
+        (their handlers run again there). Handlers still running keep running; a twin command
+        that comes back to this instance waits for their outcome instead of running again."""
+        dropped = self._tracker.drop((tp.topic, tp.partition) for tp in partitions)
+        unsent = [e for e in dropped if e.state is State.DONE]
+        for entry in dropped:
+            if entry.key is not None and entry.state is State.DONE:
+                self._finals.pop(entry.key, None)
+        if unsent:
+            log.info(
+                "service %s: %d answer(s) left to the partitions' next owner",
+                self.name,
+                len(unsent),
+            )
+        self._resync = True
+
+    def _take(self, msg: Message) -> None:
+        tp = (msg.topic() or "", msg.partition() or 0)
+        if not self._tracker.knows(tp):
+            assert self._kafka is not None
+            self._tracker.start(tp, *self._kafka.committed(tp))
+        entry = self._tracker.add(tp, msg.offset() or 0, msg)
+        if entry is not None:
+            self._backlog.append(entry)
+
+    def _start_queued(self) -> None:
+        while self._backlog and self._jobs < self.max_concurrency:
+            entry = self._backlog.popleft()
+            if entry.alive:
+                self._start(entry)
+
+    def _start(self, entry: Entry) -> None:
+        """Answer at once what needs no handler; else run the handler (or wait for a twin)."""
+        msg = entry.msg
         source = _source(msg)
         tries, why, was_letter = self._failures.get(source, (0, "", False))
         if tries >= _MAX_TRIES:
@@ -762,72 +924,196 @@ class Service:
                     f"cannot write to the dead-letter topic {self.settings.dlq}: {why}"
                 )
             reason = f"its answer could not be produced in {tries} tries: {why}"
-            return self._dead_letter(msg, reason, "ProduceFailed")
+            return self._answered(entry, self._dead_letter(msg, reason, "ProduceFailed"))
         value = msg.value()
         if value is None:
-            return self._dead_letter(msg, "no record value (a tombstone?)", "EmptyRecord")
+            letter = self._dead_letter(msg, "no record value (a tombstone?)", "EmptyRecord")
+            return self._answered(entry, letter)
         try:
             cmd = codec.decode_as(value, ActivityCommand)
         except codec.CodecError as exc:
-            return self._dead_letter(msg, str(exc), type(exc).__name__)
+            return self._answered(entry, self._dead_letter(msg, str(exc), type(exc).__name__))
         reg = self._handlers.get(cmd.activity_name)
         if reg is None:
             reason = f"service {self.name} has no handler for activity {cmd.activity_name!r}"
-            return self._dead_letter(msg, reason, "UnknownActivity")
+            return self._answered(entry, self._dead_letter(msg, reason, "UnknownActivity"))
         if not self._may_reply_to(cmd.reply_topic):
             reason = f"reply topic {cmd.reply_topic!r} is not an inbox this service may answer"
-            return self._dead_letter(msg, reason, "ForbiddenReplyTopic")
+            return self._answered(entry, self._dead_letter(msg, reason, "ForbiddenReplyTopic"))
         assert self._kafka is not None
         if not cmd.reply_topic or not self._kafka.topic_exists(cmd.reply_topic):
             reason = f"reply topic {cmd.reply_topic!r} does not exist"
-            return self._dead_letter(msg, reason, "UnknownReplyTopic")
+            return self._answered(entry, self._dead_letter(msg, reason, "UnknownReplyTopic"))
+        entry.cmd, entry.key = cmd, cmd.idempotency_key
+        entry.state = State.RUNNING
+        done = self._finals.get(entry.key) or self._store.get(entry.key)
+        if done is not None:
+            log.info(
+                "service %s: %s already done, resending %s", self.name, entry.key, done.outcome
+            )
+            reply, record = self._finish(msg, cmd, (done.outcome, done.result, done.error))
+            return self._answered(entry, record, reply)
+        leader = self._leaders.get(entry.key)
+        if leader is not None:
+            # The same operation runs already (an attempt the workflow gave up on while its
+            # handler still runs): never run one operation twice at once.
+            leader.followers.append(entry)
+            return
+        self._leaders[entry.key] = entry
+        self._jobs += 1
+        assert self._workers is not None
+        if reg.is_async:
+            self._workers.submit_async(lambda: self._run_async(entry, reg, cmd))
+        else:
+            self._workers.submit(lambda: self._run(entry, reg, cmd))
+
+    def _answered(self, entry: Entry, record: _Record, reply: ActivityReply | None = None) -> None:
+        entry.record, entry.state = record, State.DONE
+        if reply is not None and reply.outcome in FINAL_OUTCOMES and entry.key is not None:
+            entry.final = reply
+            self._finals[entry.key] = reply
+
+    def _collect(self, first: tuple[Entry, _Outcome] | None) -> None:
+        """Take the answers of the handlers that finished."""
+        while True:
+            if first is not None:
+                item, first = first, None
+            else:
+                try:
+                    item = self._done.get_nowait()
+                except queue.Empty:
+                    return
+            entry, (reply, record) = item
+            self._jobs -= 1
+            assert entry.key is not None
+            if self._leaders.get(entry.key) is entry:
+                del self._leaders[entry.key]
+            final = reply.outcome in FINAL_OUTCOMES
+            if entry.alive:
+                self._answered(entry, record, reply)
+            elif final and entry.followers:
+                self._finals[entry.key] = reply  # its twins are answered with it
+            # Twins go first: answered from the final reply, or (after a retryable failure)
+            # the first of them runs the handler again.
+            self._backlog.extendleft(reversed(entry.followers))
+            entry.followers = []
+
+    def _run(self, entry: Entry, reg: _Registration, cmd: ActivityCommand) -> None:
+        """On a worker thread: run the handler, make its reply and record, hand them over."""
         started = time.monotonic()
-        with handler_span(
+        try:
+            with self._span(entry.msg, cmd) as span:
+                outcome = _execute(reg, cmd, self._info(cmd))
+                reply, record = self._finish(entry.msg, cmd, outcome)
+                record_reply(span, reply)
+            self.metrics.answered(
+                cmd.activity_name, reply.outcome.value, time.monotonic() - started
+            )
+        except BaseException as exc:  # never leave the poll thread waiting for this job
+            log.exception("service %s: %s failed in the SDK", self.name, cmd.idempotency_key)
+            error = ErrorInfo(type=type(exc).__name__, message=str(exc))
+            reply, record = self._finish(
+                entry.msg, cmd, (ReplyOutcome.RETRYABLE_FAILURE, None, error)
+            )
+        self._done.put((entry, (reply, record)))
+
+    async def _run_async(self, entry: Entry, reg: _Registration, cmd: ActivityCommand) -> None:
+        """On the event loop: the same as :meth:`_run` for an ``async def`` handler."""
+        started = time.monotonic()
+        try:
+            with self._span(entry.msg, cmd) as span:
+                outcome = await _execute_async(reg, cmd, self._info(cmd))
+                reply, record = self._finish(entry.msg, cmd, outcome)
+                record_reply(span, reply)
+            self.metrics.answered(
+                cmd.activity_name, reply.outcome.value, time.monotonic() - started
+            )
+        except BaseException as exc:  # never leave the poll thread waiting for this job
+            log.exception("service %s: %s failed in the SDK", self.name, cmd.idempotency_key)
+            error = ErrorInfo(type=type(exc).__name__, message=str(exc))
+            outcome = (ReplyOutcome.RETRYABLE_FAILURE, None, error)
+            reply, record = self._finish(entry.msg, cmd, outcome)
+        self._done.put((entry, (reply, record)))
+
+    def _span(self, msg: Message, cmd: ActivityCommand) -> contextlib.AbstractContextManager[Any]:
+        return handler_span(
             self._tracer, self.name, cmd, _bytes_headers(msg),
             topic=msg.topic() or "", partition=msg.partition() or 0, offset=msg.offset() or 0,
-        ) as span:  # fmt: skip
-            reply = self._reply_for(cmd, reg, batch)
+        )  # fmt: skip
+
+    def _info(self, cmd: ActivityCommand) -> CommandInfo:
+        beats = self._beats
+        beat = (lambda details: beats.beat(cmd, self.name, details)) if beats is not None else None
+        return CommandInfo.of(cmd, beat)
+
+    def _finish(
+        self, msg: Message, cmd: ActivityCommand, outcome: _Result
+    ) -> tuple[ActivityReply, _Record]:
+        """The reply to ``cmd`` and its record; one too large becomes a PayloadTooLarge."""
+        reply = self._reply(cmd, *outcome)
+        record = self._reply_record(msg, cmd, reply)
+        if record.size > self._reply_limit:
+            reply = self._too_large(cmd, record.size)
             record = self._reply_record(msg, cmd, reply)
-            if record.size > self._kafka.reply_limit:
-                reply = self._too_large(cmd, record.size, batch)
-                record = self._reply_record(msg, cmd, reply)
-            record_reply(span, reply)
-        self.metrics.answered(cmd.activity_name, reply.outcome.value, time.monotonic() - started)
-        return record
+        return reply, record
+
+    def _commit(self, kafka: _Kafka) -> None:
+        """Commit the answers ready and the offsets they free; on failure keep them for the
+        next turn (no handler runs again), and dead-letter a record refused too often."""
+        commit = self._tracker.pending_commit()
+        if commit is None:
+            return
+        batch = _Batch([e.record for e in commit.entries], dict(commit.offsets))
+        if not kafka.commit(batch):
+            self._count_failures(batch, commit.entries)
+            kafka._sleep(_REDO_BACKOFF_S)
+            return
+        self._tracker.committed(commit)
+        for entry in commit.entries:
+            self._failures.pop(entry.record.source, None)
+            if entry.final is not None and entry.key is not None:
+                self._finals.pop(entry.key, None)
+                try:
+                    self._store.put(entry.key, entry.final)
+                except Exception:  # losing an entry only means the handler may run again
+                    log.exception("service %s: cannot store the reply for %s", self.name, entry.key)
+            # A sent entry may stay tracked for long (above a slow command): keep it small.
+            entry.msg = entry.record = entry.cmd = entry.final = None
+
+    def _count_failures(self, batch: _Batch, entries: list[Entry]) -> None:
+        letters = {r.source for r in batch.records if r.topic == self.settings.dlq}
+        by_source = {e.record.source: e for e in entries}
+        for source, why in batch.failed.items():
+            tries = self._failures.get(source, (0, "", False))[0] + 1
+            self._failures[source] = (tries, why, source in letters)
+            log.warning("service %s: answering %s failed (%d): %s", self.name, source, tries, why)
+            entry = by_source.get(source)
+            if entry is not None and tries >= _MAX_TRIES:
+                # Answer it anew: a dead letter instead of the refused record.
+                if entry.key is not None:
+                    self._finals.pop(entry.key, None)
+                entry.final, entry.state = None, State.QUEUED
+                self._start(entry)
 
     def _reply_record(self, msg: Message, cmd: ActivityCommand, reply: ActivityReply) -> _Record:
         key, value = cmd.workflow_id.encode(), codec.encode(reply)
         return _Record(cmd.reply_topic, key, value, _trace_headers(msg, cmd), _source(msg))
 
-    def _too_large(self, cmd: ActivityCommand, size: int, batch: _Batch) -> ActivityReply:
+    def _too_large(self, cmd: ActivityCommand, size: int) -> ActivityReply:
         """A reply no producer may send becomes a final failure, so the workflow moves on."""
-        assert self._kafka is not None
-        limit = self._kafka.reply_limit
+        limit = self._reply_limit
         message = (
             f"the reply of {cmd.activity_name} is {size} bytes, over the {limit} bytes a reply "
             "may have (contracts.limits, message.max.bytes): return less, e.g. a reference"
         )
         log.warning("service %s: %s (%s)", self.name, message, cmd.idempotency_key)
         error = ErrorInfo(type="PayloadTooLarge", message=message)
-        reply = self._reply(cmd, ReplyOutcome.BUSINESS_FAILURE, None, error)
-        batch.finals[cmd.idempotency_key] = reply
-        return reply
+        return self._reply(cmd, ReplyOutcome.BUSINESS_FAILURE, None, error)
 
     def _may_reply_to(self, topic: str) -> bool:
         """Only to inboxes: a forged command must not write into a history or any other topic."""
         allowed = self.settings.reply_topics
         return topic in allowed if allowed is not None else topic.endswith(".inbox")
-
-    def _reply_for(self, cmd: ActivityCommand, reg: _Registration, batch: _Batch) -> ActivityReply:
-        key = cmd.idempotency_key
-        done = batch.finals.get(key) or self._store.get(key)
-        if done is not None:
-            log.info("service %s: %s already done, resending %s", self.name, key, done.outcome)
-            return self._reply(cmd, done.outcome, done.result, done.error)
-        reply = self._reply(cmd, *_execute(reg, cmd))
-        if reply.outcome in FINAL_OUTCOMES:
-            batch.finals[key] = reply
-        return reply
 
     def _reply(
         self,
@@ -872,36 +1158,55 @@ class Service:
 # --------------------------------------------------------------------------- helpers
 
 
-def _execute(
-    reg: _Registration, cmd: ActivityCommand
-) -> tuple[ReplyOutcome, Payload | None, ErrorInfo | None]:
+_Result = tuple[ReplyOutcome, Payload | None, ErrorInfo | None]
+_Outcome = tuple[ActivityReply, "_Record"]
+
+
+def _execute(reg: _Registration, cmd: ActivityCommand, info: CommandInfo) -> _Result:
     """Run the handler; every outcome, including a crash of the handler, becomes a reply."""
     try:
         arg: Any = from_payload(cmd.input, reg.contract.input)
     except PayloadError as exc:
         return ReplyOutcome.BUSINESS_FAILURE, None, ErrorInfo(type="InvalidInput", message=str(exc))
     try:
-        result = reg.fn(arg, CommandInfo.of(cmd))
-        output = reg.contract.output
-        if not isinstance(result, output):
-            result = output.model_validate(result)
-        return ReplyOutcome.SUCCESS, to_payload(result), None
-    except BusinessError as exc:
-        error = ErrorInfo(type=exc.error_type, message=str(exc))
-        return ReplyOutcome.BUSINESS_FAILURE, None, error
+        return _succeeded(reg, reg.fn(arg, info))
     except Exception as exc:
-        expected = isinstance(exc, RetryableError)  # a crash gets its traceback in the log
-        log.log(
-            logging.INFO if expected else logging.WARNING,
-            "%s (%s) failed, retryable: %s",
-            cmd.activity_name,
-            cmd.idempotency_key,
-            exc,
-            exc_info=not expected,
-        )
-        details = "".join(traceback.format_exception(exc))[-_DETAILS_MAX:]
-        error = ErrorInfo(type=type(exc).__name__, message=str(exc), details=details)
-        return ReplyOutcome.RETRYABLE_FAILURE, None, error
+        return _failed(cmd, exc)
+
+
+async def _execute_async(reg: _Registration, cmd: ActivityCommand, info: CommandInfo) -> _Result:
+    try:
+        arg: Any = from_payload(cmd.input, reg.contract.input)
+    except PayloadError as exc:
+        return ReplyOutcome.BUSINESS_FAILURE, None, ErrorInfo(type="InvalidInput", message=str(exc))
+    try:
+        return _succeeded(reg, await reg.fn(arg, info))
+    except Exception as exc:  # asyncio.CancelledError is a BaseException: the loop is closing
+        return _failed(cmd, exc)
+
+
+def _succeeded(reg: _Registration, result: Any) -> _Result:
+    output = reg.contract.output
+    if not isinstance(result, output):
+        result = output.model_validate(result)
+    return ReplyOutcome.SUCCESS, to_payload(result), None
+
+
+def _failed(cmd: ActivityCommand, exc: Exception) -> _Result:
+    if isinstance(exc, BusinessError):
+        return ReplyOutcome.BUSINESS_FAILURE, None, ErrorInfo(type=exc.error_type, message=str(exc))
+    expected = isinstance(exc, RetryableError)  # a crash gets its traceback in the log
+    log.log(
+        logging.INFO if expected else logging.WARNING,
+        "%s (%s) failed, retryable: %s",
+        cmd.activity_name,
+        cmd.idempotency_key,
+        exc,
+        exc_info=not expected,
+    )
+    details = "".join(traceback.format_exception(exc))[-_DETAILS_MAX:]
+    error = ErrorInfo(type=type(exc).__name__, message=str(exc), details=details)
+    return ReplyOutcome.RETRYABLE_FAILURE, None, error
 
 
 def _source(msg: Message) -> _Source:

@@ -5,13 +5,17 @@
 | bootstrap_servers      | KAFKA_BOOTSTRAP_SERVERS     | 127.0.0.1:39092          |
 | namespace              | SAGA_NAMESPACE              | saga                     |
 | partitions             | SAGA_PARTITIONS             | 6                        |
+| replication_factor     | SAGA_REPLICATION_FACTOR     | min(3, brokers)          |
+| min_insync_replicas    | SAGA_MIN_INSYNC_REPLICAS    | min(2, replication)      |
 | state_dir              | SAGA_STATE_DIR              | .run/state               |
 | node_id                | SAGA_NODE_ID                | the host name            |
 | commit_interval_ms     | SAGA_COMMIT_INTERVAL_MS     | 0                        |
 | max_batch              | SAGA_MAX_BATCH              | 1000                     |
+| max_concurrency        | SAGA_MAX_CONCURRENCY        | 16 (handlers at once)    |
 | retention_ms           | SAGA_RETENTION_MS           | 7 days                   |
 | kafka (extra config)   | SAGA_KAFKA__<KEY>           | none                     |
 | metrics_port           | SAGA_METRICS_PORT           | none (no HTTP endpoint)  |
+| advertised_host        | SAGA_ADVERTISED_HOST        | 127.0.0.1                |
 | health_stale_ms        | SAGA_HEALTH_STALE_MS        | 60000                    |
 | traces_file            | SAGA_TRACES_FILE            | none (JSON-lines spans)  |
 | reply_topics           | SAGA_REPLY_TOPICS           | none (any ``*.inbox``)   |
@@ -29,7 +33,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from orchestrator.kafka_config import check_client_settings, is_secret_key, librdkafka_key
@@ -59,6 +70,18 @@ class Settings(BaseSettings):
     )
     namespace: str = Field(default="saga", description="prefix of the orchestrator's topics")
     partitions: int = Field(default=6, ge=1, le=10_000, description="partitions of inbox/history")
+    replication_factor: int | None = Field(
+        default=None,
+        ge=1,
+        le=32,
+        description="replicas of each topic created; none = min(3, brokers in the cluster)",
+    )
+    min_insync_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        le=32,
+        description="min.insync.replicas of each topic created; none = min(2, replication)",
+    )
     state_dir: Path = Field(default=Path(".run/state"), description="local RocksDB state")
     node_id: str = Field(
         default_factory=socket.gethostname,
@@ -75,6 +98,12 @@ class Settings(BaseSettings):
         description="how long to gather input for one transaction once a record arrived",
     )
     max_batch: int = Field(default=1000, ge=1, le=100_000)
+    max_concurrency: int = Field(
+        default=16,
+        ge=1,
+        le=10_000,
+        description="how many handlers a service runs at once (Service(max_concurrency=...))",
+    )
     retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=0)
     metrics_port: int | None = Field(
         default=None,
@@ -82,6 +111,12 @@ class Settings(BaseSettings):
         le=65535,
         description="HTTP port of /metrics, /healthz and /ready; none = no endpoint, 0 = a port "
         "the OS picks (tests)",
+    )
+    advertised_host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="the host name or address clients reach this node's HTTP server at (its "
+        "query API): registered on <ns>.nodes with the bound metrics_port",
     )
     health_stale_ms: int = Field(
         default=60_000,
@@ -122,11 +157,25 @@ class Settings(BaseSettings):
     @field_validator("kafka")
     @classmethod
     def _known_to_librdkafka(
-        cls, value: Mapping[str, str | SecretStr]
+        cls, value: Mapping[str, str | SecretStr], info: ValidationInfo
     ) -> Mapping[str, str | SecretStr]:
         plain = {key: _reveal(item) for key, item in value.items()}
-        check_client_settings(plain)  # a ConfigurationError is a ValueError: names the setting
+        # SAGA_SASL_PASSWORD (validated before this field) completes sasl.username: without it
+        # librdkafka would refuse a SASL configuration as incomplete.
+        password = info.data.get("sasl_password")
+        checked = {"sasl.password": _reveal(password), **plain} if password else plain
+        check_client_settings(checked)  # a ConfigurationError is a ValueError: names the setting
         return {key: SecretStr(item) if is_secret_key(key) else item for key, item in plain.items()}
+
+    @model_validator(mode="after")
+    def _isr_within_replicas(self) -> Settings:
+        rf, isr = self.replication_factor, self.min_insync_replicas
+        if rf is not None and isr is not None and isr > rf:
+            raise ValueError(
+                f"min_insync_replicas ({isr}) may not exceed replication_factor ({rf}): "
+                "every write would fail"
+            )
+        return self
 
     @field_validator("namespace", "node_id")
     @classmethod

@@ -82,7 +82,10 @@ class Replayer:
             raise ValueError("an empty history: nothing to replay")
         events = sorted(history, key=lambda e: e.event_seq)
         workflow_id = events[0].workflow_id
-        for expected, event in enumerate(events, start=1):
+        # A later run of the id (continue-as-new, id reuse) starts at its WorkflowStarted's seq:
+        # the earlier runs' events are tombstoned.
+        first = events[0].event_seq if isinstance(events[0].event, WorkflowStarted) else 1
+        for expected, event in enumerate(events, start=first):
             if event.workflow_id != workflow_id:
                 raise ValueError(
                     f"the history mixes workflows {workflow_id!r} and {event.workflow_id!r}"

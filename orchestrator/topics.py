@@ -1,6 +1,6 @@
 """The Kafka topics of a namespace: what they must look like, creating them, and checking them.
 
-A namespace ``ns`` owns four topics (see ``docs/topics.md`` for the keys and the reasons behind
+A namespace ``ns`` owns five topics (see ``docs/topics.md`` for the keys and the reasons behind
 every setting):
 
 * ``<ns>.inbox``   - all input to workflows, keyed by workflow id; N partitions.
@@ -8,6 +8,8 @@ every setting):
   partitions as the inbox (an event goes to the partition that owns its workflow).
 * ``<ns>.results`` - workflow results for waiting clients, keyed by workflow id.
 * ``<ns>.dlq``     - records nobody could process, with the reason.
+* ``<ns>.nodes``   - compacted: one registration record per running node (its query API's URL and
+  the partitions it owns), so clients find the nodes to list workflows from.
 
 ``ensure_topics`` is idempotent: it creates what is missing, waits until every partition has a
 leader, and checks that what exists matches; anything that would break the orchestrator (a history
@@ -27,8 +29,8 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, NoReturn
 
 from confluent_kafka import KafkaError, KafkaException
 
@@ -36,6 +38,7 @@ from confluent_kafka import KafkaError, KafkaException
 # no-implicit-reexport cannot see; the names are the documented public ones.
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
+    ClusterMetadata,
     ConfigResource,
     NewTopic,
     ResourceType,
@@ -58,6 +61,8 @@ __all__ = [
     "TopicSpec",
     "TopicsNotReady",
     "compare_topics",
+    "default_min_insync_replicas",
+    "default_replication_factor",
     "delete_topics",
     "ensure_service_topic",
     "ensure_specs",
@@ -83,6 +88,15 @@ DEFAULT_TIMEOUT_S = 30.0
 INBOX_RETENTION_MS = 7 * _DAY_MS
 RESULTS_RETENTION_MS = 1 * _DAY_MS
 DLQ_RETENTION_MS = 30 * _DAY_MS
+# Compaction settings of <ns>.nodes: a record per node id, the latest wins; a node that stops
+# cleanly writes a tombstone. Few small records: roll segments hourly so the cleaner keeps it
+# short, and keep a tombstone a day so a client reading slowly still sees the node go.
+NODES_CONFIG: Mapping[str, str] = {
+    "cleanup.policy": "compact",
+    "segment.ms": str(_HOUR_MS),
+    "min.cleanable.dirty.ratio": "0.1",
+    "delete.retention.ms": str(_DAY_MS),
+}
 COMMANDS_RETENTION_MS = 7 * _DAY_MS
 
 # Compaction settings of <ns>.history. Each event has its own key <workflow id>/<seq>, and the
@@ -146,9 +160,13 @@ class TopicsNotReady(TopicError):
 class TopicAdminError(TopicError):
     """An admin request failed (broker unreachable, not authorized, invalid request, ...)."""
 
-    def __init__(self, message: str, *, retriable: bool = False) -> None:
+    def __init__(
+        self, message: str, *, retriable: bool = False, not_authorized: bool = False
+    ) -> None:
         super().__init__(message)
         self.retriable = retriable
+        #: The cluster's ACLs refused the request (the principal may not do this).
+        self.not_authorized = not_authorized
 
 
 class BrokerUnreachable(TopicAdminError, KafkaUnavailable):
@@ -178,8 +196,12 @@ class NamespaceTopics:
         return f"{self.namespace}.dlq"
 
     @property
-    def all(self) -> tuple[str, str, str, str]:
-        return (self.inbox, self.history, self.results, self.dlq)
+    def nodes(self) -> str:
+        return f"{self.namespace}.nodes"
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (self.inbox, self.history, self.results, self.dlq, self.nodes)
 
     @property
     def co_partitioned(self) -> tuple[str, str]:
@@ -222,10 +244,31 @@ class TopicSpec:
             )
 
 
-def _replica_config(replication_factor: int) -> dict[str, str]:
-    # With three or more replicas, an acknowledged write (acks=all, which transactions imply)
-    # survives the loss of one broker. Below three the broker default (1) keeps topics writable.
-    return {"min.insync.replicas": "2"} if replication_factor >= 3 else {}
+def default_replication_factor(brokers: int) -> int:
+    """Three replicas where the cluster has three brokers, else as many as there are brokers."""
+    return max(1, min(3, brokers))
+
+
+def default_min_insync_replicas(replication_factor: int) -> int:
+    """Two in-sync replicas where there are two or more: with acks=all (which transactions
+    imply) an acknowledged write is then on two brokers, and with three replicas the topic stays
+    writable while one broker is down. A single replica can only ask for itself."""
+    return min(2, replication_factor)
+
+
+def _replica_config(replication_factor: int, min_insync_replicas: int | None) -> dict[str, str]:
+    min_isr = (
+        default_min_insync_replicas(replication_factor)
+        if min_insync_replicas is None
+        else min_insync_replicas
+    )
+    if not 1 <= min_isr <= replication_factor:
+        # More than the replicas would make every acks=all write fail with NOT_ENOUGH_REPLICAS.
+        raise ValueError(
+            f"min.insync.replicas must be between 1 and the replication factor "
+            f"{replication_factor}, got {min_isr}"
+        )
+    return {"min.insync.replicas": str(min_isr)}
 
 
 def namespace_topic_specs(
@@ -233,14 +276,18 @@ def namespace_topic_specs(
     partitions: int,
     replication_factor: int = 1,
     *,
+    min_insync_replicas: int | None = None,
     inbox_retention_ms: int = INBOX_RETENTION_MS,
     results_retention_ms: int = RESULTS_RETENTION_MS,
     dlq_retention_ms: int = DLQ_RETENTION_MS,
     dlq_partitions: int = 1,
 ) -> tuple[TopicSpec, ...]:
-    """The specs of the four topics of ``namespace`` with ``partitions`` workflow partitions."""
+    """The specs of the five topics of ``namespace`` with ``partitions`` workflow partitions.
+
+    ``min_insync_replicas`` defaults to ``default_min_insync_replicas(replication_factor)``.
+    """
     names = topic_names(namespace)
-    replicas = _replica_config(replication_factor)
+    replicas = _replica_config(replication_factor, min_insync_replicas)
     return (
         # Input not yet reflected in the history: it must outlive the longest time the
         # orchestrator may be down or behind. Deletion, never compaction (a key is a workflow id).
@@ -269,6 +316,11 @@ def namespace_topic_specs(
             {"cleanup.policy": "delete", "retention.ms": str(dlq_retention_ms), **replicas},
             exact_partitions=False,
         ),
+        # Node registrations (orchestrator/nodes.py): read whole by every client that lists
+        # workflows, so one partition; compacted, so it holds one record per live node id.
+        TopicSpec(
+            names.nodes, 1, replication_factor, {**NODES_CONFIG, **replicas}, exact_partitions=False
+        ),
     )
 
 
@@ -277,6 +329,7 @@ def service_topic_spec(
     partitions: int,
     replication_factor: int = 1,
     *,
+    min_insync_replicas: int | None = None,
     retention_ms: int = COMMANDS_RETENTION_MS,
 ) -> TopicSpec:
     """The spec of a service's ``<service>.commands`` topic (owned by the service team).
@@ -291,7 +344,7 @@ def service_topic_spec(
         {
             "cleanup.policy": "delete",
             "retention.ms": str(retention_ms),
-            **_replica_config(replication_factor),
+            **_replica_config(replication_factor, min_insync_replicas),
         },
         exact_partitions=False,
     )
@@ -306,6 +359,9 @@ class ObservedTopic:
     replication_factor: int
     config: Mapping[str, str]
     leaderless: tuple[int, ...] = ()
+    #: Partitions whose in-sync replicas are fewer than their replicas: ``(partition, in sync,
+    #: replicas)``. A broker is down or behind; acks=all writes wait on (or fail without) it.
+    under_replicated: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -315,6 +371,9 @@ class TopicReport:
     created: tuple[str, ...] = ()
     verified: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    #: What the topics were checked against (resolved from the cluster when not given).
+    replication_factor: int | None = None
+    min_insync_replicas: int | None = None
 
     @property
     def changed(self) -> bool:
@@ -329,8 +388,15 @@ def compare_topics(
     specs: Sequence[TopicSpec],
     observed: Mapping[str, ObservedTopic],
     co_partitioned: Sequence[str] = (),
+    *,
+    under_replicated_is_problem: bool = False,
 ) -> tuple[list[str], list[str]]:
-    """Compare topics with their specs: ``(problems, warnings)``. A missing topic is a problem."""
+    """Compare topics with their specs: ``(problems, warnings)``. A missing topic is a problem.
+
+    Under-replicated partitions are warnings unless ``under_replicated_is_problem`` (``verify``:
+    an operator's check; creating topics or starting a process must not fail because a broker
+    is restarting).
+    """
     problems: list[str] = []
     warnings: list[str] = []
     for spec in specs:
@@ -355,10 +421,16 @@ def compare_topics(
             )
             if not same:
                 msg = f"{spec.name}: {key} is {actual!r}, expected {expected!r}"
-                (problems if key in spec.enforced else warnings).append(msg)
+                (
+                    problems if key in spec.enforced or _weaker(key, actual, expected) else warnings
+                ).append(msg)
         if topic.leaderless:
             ids = ", ".join(str(p) for p in topic.leaderless)
             warnings.append(f"{spec.name}: partition(s) {ids} have no leader")
+        if topic.under_replicated:
+            parts = ", ".join(f"{p} ({isr} of {n} in sync)" for p, isr, n in topic.under_replicated)
+            msg = f"{spec.name} is under-replicated: partition(s) {parts}"
+            (problems if under_replicated_is_problem else warnings).append(msg)
 
     present = [observed[name] for name in co_partitioned if name in observed]
     for first, other in itertools.pairwise(present):
@@ -370,12 +442,27 @@ def compare_topics(
     return problems, warnings
 
 
+def _weaker(key: str, actual: str | None, expected: str) -> bool:
+    """Whether ``actual`` promises less durability than asked for (a problem, not tuning)."""
+    if key != "min.insync.replicas":
+        return False
+    try:
+        return actual is None or int(actual) < int(expected)
+    except ValueError:
+        return True
+
+
 class TopicAdmin:
     """A connection to a cluster for topic administration; reuse it for several calls."""
 
     def __init__(self, bootstrap: str, client_config: ClientConfig | None = None) -> None:
         self.bootstrap = bootstrap
-        conf: dict[str, Any] = {"logger": LIBRDKAFKA_LOGGER, **(client_config or {})}
+        self._auth_error: str | None = None  # a refused login, as librdkafka reported it
+        conf: dict[str, Any] = {
+            "logger": LIBRDKAFKA_LOGGER,
+            "error_cb": self._on_error,
+            **(client_config or {}),
+        }
         self._admin = AdminClient({**conf, "bootstrap.servers": bootstrap})
 
     # -- the operations --------------------------------------------------------------------
@@ -413,10 +500,18 @@ class TopicAdmin:
         *,
         co_partitioned: Sequence[str] = (),
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        under_replicated_is_problem: bool = True,
     ) -> TopicReport:
         """Check topics against ``specs``; raise ``TopicMismatch`` listing every problem."""
         deadline = time.monotonic() + timeout_s
-        return self._verify(specs, co_partitioned, self._metadata(deadline), deadline)
+        metadata = self._metadata(deadline)
+        return self._verify(
+            specs, co_partitioned, metadata, deadline, strict=under_replicated_is_problem
+        )
+
+    def broker_count(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
+        """How many brokers the cluster's metadata lists (fenced ones are left out)."""
+        return len(self._cluster(time.monotonic() + timeout_s).brokers)
 
     def delete(self, topics: Iterable[str], *, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[str]:
         """Delete ``topics`` that exist and wait until the metadata no longer shows them."""
@@ -454,10 +549,14 @@ class TopicAdmin:
         co_partitioned: Sequence[str],
         metadata: Mapping[str, TopicMetadata],
         deadline: float,
+        *,
+        strict: bool = False,
     ) -> TopicReport:
         names = [s.name for s in specs if s.name in metadata]
         observed = self._observe(names, metadata, deadline)
-        problems, warnings = compare_topics(specs, observed, co_partitioned)
+        problems, warnings = compare_topics(
+            specs, observed, co_partitioned, under_replicated_is_problem=strict
+        )
         if problems:
             raise TopicMismatch(problems)
         for warning in warnings:
@@ -475,6 +574,7 @@ class TopicAdmin:
         )
         created: list[str] = []
         failures: list[str] = []
+        denied = False
         for name, future in futures.items():
             err = _result(future, deadline)
             if err is None:
@@ -484,9 +584,10 @@ class TopicAdmin:
                 # it is checked like any existing topic.
                 log.info("topic %s was created concurrently", name)
             else:
+                denied = denied or _denied(err)
                 failures.append(f"could not create {name}: {_describe_error(err)}")
         if failures:
-            raise TopicAdminError("; ".join(failures))
+            raise TopicAdminError("; ".join(failures), not_authorized=denied)
         if created:
             log.info("created topics %s", ", ".join(created))
         return tuple(created)
@@ -505,28 +606,50 @@ class TopicAdmin:
             time.sleep(0.1)
 
     def _metadata(self, deadline: float) -> dict[str, TopicMetadata]:
-        try:
-            cluster = self._admin.list_topics(timeout=_remaining(deadline))
-        except KafkaException as exc:
-            self._admin.poll(0)  # hands librdkafka's log lines about it to LIBRDKAFKA_LOGGER
-            err = _error_of(exc)
-            if err is not None and unreachable(err):
-                raise BrokerUnreachable(
-                    f"could not read metadata from {self.bootstrap}: {err.str()}; "
-                    + UNREACHABLE_HINT,
-                    retriable=True,
-                ) from exc
-            raise TopicAdminError(
-                f"could not read metadata from {self.bootstrap}: "
-                f"{_describe_error(err) if err else exc}",
-                retriable=True,
-            ) from exc
-        self._admin.poll(0)
+        cluster = self._cluster(deadline)
         return {
             name: topic
             for name, topic in cluster.topics.items()
             if topic.error is None or topic.error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART
         }
+
+    def _cluster(self, deadline: float) -> ClusterMetadata:
+        while True:
+            try:
+                # In short tries: a refused login shows only through error_cb, between tries.
+                cluster = self._admin.list_topics(timeout=min(_remaining(deadline), 2.0))
+                break
+            except KafkaException as exc:
+                self._admin.poll(0)  # librdkafka's log lines to LIBRDKAFKA_LOGGER, error_cb
+                if self._auth_error is not None:
+                    raise TopicAdminError(
+                        f"authentication failed at {self.bootstrap}: {self._auth_error}; check "
+                        "the credentials (SAGA_KAFKA__SASL_USERNAME, SAGA_SASL_PASSWORD, "
+                        "SAGA_KAFKA__SASL_MECHANISM, certificates)",
+                        not_authorized=True,
+                    ) from exc
+                if time.monotonic() + 0.1 < deadline:
+                    continue
+                self._metadata_failed(exc)
+        self._admin.poll(0)
+        return cluster
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._AUTHENTICATION:
+            self._auth_error = err.str()
+
+    def _metadata_failed(self, exc: KafkaException) -> NoReturn:
+        err = _error_of(exc)
+        if err is not None and unreachable(err):
+            raise BrokerUnreachable(
+                f"could not read metadata from {self.bootstrap}: {err.str()}; " + UNREACHABLE_HINT,
+                retriable=True,
+            ) from exc
+        raise TopicAdminError(
+            f"could not read metadata from {self.bootstrap}: "
+            f"{_describe_error(err) if err else exc}",
+            retriable=True,
+        ) from exc
 
     def _observe(
         self, names: Sequence[str], metadata: Mapping[str, TopicMetadata], deadline: float
@@ -541,6 +664,13 @@ class TopicAdmin:
                 replication_factor=min((len(p.replicas) for p in partitions), default=0),
                 config=configs[name],
                 leaderless=tuple(sorted(p.id for p in partitions if p.leader < 0)),
+                under_replicated=tuple(
+                    sorted(
+                        (p.id, len(p.isrs), len(p.replicas))
+                        for p in partitions
+                        if len(p.isrs) < len(p.replicas)
+                    )
+                ),
             )
         return observed
 
@@ -563,7 +693,8 @@ class TopicAdmin:
                         continue
                     raise TopicAdminError(
                         f"could not describe the config of {name}: "
-                        f"{_describe_error(err) if err else exc}"
+                        f"{_describe_error(err) if err else exc}",
+                        not_authorized=_denied(err),
                     ) from exc
                 except concurrent.futures.TimeoutError as exc:
                     raise TopicAdminError(f"describing the config of {name} timed out") from exc
@@ -593,6 +724,20 @@ def _remaining(deadline: float) -> float:
 def _error_of(exc: KafkaException) -> KafkaError | None:
     err = exc.args[0] if exc.args else None
     return err if isinstance(err, KafkaError) else None
+
+
+_DENIED = frozenset(
+    {
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+    }
+)
+
+
+def _denied(err: KafkaError | None) -> bool:
+    return err is not None and err.code() in _DENIED
 
 
 def _describe_error(err: KafkaError) -> str:
@@ -666,43 +811,69 @@ def ensure_topics(
     target: str | TopicAdmin,
     namespace: str,
     partitions: int,
-    replication_factor: int = 1,
+    replication_factor: int | None = None,
     *,
+    min_insync_replicas: int | None = None,
     client_config: ClientConfig | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> TopicReport:
-    """Create the missing topics of ``namespace`` and check that all four are as required.
+    """Create the missing topics of ``namespace`` and check that all five are as required.
 
-    ``target`` is a bootstrap servers string or a ``TopicAdmin``.
+    ``target`` is a bootstrap servers string or a ``TopicAdmin``. ``replication_factor``
+    defaults to ``min(3, brokers)`` of the cluster, ``min_insync_replicas`` to ``min(2, RF)``.
     """
-    specs = namespace_topic_specs(namespace, partitions, replication_factor)
-    return ensure_specs(
-        target,
-        specs,
-        co_partitioned=topic_names(namespace).co_partitioned,
-        client_config=client_config,
-        timeout_s=timeout_s,
+    admin = _admin(target, client_config)
+    rf, min_isr = _replication(admin, replication_factor, min_insync_replicas, timeout_s)
+    specs = namespace_topic_specs(namespace, partitions, rf, min_insync_replicas=min_isr)
+    report = admin.ensure(
+        specs, co_partitioned=topic_names(namespace).co_partitioned, timeout_s=timeout_s
     )
+    return replace(report, replication_factor=rf, min_insync_replicas=min_isr)
 
 
 def verify_topics(
     target: str | TopicAdmin,
     namespace: str,
     partitions: int,
-    replication_factor: int = 1,
+    replication_factor: int | None = None,
     *,
+    min_insync_replicas: int | None = None,
     client_config: ClientConfig | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    under_replicated_is_problem: bool = True,
 ) -> TopicReport:
-    """Check the four topics of ``namespace``; raise ``TopicMismatch`` listing every problem."""
-    specs = namespace_topic_specs(namespace, partitions, replication_factor)
-    return verify_specs(
-        target,
+    """Check the five topics of ``namespace``; raise ``TopicMismatch`` listing every problem,
+    under-replicated partitions included unless told otherwise (a process that starts while a
+    broker restarts); defaults as in ``ensure_topics``."""
+    admin = _admin(target, client_config)
+    rf, min_isr = _replication(admin, replication_factor, min_insync_replicas, timeout_s)
+    specs = namespace_topic_specs(namespace, partitions, rf, min_insync_replicas=min_isr)
+    report = admin.verify(
         specs,
         co_partitioned=topic_names(namespace).co_partitioned,
-        client_config=client_config,
         timeout_s=timeout_s,
+        under_replicated_is_problem=under_replicated_is_problem,
     )
+    return replace(report, replication_factor=rf, min_insync_replicas=min_isr)
+
+
+def _replication(
+    admin: TopicAdmin,
+    replication_factor: int | None,
+    min_insync_replicas: int | None,
+    timeout_s: float,
+) -> tuple[int, int]:
+    """The replication factor and min.insync.replicas to use, the defaults resolved."""
+    rf = (
+        replication_factor
+        if replication_factor is not None
+        else default_replication_factor(admin.broker_count(timeout_s=timeout_s))
+    )
+    min_isr = (
+        min_insync_replicas if min_insync_replicas is not None else default_min_insync_replicas(rf)
+    )
+    _replica_config(rf, min_isr)  # checks min_isr <= rf
+    return rf, min_isr
 
 
 def delete_topics(
@@ -721,12 +892,19 @@ def ensure_service_topic(
     target: str | TopicAdmin,
     topic: str,
     partitions: int,
-    replication_factor: int = 1,
+    replication_factor: int | None = None,
     *,
+    min_insync_replicas: int | None = None,
     retention_ms: int = COMMANDS_RETENTION_MS,
     client_config: ClientConfig | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> TopicReport:
-    """Create a service's ``<service>.commands`` topic if missing, and check its cleanup policy."""
-    spec = service_topic_spec(topic, partitions, replication_factor, retention_ms=retention_ms)
-    return ensure_specs(target, [spec], client_config=client_config, timeout_s=timeout_s)
+    """Create a service's ``<service>.commands`` topic if missing, and check its cleanup policy
+    (replication defaults as in ``ensure_topics``)."""
+    admin = _admin(target, client_config)
+    rf, min_isr = _replication(admin, replication_factor, min_insync_replicas, timeout_s)
+    spec = service_topic_spec(
+        topic, partitions, rf, min_insync_replicas=min_isr, retention_ms=retention_ms
+    )
+    report = admin.ensure([spec], timeout_s=timeout_s)
+    return replace(report, replication_factor=rf, min_insync_replicas=min_isr)

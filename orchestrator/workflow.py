@@ -38,11 +38,11 @@ import random
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
 from types import ModuleType
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, Generic, NoReturn, TypeVar, get_type_hints, overload
 
 from pydantic import BaseModel
 
@@ -53,9 +53,13 @@ InT = TypeVar("InT", bound=BaseModel)
 OutT = TypeVar("OutT", bound=BaseModel)
 C = TypeVar("C", bound=type)
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+LocalIn = TypeVar("LocalIn")
+LocalOut = TypeVar("LocalOut")
 
 _DEFN_ATTR = "__saga_workflow_defn__"
 _RUN_ATTR = "__saga_workflow_run__"
+_QUERY_ATTR = "__saga_workflow_query__"
 
 #: Compensations keep trying for a long time before the workflow is parked.
 DEFAULT_COMPENSATION_RETRY = RetryPolicy(
@@ -87,6 +91,8 @@ class WorkflowDefinition:
     run_name: str
     input_type: Any
     output_type: Any
+    # Query name -> (method name, the type of its argument, or None when it takes none).
+    queries: dict[str, tuple[str, Any]] = field(default_factory=dict)
 
 
 def run(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -95,6 +101,48 @@ def run(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         raise TypeError(f"@workflow.run needs an 'async def', got {fn!r}")
     setattr(fn, _RUN_ATTR, True)
     return fn
+
+
+@overload
+def query(fn: F, /) -> F: ...
+@overload
+def query(*, name: str | None = None) -> Callable[[F], F]: ...
+def query(fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+    """Mark a method that answers a query: ``def status(self) -> X`` or ``def price(self, arg: A)
+    -> X`` (not ``async``). The node that owns the workflow runs it on a copy of the workflow's
+    attributes, between two events, and writes nothing: ``Client.query(id, name, arg)``,
+    ``orchestrator query ID NAME``. ``name`` defaults to the method's name.
+
+    A query reads what the run method keeps on ``self``; it must not call ``ctx`` (nothing it does
+    is recorded) and should be quick: the node's loop waits for it."""
+
+    def mark(method: F) -> F:
+        if inspect.iscoroutinefunction(method):
+            raise TypeError(f"@workflow.query needs a plain 'def', got async {method.__name__}")
+        params = list(inspect.signature(method).parameters)
+        if len(params) not in (1, 2):
+            raise TypeError(
+                f"query {method.__name__} must take (self) or (self, arg), got {params}"
+            )
+        setattr(method, _QUERY_ATTR, name or method.__name__)
+        return method
+
+    return mark(fn) if fn is not None else mark
+
+
+def _queries_of(cls: type) -> dict[str, tuple[str, Any]]:
+    found: dict[str, tuple[str, Any]] = {}
+    for attr in dir(cls):
+        method = getattr(cls, attr, None)
+        query_name = getattr(method, _QUERY_ATTR, None)
+        if not isinstance(query_name, str) or method is None:
+            continue
+        if query_name in found:
+            raise TypeError(f"workflow {cls.__name__} has two queries named {query_name!r}")
+        params = list(inspect.signature(method).parameters)
+        arg_type = get_type_hints(method).get(params[1], Any) if len(params) == 2 else None
+        found[query_name] = (attr, arg_type)
+    return found
 
 
 def defn(*, name: str | None = None) -> Callable[[C], C]:
@@ -117,6 +165,7 @@ def defn(*, name: str | None = None) -> Callable[[C], C]:
             run_name=fn.__name__,
             input_type=hints.get(params[2], Any),
             output_type=hints.get("return", Any),
+            queries=_queries_of(cls),
         )
         setattr(cls, _DEFN_ATTR, definition)
         return cls
@@ -220,6 +269,27 @@ class Compensation:
             )
 
 
+class ParentClosePolicy(Enum):
+    """What happens to a child workflow that still runs when its parent ends."""
+
+    TERMINATE = "TERMINATE"  # the child ends at once, TERMINATED, without compensating
+    REQUEST_CANCEL = "REQUEST_CANCEL"  # the child is cancelled: its sagas compensate (default)
+    ABANDON = "ABANDON"  # the child goes on alone; nobody hears how it ends
+
+
+class ChildHandle(ABC, Generic[T]):
+    """A child workflow started by :meth:`WorkflowContext.start_child`."""
+
+    @property
+    @abstractmethod
+    def workflow_id(self) -> str: ...
+
+    @abstractmethod
+    def result(self) -> Awaitable[T]:
+        """The child's result; raises :class:`~orchestrator.errors.ChildWorkflowError` if it
+        ended without one (failed, compensated, cancelled, parked, or its start was refused)."""
+
+
 class Saga(ABC):
     """Compensations of the steps a saga block completed; on failure or cancel they run one at a
     time, in reverse order of completion (see docs/workflows.md, "Saga semantics")."""
@@ -268,6 +338,7 @@ class WorkflowContext(ABC):
         timeout: AttemptTimeout = NODE_DEFAULT,
         overall_timeout: timedelta | None = None,
         compensate: Compensation | Callable[[OutT], Compensation] | None = None,
+        heartbeat_timeout: timedelta | None = None,
     ) -> Awaitable[OutT]:
         """Schedule an activity at once and return an awaitable of its result.
 
@@ -283,6 +354,27 @@ class WorkflowContext(ABC):
         before the command is sent: a :class:`Compensation`, or a function that builds it from
         the result. If the saga fails or the workflow is cancelled while this step is in
         flight, the saga waits for its outcome and compensates it if it succeeded.
+
+        ``heartbeat_timeout``: for long activities whose handler calls ``info.heartbeat()``:
+        an attempt that sent no heartbeat for this long fails with ``HeartbeatTimeout`` (and
+        the retry policy decides), so a dead service is noticed in seconds even when the
+        attempt may take hours; the next attempt gets the last heartbeat's details.
+        """
+
+    @abstractmethod
+    def run_local(
+        self, fn: Callable[[LocalIn], LocalOut], arg: LocalIn, *, name: str | None = None
+    ) -> Awaitable[LocalOut]:
+        """Run ``fn(arg)`` here, in the orchestrator, and record its result in the history: a
+        short side effect that needs no service (a lookup, a notification, an id from another
+        system). Every replay returns the recorded result without running ``fn`` again.
+
+        The result must be JSON-serialisable and is read back as ``fn``'s return annotation
+        (so the first run and every replay see the same value). An exception in ``fn`` is
+        recorded too and raised here as :class:`~orchestrator.errors.ActivityError`: no
+        retries, no timeout. ``fn`` runs on the node's loop, in the middle of the workflow's
+        step: keep it to milliseconds and make it idempotent (a crash before the step's commit
+        runs it again). ``name`` (default: ``fn``'s qualified name) is checked on replay.
         """
 
     @abstractmethod
@@ -310,6 +402,44 @@ class WorkflowContext(ABC):
         """``async with ctx.saga() as saga:`` compensates what ``saga.on_failure`` registered."""
 
     @abstractmethod
+    def start_child(
+        self,
+        workflow: type | str,
+        arg: Any,
+        *,
+        id: str | None = None,
+        parent_close_policy: ParentClosePolicy = ParentClosePolicy.REQUEST_CANCEL,
+        result_type: Any = None,
+        compensate: Compensation | Callable[[Any], Compensation] | None = None,
+    ) -> Awaitable[ChildHandle[Any]]:
+        """Start a child workflow: ``workflow`` is its ``@workflow.defn`` class (its result is
+        then decoded as the class's output type) or its type name (then ``result_type``, default
+        the JSON value). The child runs like any workflow, on the partition of its id ``id``
+        (default ``<this workflow's id>-child-<n>``), and reports its end to this workflow.
+
+        Cancelling this workflow cancels its running children; when this workflow ends, a child
+        that still runs is treated as ``parent_close_policy`` says. ``await`` it for the handle,
+        then ``await handle.result()``.
+
+        ``compensate`` makes the child a step of the innermost ``ctx.saga()``, as for
+        :meth:`call`: if the saga fails or the workflow is cancelled, the saga waits for the
+        child's end and, if it completed, runs the compensation (an activity; a function of the
+        child's result, or a :class:`Compensation`)."""
+
+    @abstractmethod
+    async def execute_child(
+        self,
+        workflow: type | str,
+        arg: Any,
+        *,
+        id: str | None = None,
+        parent_close_policy: ParentClosePolicy = ParentClosePolicy.REQUEST_CANCEL,
+        result_type: Any = None,
+        compensate: Compensation | Callable[[Any], Compensation] | None = None,
+    ) -> Any:
+        """:meth:`start_child`, then wait for its result."""
+
+    @abstractmethod
     def now(self) -> datetime:
         """The time of the event being processed (UTC): the same value on replay."""
 
@@ -333,6 +463,19 @@ class WorkflowContext(ABC):
                 await ctx.call(check_fraud, ...)
 
         The answer is fixed for the run at the first call. See ``docs/workflows.md``.
+        """
+
+    @abstractmethod
+    def continue_as_new(self, input: Any) -> NoReturn:
+        """End this run and start a new run of the same workflow (same id) with ``input``.
+
+        The new run starts from scratch with an empty history, so a loop that continues as new
+        keeps a bounded history: the old run's events are tombstoned. Signals not yet consumed
+        and steps not awaited are not carried over; the caller of the first start gets the
+        result of the last run. Raises :class:`~orchestrator.errors.ContinueAsNew` (a
+        ``BaseException``: don't catch it); a saga does not compensate for it. A run must
+        await something before it continues (else ``TypeError``: it would loop without end).
+        See docs/workflows.md, "Continue-as-new".
         """
 
     @abstractmethod

@@ -13,7 +13,9 @@ import uuid
 
 import click
 
-from contracts.orders import (
+from orchestrator.errors import BusinessError
+from orchestrator.service import CommandInfo, Service
+from services_example.contracts import (
     OUT_OF_STOCK,
     ReleaseStock,
     ReserveStock,
@@ -22,8 +24,6 @@ from contracts.orders import (
     release_stock,
     reserve_stock,
 )
-from orchestrator.errors import BusinessError
-from orchestrator.service import CommandInfo, Service
 from services_example.runtime import ServiceStore, State, parse_mapping, run_service
 
 DEFAULT_STOCK = "book=100,lamp=40,mug=60,poster=5"

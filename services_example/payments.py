@@ -14,7 +14,9 @@ import uuid
 
 import click
 
-from contracts.orders import (
+from orchestrator.errors import BusinessError
+from orchestrator.service import CommandInfo, Service
+from services_example.contracts import (
     CARD_DECLINED,
     ChargePayment,
     PaymentReceipt,
@@ -23,8 +25,6 @@ from contracts.orders import (
     charge_payment,
     refund_payment,
 )
-from orchestrator.errors import BusinessError
-from orchestrator.service import CommandInfo, Service
 from services_example.runtime import ServiceStore, State, parse_mapping, run_service
 
 DEFAULT_BALANCES = "alice=100000,bob=100000,carol=100000,dave=100000,erin=100000,frank=1000"

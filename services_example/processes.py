@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from contracts.orders import service_name
 from orchestrator.topics import ensure_service_topic, ensure_topics
+from services_example.contracts import service_name
 from services_example.runtime import SNAPSHOT
 
 SERVICES = ("inventory", "payments", "shipping")
@@ -45,6 +45,10 @@ class Processes:
     partitions: int = 3
     http_port: int = field(default_factory=free_port)
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Orchestrator nodes: "orchestrator" is node-1, "orchestrator-2" node-2, ...
+    nodes: int = 1
+    #: Environment of one process only (its credentials, say), over ``extra_env``.
+    process_env: dict[str, dict[str, str]] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: dict[str, IO[bytes]] = field(default_factory=dict)
 
@@ -60,7 +64,13 @@ class Processes:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def env(self) -> dict[str, str]:
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The processes, in start order."""
+        extra_nodes = tuple(f"orchestrator-{n}" for n in range(2, self.nodes + 1))
+        return ("orchestrator", *extra_nodes, *SERVICES, "orders")
+
+    def env(self, name: str = "") -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             KAFKA_BOOTSTRAP_SERVERS=self.bootstrap,
@@ -71,16 +81,30 @@ class Processes:
             ORDERS_HTTP_PORT=str(self.http_port),
             PYTHONUNBUFFERED="1",
         )
+        if name.startswith("orchestrator-"):
+            # Another node: its own id (transactional id, group member) and its own state dir
+            # (a node locks <state_dir>/<namespace>).
+            node = name.removeprefix("orchestrator-")
+            env.update(
+                SAGA_NODE_ID=f"node-{node}", SAGA_STATE_DIR=str(self.root / f"state-node-{node}")
+            )
         env.update(self.extra_env)
+        env.update(self.process_env.get(name, {}))
         return env
 
-    def create_topics(self) -> None:
-        ensure_topics(self.bootstrap, self.namespace, self.partitions)
+    def create_topics(self, client_config: dict[str, str] | None = None) -> None:
+        """The namespace's and the services' topics; replication: min(3, brokers)."""
+        ensure_topics(self.bootstrap, self.namespace, self.partitions, client_config=client_config)
         for service in SERVICES:
-            ensure_service_topic(self.bootstrap, f"{self.namespace}.{service}.commands", 3)
+            ensure_service_topic(
+                self.bootstrap,
+                f"{self.namespace}.{service}.commands",
+                3,
+                client_config=client_config,
+            )
 
     def command(self, name: str) -> list[str]:
-        if name == "orchestrator":
+        if name.startswith("orchestrator"):
             return [
                 sys.executable, "-m", "orchestrator.cli", "run",
                 "--workflows", "services_example.orders.saga",
@@ -94,14 +118,14 @@ class Processes:
         log = self._logs[name] = (self.log_dir / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
             self.command(name),
-            env=self.env(),
+            env=self.env(name),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent,
         )
 
     def start_all(self) -> None:
-        for name in PROCESSES:
+        for name in self.names:
             self.start(name)
 
     def kill(self, name: str) -> None:
@@ -122,7 +146,7 @@ class Processes:
             proc.wait(10)
 
     def stop_all(self) -> None:
-        for name in reversed(PROCESSES):
+        for name in reversed(self.names):
             self.stop(name)
         for log in self._logs.values():
             log.close()
@@ -174,7 +198,7 @@ class Processes:
 
 
 def service_name_in(namespace: str, service: str) -> str:
-    """:func:`contracts.orders.service_name` for a namespace other than this process's."""
+    """:func:`services_example.contracts.service_name` for a namespace other than this process's."""
     return f"{namespace}.{service}"
 
 

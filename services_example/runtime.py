@@ -28,13 +28,13 @@ import click
 from pydantic import BaseModel, ValidationError
 from rocksdict import WriteBatch
 
-from contracts.orders import service_name
 from orchestrator import tracing
 from orchestrator.errors import BusinessError
 from orchestrator.local_db import open_local_db
 from orchestrator.service import CommandInfo, Service, ServiceError
 from orchestrator.settings import Settings
-from orchestrator.topics import ensure_service_topic, ensure_topics
+from orchestrator.topics import TopicAdminError, ensure_service_topic, ensure_topics
+from services_example.contracts import service_name
 
 O = TypeVar("O", bound=BaseModel)  # noqa: E741
 
@@ -171,6 +171,27 @@ def parse_mapping(text: str, what: str) -> dict[str, int]:
     return out
 
 
+def _ensure_topics(settings: Settings, command_topics: list[str]) -> None:
+    """Create the topics the service needs if missing (convenient for the demo). A principal
+    that may not create or describe them (a cluster with ACLs, where an administrator creates
+    topics) goes on without: producing and consuming will tell if they are missing."""
+    replicas: dict[str, Any] = {
+        "replication_factor": settings.replication_factor,
+        "min_insync_replicas": settings.min_insync_replicas,
+        "client_config": settings.client_extra(),
+    }
+    try:
+        ensure_topics(
+            settings.bootstrap_servers, settings.namespace, settings.partitions, **replicas
+        )
+        for topic in command_topics:
+            ensure_service_topic(settings.bootstrap_servers, topic, 3, **replicas)
+    except TopicAdminError as exc:
+        if not exc.not_authorized:
+            raise
+        log.warning("not allowed to check the topics, going on without: %s", exc)
+
+
 def run_service(
     base: str,
     initial: State,
@@ -196,9 +217,7 @@ def run_service(
         service_name(base), settings, state_dir=Path(settings.state_dir), tracer_provider=provider
     )
     register(service, store)
-    ensure_topics(settings.bootstrap_servers, settings.namespace, settings.partitions)
-    for topic in service.topics:
-        ensure_service_topic(settings.bootstrap_servers, topic, 3)
+    _ensure_topics(settings, service.topics)
     log.info("%s: state %s", base, json.dumps(store.state, sort_keys=True))
     try:
         service.run()

@@ -13,7 +13,9 @@ import uuid
 
 import click
 
-from contracts.orders import (
+from orchestrator.errors import BusinessError
+from orchestrator.service import CommandInfo, Service
+from services_example.contracts import (
     ADDRESS_NOT_DELIVERABLE,
     CancelShipment,
     ScheduleShipment,
@@ -22,8 +24,6 @@ from contracts.orders import (
     cancel_shipment,
     schedule_shipment,
 )
-from orchestrator.errors import BusinessError
-from orchestrator.service import CommandInfo, Service
 from services_example.runtime import ServiceStore, State, run_service
 
 DEFAULT_UNDELIVERABLE = "north pole,atlantis"

@@ -27,19 +27,27 @@ from contracts.envelopes import (
     ActivityCommand,
     ActivityCompleted,
     ActivityFailed,
+    ActivityHeartbeat,
     ActivityReply,
     ActivityScheduled,
+    CancelRequested,
     CancelWorkflow,
+    ChildWorkflowEnded,
+    ChildWorkflowStarted,
     ErrorInfo,
     HistoryEvent,
+    IdReusePolicy,
     OperatorActed,
     OperatorAction,
+    ParentRef,
+    Payload,
     ReplyOutcome,
     SignalWorkflow,
     StartWorkflow,
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowResult,
+    WorkflowStartSent,
     WorkflowStatus,
 )
 from contracts.limits import MAX_INBOX_RECORD_BYTES
@@ -54,7 +62,7 @@ from orchestrator.workflow import WorkflowRegistry
 
 from .partition import Cached, Partition
 from .restore import RestoreReport
-from .state import OperatorActionKind, OperatorRefused, UnknownActivity
+from .state import OperatorActionKind, OperatorRefused, UnknownActivity, note_heartbeat
 from .store import StoreBatch
 
 log = logging.getLogger(__name__)
@@ -260,6 +268,10 @@ class Decider:
                 self._on_existing(part, envelope, batch, msg, now)
             elif isinstance(envelope, OperatorAction):
                 self._on_operator(part, envelope, batch, msg, now)
+            elif isinstance(envelope, ChildWorkflowEnded):
+                self._on_child_ended(part, envelope, batch, msg, now)
+            elif isinstance(envelope, ActivityHeartbeat):
+                self._on_heartbeat(part, envelope, now)
             else:
                 self._dead_letter(
                     batch,
@@ -276,14 +288,29 @@ class Decider:
     ) -> None:
         wf = msg_env.workflow_id
         existing = self._live(part, wf, batch, now)
+        policy = msg_env.id_reuse
         if existing is not None:
             state = existing.run.state
-            if state.workflow_type == msg_env.workflow_type and state.input == msg_env.input:
+            same_call = (
+                state.workflow_type == msg_env.workflow_type and state.input == msg_env.input
+            )
+            same = same_call and (msg_env.parent is None or state.parent == msg_env.parent)
+            if same and policy is IdReusePolicy.REJECT_DUPLICATE:
                 return  # the same start again: the workflow that runs is the answer
-            return self._reject(
-                batch, msg, msg_env, Rejection.WORKFLOW_ID_CONFLICT,
-                f"workflow {wf} exists as {state.workflow_type} with other input",
-            )  # fmt: skip
+            if policy is IdReusePolicy.REJECT_DUPLICATE or (
+                policy is IdReusePolicy.ALLOW_DUPLICATE and not state.finished
+            ):
+                if same:
+                    return  # a duplicate of the running workflow: it is the answer
+                what = "with other input"
+                if same_call:
+                    owner = state.parent.workflow_id if state.parent else "a client"
+                    what = f"started by {owner}"
+                return self._reject(
+                    batch, msg, msg_env, Rejection.WORKFLOW_ID_CONFLICT,
+                    f"workflow {wf} exists as {state.workflow_type} {what}"
+                    + (" and is still running" if not state.finished else ""),
+                )  # fmt: skip
         definition = self.registry.get(msg_env.workflow_type)
         if definition is None:
             return self._reject(
@@ -295,6 +322,23 @@ class Decider:
             from_payload(msg_env.input, definition.input_type)
         except PayloadError as exc:
             return self._reject(batch, msg, msg_env, Rejection.INVALID_INPUT, str(exc))
+        if existing is not None:
+            # id reuse: ALLOW_DUPLICATE after the old run closed, or TERMINATE_IF_RUNNING. The
+            # new run's events follow the old run's under the same id; the old run's are
+            # tombstoned (its result stays on the results topic).
+            cached = existing
+            if not cached.run.finished:
+                reason = f"terminated by start {msg_env.request_id} (id reuse TERMINATE_IF_RUNNING)"
+                terminated = cached.run.terminate(reason, msg_env.request_id, now)
+                self._record(part, cached, terminated, batch, now)
+            trace = msg_env.trace
+            if self.tracer is not None:
+                trace = self.tracer.root(msg_env.workflow_type, wf, trace, now)
+            self.counters.started += 1
+            if self.metrics is not None:
+                self.metrics.workflows_started.inc()
+            self._record(part, cached, cached.run.start(msg_env, now, trace), batch, now)
+            return
         cached = part.new(wf)
         trace = msg_env.trace
         if self.tracer is not None:
@@ -309,7 +353,8 @@ class Decider:
         self, part: Partition, msg: InboxRecord, value: bytes, batch: Batch, now: int
     ) -> None:
         """A record over the inbox limit is parked; whoever waits on it hears of it: a start
-        gets its FAILED result, an activity reply fails its attempt (the saga moves on)."""
+        gets its FAILED result, an activity reply fails its attempt (the saga moves on), a
+        child's end fails the parent's await."""
         reason = f"record of {len(value)} bytes exceeds {MAX_RECORD_BYTES}"
         try:
             envelope = codec.decode(value)
@@ -335,6 +380,26 @@ class Decider:
             if cached is not None:
                 with contextlib.suppress(UnknownActivity):
                     self._record(part, cached, cached.run.on_reply(failure, now), batch, now)
+        if isinstance(envelope, ChildWorkflowEnded):
+            # A child's result too large for the inbox: the parent's await fails instead of
+            # waiting for ever (the child itself ended as it did; describe shows it).
+            if partition_for(envelope.workflow_id, self.settings.partitions) != part.number:
+                return
+            ended = envelope.model_copy(
+                update={
+                    "status": WorkflowStatus.FAILED,
+                    "result": None,
+                    "error": ErrorInfo(
+                        type="PayloadTooLarge",
+                        message=f"the end of child {envelope.child_workflow_id} was {reason}: "
+                        "return less from it, e.g. a reference",
+                    ),
+                }
+            )
+            cached = self._live(part, ended.workflow_id, batch, now)
+            if cached is not None:
+                with contextlib.suppress(UnknownActivity):
+                    self._record(part, cached, cached.run.on_child_ended(ended, now), batch, now)
 
     def _reject(
         self, batch: Batch, msg: InboxRecord, start: StartWorkflow, error_type: str, reason: str
@@ -350,6 +415,109 @@ class Decider:
         batch.outputs.append(
             Out(self.settings.results, start.workflow_id.encode(), codec.encode(result))
         )
+        if start.parent is not None:  # the parent waits for this child: it hears of the refusal
+            self._report_to_parent(
+                start.parent, start.workflow_id, WorkflowStatus.FAILED, None,
+                ErrorInfo(type=error_type, message=reason), batch,
+            )  # fmt: skip
+
+    def _on_child_ended(
+        self, part: Partition, ended: ChildWorkflowEnded, batch: Batch, msg: InboxRecord, now: int
+    ) -> None:
+        cached = self._live(part, ended.workflow_id, batch, now)
+        if cached is None:
+            return self._dead_letter(
+                batch, msg, f"child end for unknown workflow {ended.workflow_id}", "UnknownWorkflow"
+            )
+        try:
+            events = cached.run.on_child_ended(ended, now)
+        except UnknownActivity as exc:
+            return self._dead_letter(batch, msg, str(exc), "UnknownChild")
+        self._record(part, cached, events, batch, now)
+
+    def _report_to_parent(
+        self,
+        parent: ParentRef,
+        child_id: str,
+        status: WorkflowStatus,
+        result: Payload | None,
+        error: ErrorInfo | None,
+        batch: Batch,
+    ) -> None:
+        """A child's end goes to its parent's inbox (keyed by the parent's id) in the transaction
+        that records it: the parent hears it exactly once."""
+        ended = ChildWorkflowEnded(
+            workflow_id=parent.workflow_id,
+            seq=parent.seq,
+            child_workflow_id=child_id,
+            status=status,
+            sent_at_ms=now_ms(),
+            result=result,
+            error=error,
+        )
+        batch.outputs.append(
+            Out(self.settings.inbox, parent.workflow_id.encode(), codec.encode(ended))
+        )
+
+    def _start_child(self, cached: Cached, body: ChildWorkflowStarted, batch: Batch) -> None:
+        state = cached.run.state
+        start = StartWorkflow(
+            workflow_id=body.child_workflow_id,
+            workflow_type=body.workflow_type,
+            request_id=f"{state.workflow_id}/{body.seq}",
+            input=body.input,
+            sent_at_ms=now_ms(),
+            trace=state.trace,
+            parent=ParentRef(workflow_id=state.workflow_id, seq=body.seq),
+        )
+        batch.outputs.append(
+            Out(self.settings.inbox, body.child_workflow_id.encode(), codec.encode(start))
+        )
+
+    def _cancel_children(self, cached: Cached, batch: Batch, *, closing: bool) -> None:
+        """A cancel of this workflow passes down to its running children (but ABANDON ones): they
+        compensate. When it ends (``closing``) without having been cancelled, each child that
+        still runs is cancelled (REQUEST_CANCEL), terminated (TERMINATE) or left alone
+        (ABANDON); a cancelled one's children were cancelled already, and terminating them then
+        would cut their compensations short."""
+        state = cached.run.state
+        for child in state.running_children():
+            policy = child.parent_close_policy
+            if policy == "ABANDON" or (closing and state.cancel_requested):
+                continue
+            request_id = f"{state.workflow_id}/{child.seq}/{'close' if closing else 'cancel'}"
+            envelope: CancelWorkflow | OperatorAction
+            if closing and policy == "TERMINATE":
+                # The operators' terminate (status TERMINATED, nothing compensated), with the
+                # parent as the operator so that the child's history says who ended it.
+                envelope = OperatorAction(
+                    workflow_id=child.workflow_id,
+                    request_id=request_id,
+                    action=OperatorActionKind.TERMINATE.value,
+                    reason=f"parent {state.workflow_id} ended (parent-close policy TERMINATE)",
+                    operator=f"parent {state.workflow_id}",
+                    sent_at_ms=now_ms(),
+                )
+            else:
+                ended = f"ended {state.status.value}" if closing and state.status else ""
+                envelope = CancelWorkflow(
+                    workflow_id=child.workflow_id,
+                    request_id=request_id,
+                    reason=f"parent {state.workflow_id} {ended or 'was cancelled'}",
+                    sent_at_ms=now_ms(),
+                )
+            batch.outputs.append(
+                Out(self.settings.inbox, child.workflow_id.encode(), codec.encode(envelope))
+            )
+
+    def _on_heartbeat(self, part: Partition, beat: ActivityHeartbeat, now: int) -> None:
+        """A heartbeat records nothing: it moves the attempt's heartbeat deadline and keeps its
+        details in memory (docs/services.md "Heartbeats"). One for an attempt that ended, or
+        a workflow that is gone, is dropped quietly: heartbeats are sent without a transaction
+        and may well come late."""
+        cached = part.get(beat.workflow_id)
+        if cached is None or not note_heartbeat(cached.run.state, beat, now):
+            log.debug("heartbeat of %s attempt %d ignored", beat.idempotency_key, beat.attempt)
 
     def _on_reply(
         self, part: Partition, reply: ActivityReply, batch: Batch, msg: InboxRecord, now: int
@@ -442,6 +610,11 @@ class Decider:
                     log.error("timer of %s not fired: %s", wf, exc)
                     part.forget(wf)
                     continue
+                if not events:
+                    # Nothing was due after all (heartbeats moved a deadline, which records
+                    # nothing): summarising it again schedules its next due time.
+                    batch.touched[(part.number, wf)] = cached
+                    batch.store(part.number)  # so the batch is committed, summaries and all
                 self._record(part, cached, events, batch, now)
 
     def repair_history(self, partitions: Mapping[int, Partition], batch: Batch) -> None:
@@ -474,7 +647,8 @@ class Decider:
                 if summary.finished_at_ms is None or summary.finished_at_ms > cutoff:
                     continue
                 wf = summary.workflow_id
-                for seq in range(1, summary.last_seq + 1):
+                # Earlier runs' events were tombstoned when the next run began.
+                for seq in range(summary.run_start_seq, summary.last_seq + 1):
                     batch.outputs.append(
                         Out(self.settings.history, f"{wf}/{seq}".encode(), None, part.number)
                     )
@@ -509,6 +683,19 @@ class Decider:
                 isinstance(body, OperatorActed) and body.action == OperatorActionKind.TERMINATE
             ):
                 self._send_result(cached, batch)
+                self._cancel_children(cached, batch, closing=True)
+                parent = run.state.parent
+                if parent is not None:
+                    self._report_to_parent(
+                        parent, run.state.workflow_id, run.state.status or WorkflowStatus.FAILED,
+                        run.state.result, run.state.error, batch,
+                    )  # fmt: skip
+            elif isinstance(body, ChildWorkflowStarted):
+                self._start_child(cached, body, batch)
+            elif isinstance(body, CancelRequested):
+                self._cancel_children(cached, batch, closing=False)
+            elif isinstance(body, WorkflowStartSent):
+                self._send_start(event, body, batch)
             elif self.metrics is not None and isinstance(
                 body, ActivityCompleted | ActivityFailed | ActivityAttemptFailed
             ):
@@ -516,6 +703,16 @@ class Decider:
                 if act is not None and act.attempt == body.attempt:
                     seconds = (event.recorded_at_ms - act.attempt_started_ms) / 1000
                     self.metrics.step(act.name, body.kind, seconds)
+        while run.ended_runs:
+            # A new run follows a closed one: the old run's events go (tombstones), so a
+            # long-lived loop of continue-as-new keeps a bounded history. After the events:
+            # the old run's last ones are in this batch, and the later record wins.
+            first, next_start = run.ended_runs.pop(0)
+            wf = run.state.workflow_id
+            for seq in range(first, next_start):
+                key = f"{wf}/{seq}".encode()
+                batch.outputs.append(Out(self.settings.history, key, None, part.number))
+            store.truncate(wf, next_start)
         batch.touched[(part.number, run.state.workflow_id)] = cached
         if run.broken is not None and run.state.blocked is None and not run.finished:
             # The code broke on what was just recorded (a bug in it): nothing it asked for in
@@ -528,7 +725,9 @@ class Decider:
         self, part: Partition, cached: Cached, seq: int, batch: Batch, now: int
     ) -> None:
         run = cached.run
-        act = run.state.activities[seq]
+        act = run.state.activities.get(seq)
+        if act is None:
+            return  # a step of a run that ended in this same step (continue-as-new): not sent
         if not self._topic_exists(act.topic):
             # Producing to a missing topic would fail the transaction again and again: the
             # attempt fails instead, and the retry policy decides what happens next.
@@ -558,6 +757,8 @@ class Decider:
             sent_at_ms=now,
             deadline_ms=deadline,
             trace=run.state.trace,
+            heartbeat_timeout_ms=act.heartbeat_timeout_ms,
+            heartbeat_details=act.heartbeat_details,
         )
         if self.tracer is not None:  # the command's own span: the service's span is its child
             command = command.model_copy(update={"trace": self.tracer.command(command, act.topic)})
@@ -584,6 +785,21 @@ class Decider:
         )
         batch.outputs.append(
             Out(self.settings.results, state.workflow_id.encode(), codec.encode(result))
+        )
+
+    def _send_start(self, event: HistoryEvent, body: WorkflowStartSent, batch: Batch) -> None:
+        """A start the workflow asked for, to the inbox in this transaction: the event and the
+        start are written together or not at all, so a schedule's tick starts once."""
+        start = StartWorkflow(
+            workflow_id=body.target_id,
+            workflow_type=body.workflow_type,
+            request_id=body.request_id,
+            input=body.input,
+            sent_at_ms=event.recorded_at_ms,
+        )
+        home = partition_for(body.target_id, self.settings.partitions)
+        batch.outputs.append(
+            Out(self.settings.inbox, body.target_id.encode(), codec.encode(start), home)
         )
 
     def _forward(self, batch: Batch, msg: InboxRecord, value: bytes, wf: str, home: int) -> None:

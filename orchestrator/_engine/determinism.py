@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import functools
 import gc
 import io
@@ -42,7 +43,7 @@ import sysconfig
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Iterator
 from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
@@ -327,3 +328,14 @@ def guard(
     if cls.__module__ not in _protected:
         _protect(cls)
     return GuardedCoroutine(coro, on_violation)
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """No guard for code the engine runs on purpose inside an activation: a local activity
+    (``ctx.run_local``) is a side effect whose result is recorded, not replayed."""
+    token = _ACTIVE.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)

@@ -10,6 +10,7 @@ history, and must match what the code asks for now: a mismatch is a NonDetermini
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import inspect
 import random
@@ -22,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, NoReturn, TypeVar, cast, get_type_hints
 
 from pydantic import BaseModel
 
@@ -36,10 +37,15 @@ from contracts.envelopes import (
     ActivityReply,
     ActivityScheduled,
     CancelRequested,
+    ChildWorkflowCompleted,
+    ChildWorkflowEnded,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
     ErrorInfo,
     EventBody,
     HistoryEvent,
     LateReplyIgnored,
+    LocalActivityRecorded,
     MarkerRecorded,
     OperatorActed,
     OperatorAction,
@@ -52,34 +58,49 @@ from contracts.envelopes import (
     TraceContext,
     WorkflowBlocked,
     WorkflowCompleted,
+    WorkflowContinuedAsNew,
     WorkflowFailed,
     WorkflowStarted,
+    WorkflowStartSent,
     WorkflowStatus,
+    WorkflowTimedOut,
 )
+from contracts.limits import MAX_INBOX_RECORD_BYTES
 from orchestrator.errors import (
     ActivityError,
     AsyncioInWorkflow,
     BusinessError,
+    ChildWorkflowError,
     CompensationFailed,
+    ContinueAsNew,
     DeterminismViolation,
     NonDeterminismError,
+    QueryFailed,
+    UnknownQuery,
     WorkflowCancelled,
     WorkflowFailure,
 )
-from orchestrator.payloads import PayloadError, from_payload, to_payload
+from orchestrator.errors import WorkflowTimedOut as TimedOutError
+from orchestrator.payloads import NULL, PayloadError, from_payload, to_payload
 from orchestrator.workflow import (
     DEFAULT_COMPENSATION_RETRY,
     NODE_DEFAULT,
     AttemptTimeout,
+    ChildHandle,
     Compensation,
+    LocalIn,
+    LocalOut,
+    ParentClosePolicy,
     Saga,
     WorkflowContext,
     WorkflowRegistry,
+    definition_of,
 )
 
 from . import determinism
 from .state import (
     OperatorActionKind,
+    UnknownActivity,
     WorkflowState,
     decide_operator,
     decide_reply,
@@ -90,7 +111,19 @@ T = TypeVar("T")
 InT = TypeVar("InT", bound=BaseModel)
 OutT = TypeVar("OutT", bound=BaseModel)
 
-_CODE_EVENTS = (ActivityScheduled, TimerStarted, WorkflowCompleted, WorkflowFailed, MarkerRecorded)
+_CODE_EVENTS = (
+    ActivityScheduled,
+    TimerStarted,
+    WorkflowCompleted,
+    WorkflowFailed,
+    MarkerRecorded,
+    WorkflowContinuedAsNew,
+    WorkflowStartSent,
+    ChildWorkflowStarted,
+    LocalActivityRecorded,
+)
+#: A child's input, with room left under the inbox limit for the rest of its StartWorkflow.
+MAX_CHILD_INPUT_BYTES = MAX_INBOX_RECORD_BYTES - 4096
 _BOOKKEEPING = (
     ActivityAttemptStarted,
     ActivityAttemptFailed,
@@ -168,7 +201,7 @@ class _Task(_Future[Any]):
         self.blocked: _Future[Any] | None = None
         self.throw: BaseException | None = None
         # A cancel that waits until this task's branches have ended, then is thrown here.
-        self.cancel: WorkflowCancelled | None = None
+        self.cancel: Exception | None = None  # WorkflowCancelled, or WorkflowTimedOut
         # The saga blocks open around this coroutine, innermost last; a branch starts inside
         # its parent's, so that compensate= in a branch registers with the gather's saga.
         self.sagas = sagas
@@ -199,6 +232,27 @@ class _ActivityCall:
     output_type: Any
     name: str
     undo: _StepUndo | None = None
+
+
+@dataclass
+class _ChildCall:
+    future: _Future[Any]
+    output_type: Any
+    workflow_id: str
+    undo: _StepUndo | None = None  # compensate= given: the saga undoes the child like a step
+
+
+class _ChildHandle(ChildHandle[Any]):
+    def __init__(self, workflow_id: str, future: _Future[Any]) -> None:
+        self._workflow_id = workflow_id
+        self._future = future
+
+    @property
+    def workflow_id(self) -> str:
+        return self._workflow_id
+
+    def result(self) -> Awaitable[Any]:
+        return self._future
 
 
 @dataclass(eq=False)
@@ -251,6 +305,7 @@ _DELIBERATE = (
     TypeError,
     DeterminismViolation,
     PayloadError,
+    ContinueAsNew,
 )
 
 
@@ -376,6 +431,7 @@ class _Context(WorkflowContext):
         timeout: AttemptTimeout = NODE_DEFAULT,
         overall_timeout: timedelta | None = None,
         compensate: Compensation | Callable[[OutT], Compensation] | None = None,
+        heartbeat_timeout: timedelta | None = None,
     ) -> Awaitable[OutT]:
         saga: _SagaImpl | None = None
         if compensate is not None:
@@ -389,6 +445,7 @@ class _Context(WorkflowContext):
         return self._schedule(
             activity, arg, retry or _DEFAULT_RETRY, timeout, overall_timeout,
             undo=(saga, compensate) if saga is not None and compensate is not None else None,
+            heartbeat_timeout=heartbeat_timeout,
         )  # fmt: skip
 
     def _schedule(
@@ -401,6 +458,7 @@ class _Context(WorkflowContext):
         *,
         compensation: bool = False,
         undo: tuple[_SagaImpl, Compensation | Callable[[OutT], Compensation]] | None = None,
+        heartbeat_timeout: timedelta | None = None,
     ) -> _Future[OutT]:
         if not isinstance(arg, activity.input):
             raise TypeError(
@@ -429,6 +487,7 @@ class _Context(WorkflowContext):
                 retry=retry,
                 attempt_timeout_ms=_ms(timeout),
                 overall_timeout_ms=_ms(overall_timeout),
+                heartbeat_timeout_ms=_ms(heartbeat_timeout),
             )
         )
         return future
@@ -474,6 +533,99 @@ class _Context(WorkflowContext):
     def saga(self) -> Saga:
         return _SagaImpl(self)
 
+    def start_child(
+        self,
+        workflow: type | str,
+        arg: Any,
+        *,
+        id: str | None = None,
+        parent_close_policy: ParentClosePolicy = ParentClosePolicy.REQUEST_CANCEL,
+        result_type: Any = None,
+        compensate: Compensation | Callable[[Any], Compensation] | None = None,
+    ) -> Awaitable[ChildHandle[Any]]:
+        if isinstance(workflow, str):
+            type_name, output_type = workflow, Any
+        else:
+            definition = definition_of(workflow)
+            type_name, output_type = definition.name, definition.output_type
+            expected = definition.input_type
+            if (
+                isinstance(expected, type)
+                and issubclass(expected, BaseModel)
+                and not isinstance(arg, expected)
+            ):
+                raise TypeError(
+                    f"child workflow {type_name} takes {expected.__name__}, "
+                    f"got {type(arg).__name__}"
+                )
+        if result_type is not None:
+            output_type = result_type
+        if not isinstance(parent_close_policy, ParentClosePolicy):
+            raise TypeError(
+                f"parent_close_policy must be a ParentClosePolicy, not {parent_close_policy!r}"
+            )
+        run = self._run
+        saga: _SagaImpl | None = None
+        if compensate is not None:
+            sagas = run._task().sagas
+            if not sagas:
+                raise TypeError(
+                    f"ctx.start_child({type_name}, compensate=...) outside `async with "
+                    "ctx.saga()`: no saga would run the compensation"
+                )
+            saga = sagas[-1]
+        seq = run._next_command_seq()
+        child_id = f"{run.state.workflow_id}-child-{seq}" if id is None else id
+        if not child_id or len(child_id) > 256 or "\0" in child_id:
+            raise WorkflowFailure(
+                f"invalid child workflow id {child_id[:80]!r}", error_type="InvalidChildId"
+            )
+        if child_id == run.state.workflow_id:
+            raise WorkflowFailure(
+                f"a workflow cannot be its own child ({child_id!r})", error_type="InvalidChildId"
+            )
+        payload = to_payload(arg)
+        if len(payload.data) > MAX_CHILD_INPUT_BYTES:
+            # Its StartWorkflow would be refused by the child's node (or by the producer).
+            raise WorkflowFailure(
+                f"the input of child {child_id!r} is {len(payload.data)} bytes, over the "
+                f"{MAX_CHILD_INPUT_BYTES} a start may carry: pass a reference to the data",
+                error_type="PayloadTooLarge",
+            )
+        future: _Future[Any] = _Future()
+        call = run._children[seq] = _ChildCall(future, output_type, child_id)
+        if saga is not None and compensate is not None:
+            call.undo = _StepUndo(saga, future, compensate, f"child {child_id}", seq)
+            saga._inflight.append(call.undo)
+        run._command(
+            ChildWorkflowStarted(
+                seq=seq,
+                child_workflow_id=child_id,
+                workflow_type=type_name,
+                input=payload,
+                parent_close_policy=parent_close_policy.value,
+            )
+        )
+        started: _Future[ChildHandle[Any]] = _Future()
+        started.resolve(_ChildHandle(child_id, future))
+        return started
+
+    async def execute_child(
+        self,
+        workflow: type | str,
+        arg: Any,
+        *,
+        id: str | None = None,
+        parent_close_policy: ParentClosePolicy = ParentClosePolicy.REQUEST_CANCEL,
+        result_type: Any = None,
+        compensate: Compensation | Callable[[Any], Compensation] | None = None,
+    ) -> Any:
+        handle = await self.start_child(
+            workflow, arg, id=id, parent_close_policy=parent_close_policy,
+            result_type=result_type, compensate=compensate,
+        )  # fmt: skip
+        return await handle.result()
+
     def now(self) -> datetime:
         return datetime.fromtimestamp(self._run._now_ms / 1000, tz=UTC)
 
@@ -488,8 +640,48 @@ class _Context(WorkflowContext):
     def patched(self, change_id: str) -> bool:
         return self._run._patch(change_id, deprecated=False)
 
+    def run_local(
+        self, fn: Callable[[LocalIn], LocalOut], arg: LocalIn, *, name: str | None = None
+    ) -> Awaitable[LocalOut]:
+        return self._run._local(fn, arg, name or str(getattr(fn, "__qualname__", repr(fn))))
+
     def deprecate_patch(self, change_id: str) -> None:
         self._run._patch(change_id, deprecated=True)
+
+    def continue_as_new(self, input: Any) -> NoReturn:
+        run = self._run
+        if run.state.last_seq == run.state.run_start_seq:
+            # Nothing was awaited since the run began: the next run would do the same at once,
+            # without end, inside one step of the node.
+            raise TypeError(
+                "ctx.continue_as_new in a run that has awaited nothing yet: it would start runs "
+                "without end; await something first (a call, a timer, a signal)"
+            )
+        raise ContinueAsNew(to_payload(input))
+
+    def _start_workflow(
+        self, workflow_type: str, workflow_id: str, arg: Any, request_id: str
+    ) -> None:
+        """Start another workflow, without waiting for it (a schedule's tick). The start goes
+        to the inbox in the same transaction as the event that records it; the target's id and
+        ``request_id`` should be deterministic, so a repeated start is the same start."""
+        run = self._run
+        run._command(
+            WorkflowStartSent(
+                target_id=workflow_id,
+                workflow_type=workflow_type,
+                input=to_payload(arg),
+                request_id=request_id,
+            )
+        )
+
+
+def _return_type(fn: Callable[..., Any]) -> Any:
+    """What ``fn`` says it returns (to read its recorded result back as), else Any."""
+    try:
+        return get_type_hints(fn).get("return", Any)
+    except Exception:  # unresolvable annotations: the JSON value as it is
+        return Any
 
 
 def _ms(value: timedelta | None) -> int | None:
@@ -514,6 +706,18 @@ class WorkflowRun:
     def __init__(self, workflow_id: str, registry: WorkflowRegistry) -> None:
         self.state = WorkflowState(workflow_id)
         self._registry = registry
+        # Set when this code disagrees with the history (replay): the run then only folds.
+        self.broken: Exception | None = None
+        # Versioning (ctx.patched): the history being replayed, by seq, so the code can tell
+        # whether a marker was recorded at the point it has reached; None once live.
+        self._replaying: dict[int, EventBody] | None = None
+        # Runs that ended and were followed by another, as (first seq, next run's first seq):
+        # their events are tombstoned (Decider._record takes them).
+        self.ended_runs: list[tuple[int, int]] = []
+        self._reset_run()
+
+    def _reset_run(self) -> None:
+        """What belongs to one run of the workflow's code (a new run starts from scratch)."""
         self._tasks: list[_Task] = []  # live coroutines, in order of creation
         self._main: _Task | None = None
         self._current: _Task | None = None  # the task whose code runs now
@@ -524,15 +728,12 @@ class WorkflowRun:
         self._timers: dict[int, _Future[None]] = {}
         self._signals: dict[str, deque[Payload]] = {}
         self._signal_waiters: dict[str, deque[tuple[_Future[Any], Any]]] = {}
+        self._children: dict[int, _ChildCall] = {}
+        self._instance: Any = None  # the workflow object: queries read its attributes
         self._command_seq = 0
         self._now_ms = 0
         self._compensated = 0
         self._rng: random.Random | None = None  # retry jitter; see _jitter
-        # Set when this code disagrees with the history (replay): the run then only folds.
-        self.broken: Exception | None = None
-        # Versioning (ctx.patched): the history being replayed, by seq, so the code can tell
-        # whether a marker was recorded at the point it has reached; None once live.
-        self._replaying: dict[int, EventBody] | None = None
         self._patches: dict[str, bool] = {}
 
     # ----------------------------------------------------------------- building
@@ -619,21 +820,41 @@ class WorkflowRun:
     def start(
         self, msg: StartWorkflow, now_ms: int, trace: TraceContext | None
     ) -> list[HistoryEvent]:
-        if self.state.status is not None:
-            raise RuntimeError(f"workflow {self.state.workflow_id} exists already")
+        """The first run of this workflow id, or (id reuse) a new run after a closed one."""
+        if self.state.status is not None and not self.state.finished:
+            raise RuntimeError(f"workflow {self.state.workflow_id} is running already")
         if self._registry.get(msg.workflow_type) is None:
             raise LookupError(
                 f"unknown workflow type {msg.workflow_type!r}; this node runs: "
                 + ", ".join(self._registry.names())
             )
+        request = msg.request_id
+        if self.state.status is not None:
+            request = f"{request}@{self.state.last_seq + 1}"  # another seed for another run
         started = WorkflowStarted(
             workflow_type=msg.workflow_type,
             request_id=msg.request_id,
             input=msg.input,
-            random_seed=seed_for(msg.workflow_id, msg.request_id),
+            random_seed=seed_for(msg.workflow_id, request),
             trace=trace or msg.trace,
+            parent=msg.parent,
+            execution_timeout_ms=msg.execution_timeout_ms,
         )
         return self._record([started], now_ms)
+
+    def terminate(self, reason: str, request_id: str, now_ms: int) -> list[HistoryEvent]:
+        """End the running run at once, without compensations, as an operator's terminate does
+        (a start with ``id_reuse=TERMINATE_IF_RUNNING``, whose request id it records): it ends
+        TERMINATED; replies to its steps become late replies."""
+        if self.state.finished or self.state.status is None:
+            return []
+        body = OperatorActed(
+            action=OperatorActionKind.TERMINATE,
+            request_id=request_id,
+            reason=reason,
+            operator="id-reuse",
+        )
+        return self._record([body], now_ms)
 
     def on_reply(self, reply: ActivityReply, now_ms: int) -> list[HistoryEvent]:
         return self._record(decide_reply(self.state, reply, now_ms, self._jitter), now_ms)
@@ -645,6 +866,67 @@ class WorkflowRun:
             return []  # the same signal delivered twice
         body = SignalReceived(signal_name=name, payload=payload, request_id=request_id)
         return self._record([body], now_ms)
+
+    def on_child_ended(self, msg: ChildWorkflowEnded, now_ms: int) -> list[HistoryEvent]:
+        """A child's end, reported by its node. Raises UnknownActivity for a child this workflow
+        never started; after this workflow's end (or a repeat) it changes nothing."""
+        child = self.state.children.get(msg.seq)
+        if child is None or child.workflow_id != msg.child_workflow_id:
+            raise UnknownActivity(
+                f"workflow {self.state.workflow_id} has no child #{msg.seq} "
+                f"named {msg.child_workflow_id!r}"
+            )
+        if self.state.finished or child.done:
+            return []
+        body: EventBody
+        if msg.status is WorkflowStatus.COMPLETED:
+            body = ChildWorkflowCompleted(seq=msg.seq, result=msg.result or Payload(encoding=NULL))
+        else:
+            error = msg.error or ErrorInfo(type="UnknownError", message="the child gave no reason")
+            body = ChildWorkflowFailed(seq=msg.seq, status=msg.status, error=error)
+        return self._record([body], now_ms)
+
+    def query(self, name: str, arg: Payload | None) -> Payload:
+        """Answer query ``name`` from the workflow's state: the query method runs on a copy of
+        the workflow object's attributes, so nothing it does reaches the run. Raises
+        UnknownQuery, or QueryFailed (the method raised, the argument does not fit, blocked)."""
+        wf = self.state.workflow_id
+        definition = self._registry.get(self.state.workflow_type)
+        if definition is None:
+            raise QueryFailed(
+                f"workflow {wf} is of type {self.state.workflow_type!r}, which this node does "
+                "not run",
+                error_type="UnknownWorkflowType",
+            )
+        found = definition.queries.get(name)
+        if found is None:
+            known = ", ".join(sorted(definition.queries)) or "none"
+            raise UnknownQuery(
+                f"workflow type {definition.name!r} has no query {name!r} (its queries: {known})"
+            )
+        if self.broken is not None or self._instance is None:
+            raise QueryFailed(
+                f"workflow {wf} is BLOCKED (its code cannot go on with its history): {self.broken}",
+                error_type="WorkflowBlocked",
+            )
+        method_name, arg_type = found
+        args: list[Any] = []
+        if arg_type is not None:
+            try:
+                args.append(from_payload(arg or Payload(encoding=NULL), arg_type))
+            except PayloadError as exc:
+                raise QueryFailed(f"query {name}: {exc}", error_type="InvalidArgument") from exc
+        elif arg is not None and arg.encoding != NULL:
+            raise QueryFailed(f"query {name} takes no argument", error_type="InvalidArgument")
+        shadow = _shadow(self._instance)
+        try:
+            value = getattr(shadow, method_name)(*args)
+        except Exception as exc:
+            raise QueryFailed(f"query {name} raised {type(exc).__name__}: {exc}") from exc
+        try:
+            return to_payload(value)
+        except PayloadError as exc:
+            raise QueryFailed(f"query {name}: {exc}") from exc
 
     def on_cancel(self, reason: str, request_id: str, now_ms: int) -> list[HistoryEvent]:
         if self.state.cancel_requested or self.state.finished:
@@ -700,7 +982,7 @@ class WorkflowRun:
             event = HistoryEvent(
                 workflow_id=wf, event_seq=self.state.last_seq + 1, recorded_at_ms=now_ms, event=body
             )
-            if self.broken is not None:
+            if self.broken is not None and not self.state.begins_run(event):
                 self.state.apply(event)
                 out.append(event)
                 continue
@@ -715,7 +997,30 @@ class WorkflowRun:
                 )
                 self._apply(command)
                 out.append(command)
+            if self.state.continued_as_new is not None:
+                out.extend(self._record([self._next_run()], now_ms))
         return out
+
+    def _next_run(self) -> WorkflowStarted:
+        """The WorkflowStarted of the run that a continue-as-new asked for: the same type,
+        request id (the first start's caller waits for the last run's result) and trace, the
+        new input, and what is left of the execution timeout."""
+        state = self.state
+        assert state.continued_as_new is not None
+        seq = state.last_seq + 1
+        timeout = state.execution_timeout_ms
+        deadline = state.execution_deadline_ms
+        if deadline is not None:
+            timeout = max(0, deadline - self._now_ms)
+        return WorkflowStarted(
+            workflow_type=state.workflow_type,
+            request_id=state.request_id,
+            input=state.continued_as_new,
+            random_seed=seed_for(state.workflow_id, f"{state.request_id}@{seq}"),
+            trace=state.trace,
+            parent=state.parent,  # a child that continues as new still reports to its parent
+            execution_timeout_ms=timeout,
+        )
 
     # ----------------------------------------------------------------- the fold + the code
 
@@ -723,6 +1028,12 @@ class WorkflowRun:
         if event.event_seq <= self.state.last_seq:
             return
         body = event.event
+        if self.state.begins_run(event) and self.state.status is not None:
+            # A new run of this workflow id: its code starts from scratch.
+            self._close_tasks()
+            self.ended_runs.append((self.state.run_start_seq, event.event_seq))
+            self.broken = None
+            self._reset_run()
         # While blocked, the history holds only inputs: what the code asks for meanwhile is not
         # in it and is recorded when the workflow moves again (WorkflowBlocked without error).
         if isinstance(body, _CODE_EVENTS) or (
@@ -732,7 +1043,15 @@ class WorkflowRun:
         self.state.apply(event)
         self._now_ms = event.recorded_at_ms
         if isinstance(body, WorkflowStarted):
-            self._begin(body)
+            self._begin(body, event.event_seq)
+        elif isinstance(body, WorkflowTimedOut):
+            for task in self._tasks:
+                if task.shield > 0:
+                    continue  # compensating already: that goes on, then the workflow fails
+                if task.waits_for_branches():
+                    task.cancel = TimedOutError(body.timeout_ms)
+                else:
+                    task.throw = TimedOutError(body.timeout_ms)
         elif isinstance(body, ActivityCompleted):
             call = self._activities.get(body.seq)
             if call is not None:
@@ -753,6 +1072,26 @@ class WorkflowRun:
                 )
                 if call.undo is not None:
                     call.undo.ended(succeeded=False)
+        elif isinstance(body, ChildWorkflowCompleted):
+            child = self._children.get(body.seq)
+            if child is not None:
+                _resolve_payload(child.future, body.result, child.output_type)
+                if child.undo is not None:
+                    child.undo.ended(succeeded=True)
+        elif isinstance(body, ChildWorkflowFailed):
+            child = self._children.get(body.seq)
+            if child is not None:
+                child.future.fail(
+                    ChildWorkflowError(
+                        child.workflow_id,
+                        body.seq,
+                        body.status.value,
+                        body.error.type,
+                        body.error.message,
+                    )
+                )
+                if child.undo is not None:
+                    child.undo.ended(succeeded=False)
         elif isinstance(body, TimerFired):
             timer = self._timers.get(body.seq)
             if timer is not None:
@@ -804,12 +1143,16 @@ class WorkflowRun:
         else:
             self._signals.setdefault(body.signal_name, deque()).append(body.payload)
 
-    def _begin(self, body: WorkflowStarted) -> None:
+    def _begin(self, body: WorkflowStarted, seq: int) -> None:
         definition = self._registry.get(body.workflow_type)
         if definition is None:
             raise LookupError(f"unknown workflow type {body.workflow_type!r}")
+        # Command seqs (activity and timer numbers, idempotency keys) of a run start at its
+        # WorkflowStarted's seq: never those of an earlier run of the same workflow id, whose
+        # replies may still come (they are recorded as late then).
+        self._command_seq = seq - 1
         ctx = _Context(self)
-        instance = definition.cls()
+        instance = self._instance = definition.cls()
         try:
             arg = from_payload(body.input, definition.input_type)
         except PayloadError as exc:
@@ -871,7 +1214,7 @@ class WorkflowRun:
                 except StopIteration as stop:
                     self._end(task, stop.value, None)
                     return
-                except Exception as exc:
+                except (Exception, ContinueAsNew) as exc:
                     self._end(task, None, exc)
                     return
                 if not isinstance(yielded, _Future):
@@ -927,6 +1270,10 @@ class WorkflowRun:
                     call.undo.ended(succeeded=False)
             elif isinstance(body, TimerStarted):
                 self._timers.pop(body.seq, None)
+            elif isinstance(body, ChildWorkflowStarted):
+                child = self._children.pop(body.seq, None)
+                if child is not None and child.undo is not None:
+                    child.undo.ended(succeeded=False)
         self._pending = kept
 
     def _finish_ok(self, value: Any) -> None:
@@ -938,6 +1285,16 @@ class WorkflowRun:
         self._command(WorkflowCompleted(result=payload))
 
     def _finish_error(self, exc: BaseException) -> None:
+        if isinstance(exc, ContinueAsNew):
+            try:
+                payload = (
+                    exc.payload if isinstance(exc.payload, Payload) else to_payload(exc.payload)
+                )
+            except PayloadError as err:
+                self._finish_error(err)
+                return
+            self._command(WorkflowContinuedAsNew(input=payload))
+            return
         if isinstance(exc, CompensationFailed):
             status = WorkflowStatus.PARKED
         elif isinstance(exc, WorkflowCancelled):
@@ -980,6 +1337,39 @@ class WorkflowRun:
                 self._command(marker)
         self._patches[change_id] = answer
         return answer
+
+    def _local(self, fn: Callable[[Any], Any], arg: Any, name: str) -> _Future[Any]:
+        """``ctx.run_local``: live, run ``fn`` now and record what came of it; on replay, the
+        recorded outcome at this point of the history, without running ``fn``."""
+        seq = self._next_command_seq()
+        future: _Future[Any] = _Future()
+        if self._replaying is not None:
+            at = self.state.last_seq + len(self._pending) + 1
+            recorded = self._replaying.get(at)
+            if not isinstance(recorded, LocalActivityRecorded) or (recorded.seq, recorded.name) != (
+                seq,
+                name,
+            ):
+                # Not what the history holds here: the command does not match and the replay
+                # reports it (NonDeterminismError); a side effect never runs on replay.
+                self._command(LocalActivityRecorded(seq=seq, name=name))
+                return future
+            body = recorded
+        else:
+            with determinism.suspended():
+                try:
+                    body = LocalActivityRecorded(seq=seq, name=name, result=to_payload(fn(arg)))
+                except Exception as exc:
+                    error = ErrorInfo(type=type(exc).__name__, message=str(exc))
+                    body = LocalActivityRecorded(seq=seq, name=name, error=error)
+        self._command(body)
+        if body.error is not None:
+            future.fail(
+                ActivityError(name, seq, body.error.type, body.error.message, business=False)
+            )
+        else:
+            _resolve_payload(future, body.result or to_payload(None), _return_type(fn))
+        return future
 
     def _next_command_seq(self) -> int:
         self._command_seq += 1
@@ -1027,10 +1417,25 @@ def _same_command(expected: EventBody, actual: EventBody) -> bool:
         return expected.status == actual.status
     if isinstance(expected, MarkerRecorded):
         return expected == actual
+    if isinstance(expected, ChildWorkflowStarted) and isinstance(actual, ChildWorkflowStarted):
+        return (expected.seq, expected.child_workflow_id, expected.workflow_type) == (
+            actual.seq,
+            actual.child_workflow_id,
+            actual.workflow_type,
+        )
+    if isinstance(expected, WorkflowStartSent) and isinstance(actual, WorkflowStartSent):
+        return (expected.target_id, expected.workflow_type) == (
+            actual.target_id,
+            actual.workflow_type,
+        )
+    if isinstance(expected, LocalActivityRecorded) and isinstance(actual, LocalActivityRecorded):
+        return (expected.seq, expected.name) == (actual.seq, actual.name)
     return True
 
 
 def _describe(body: EventBody) -> str:
+    if isinstance(body, LocalActivityRecorded):
+        return f"local activity {body.name} #{body.seq}"
     if isinstance(body, ActivityScheduled):
         kind = "compensation" if body.is_compensation else "activity"
         return f"{kind} {body.activity_name} #{body.seq}"
@@ -1040,7 +1445,22 @@ def _describe(body: EventBody) -> str:
         return f"WorkflowFailed ({body.status.value}: {body.error.type}: {body.error.message})"
     if isinstance(body, MarkerRecorded):
         return f"{body.marker} marker {body.change_id!r}"
+    if isinstance(body, ChildWorkflowStarted):
+        return f"child workflow {body.workflow_type} {body.child_workflow_id!r} #{body.seq}"
     return type(body).__name__
+
+
+def _shadow(instance: Any) -> Any:
+    """A copy of a workflow object for a query: its attributes deep-copied, so the query cannot
+    change the run's; an attribute that cannot be copied (e.g. a ctx kept on self) is shared."""
+    shadow = object.__new__(type(instance))
+    for key, value in getattr(instance, "__dict__", {}).items():
+        try:
+            copied = copy.deepcopy(value)
+        except Exception:
+            copied = value
+        object.__setattr__(shadow, key, copied)
+    return shadow
 
 
 def _waiting_at(coro: Any) -> str:

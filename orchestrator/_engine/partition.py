@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from contracts.envelopes import HistoryEvent
 from orchestrator.workflow import WorkflowRegistry
 
 from .instance import WorkflowRun
+from .state import heartbeat_grace
 from .store import PartitionStore, StoreBatch, WorkflowSummary
 
 
@@ -57,6 +59,7 @@ class Partition:
         if not events:
             return None
         run = WorkflowRun.rebuild(workflow_id, events, self._registry)
+        heartbeat_grace(run.state, time.time_ns() // 1_000_000)
         summary = self.store.summary(workflow_id)
         cached = Cached(run, summary.next_due_ms if summary else None)
         self._put(workflow_id, cached)
@@ -71,6 +74,7 @@ class Partition:
         if not events:
             return
         run = WorkflowRun.rebuild(workflow_id, [events[k] for k in sorted(events)], self._registry)
+        heartbeat_grace(run.state, time.time_ns() // 1_000_000)
         self._put(workflow_id, Cached(run, old.stored_due_ms if old else None))
 
     def new(self, workflow_id: str) -> Cached:

@@ -10,21 +10,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import signal
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from orchestrator._deadline import DeadlineCaller, Stopping, Wedged, drop_in_background
+from orchestrator._queries import QueryRequest
 from orchestrator.dead_letters import DEAD_LETTER_MAX_BYTES
-from orchestrator.errors import NodeStopped
+from orchestrator.errors import NodeStopped, QueryFailed, UnknownQuery
 from orchestrator.health import Health
 from orchestrator.kafka_config import admin_config, consumer_config, producer_config
 from orchestrator.metrics import NodeMetrics
+from orchestrator.partitioner import partition_for
 from orchestrator.settings import Settings
 from orchestrator.tracing import WorkflowTracer
 from orchestrator.workflow import WorkflowRegistry
@@ -33,6 +36,9 @@ from .decide import Batch, Counters, Decider, Out, now_ms
 from .membership import NodeClaim
 from .partition import Partition
 from .restore import restore_partitions
+
+if TYPE_CHECKING:
+    from orchestrator.visibility import OwnedStores
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,11 @@ def _crash_point(committed: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _static_member_fenced(error: KafkaError) -> bool:
+    text = error.str().lower()
+    return error.code() == KafkaError.FENCED_INSTANCE_ID or "static consumer fenced" in text
+
+
 def _fatal_reason(error: KafkaError) -> str:
     if error.code() in _FENCED or "fenced" in error.str().lower():
         return (
@@ -71,6 +82,14 @@ def _fatal_reason(error: KafkaError) -> str:
             "give every node its own SAGA_NODE_ID"
         )
     return f"unrecoverable Kafka error: {error.str()}"
+
+
+class InboxConsumerLost(Exception):
+    """The inbox consumer failed for good although no other process has this node's id: a
+    static member fenced after its group coordinator moved (a broker of the cluster was killed:
+    librdkafka rejoined under a new member id while a request with the old one was in flight).
+    A duplicate node id is refused by the claim (membership.py) before it could come to this, so
+    the node starts its processor over, as a restart would."""
 
 
 class _Refused(Exception):
@@ -92,13 +111,17 @@ class Processor:
         tracer: WorkflowTracer | None = None,
         metrics: NodeMetrics | None = None,
         health: Health | None = None,
+        owned: OwnedStores | None = None,
     ) -> None:
+        """``owned``: where the stores of the partitions this node owns are published for
+        the node's query API (visibility), from restore until revoke."""
         self.settings = settings
         self.registry = registry
         self.counters = Counters()
         self.tracer = tracer  # spans for new events only: replay never reaches _record
         self.metrics = metrics
         self.health = health  # health (#8): /healthz and /ready
+        self.owned = owned
         self._last_lag = 0.0
         self._group = f"{settings.namespace}.orchestrator"
         self._txn_id = f"{settings.namespace}.orchestrator.{settings.node_id}"
@@ -115,6 +138,9 @@ class Processor:
         # Just restored: the next poll waits for the inbox's first fetch even if timers are due.
         self._restored = False
         self._stop = threading.Event()
+        # Queries from the HTTP threads (orchestrator/_queries.py): answered by this thread, which
+        # owns the WorkflowRuns, at the start of each turn.
+        self.queries: queue.SimpleQueue[QueryRequest] = queue.SimpleQueue()
         # A dead letter copies its record, cut to fit what this node's producer may send.
         max_message = int(
             producer_config(settings.bootstrap_servers, extra=settings.client_extra()).get(
@@ -231,6 +257,8 @@ class Processor:
         with contextlib.suppress(RuntimeError):  # closed already
             self._consumer.close()
         for part in self._partitions.values():
+            if self.owned is not None:
+                self.owned.remove(part.number)
             part.close()
         self._partitions.clear()
         self._claim.release()
@@ -246,6 +274,8 @@ class Processor:
             self._to_restore.discard(tp.partition)
             self._positions.pop(tp.partition, None)
             part = self._partitions.pop(tp.partition, None)
+            if self.owned is not None:  # visibility: no more reads of it, then close it
+                self.owned.remove(tp.partition)
             if part is not None:
                 part.close()
             if self.metrics is not None:
@@ -271,7 +301,11 @@ class Processor:
             for number in sorted(self._to_restore)
         ]
         reports = restore_partitions(
-            parts, self.settings.bootstrap_servers, self.settings.history, f"{self._group}.restore"
+            parts,
+            self.settings.bootstrap_servers,
+            self.settings.history,
+            f"{self._group}.restore",
+            client_extra=self.settings.client_extra(),
         )
         for part, report in zip(parts, reports, strict=True):
             self.counters.restores.append(report)
@@ -279,6 +313,8 @@ class Processor:
             if self.metrics is not None:
                 self.metrics.restored(report.events, report.seconds)
             self._partitions[part.number] = part
+            if self.owned is not None:
+                self.owned.add(part.number, part.store)
         self._to_restore.clear()
         if self.metrics is not None:  # health (#8)
             self.metrics.owned_partitions(len(self._partitions))
@@ -298,6 +334,7 @@ class Processor:
     # ----------------------------------------------------------------- one turn of the loop
 
     def step(self) -> None:
+        self._answer_queries()
         msgs = self._next_records()
         restored = bool(self._to_restore)
         if restored:
@@ -308,7 +345,11 @@ class Processor:
         for msg in msgs:
             err = msg.error()
             if err is not None:
-                if err.fatal():
+                # A consumer reports its fatal error as an event with code _FATAL whose
+                # fatal() is False; a loop that logged it would go on reading nothing for ever.
+                if err.fatal() or err.code() == KafkaError._FATAL:
+                    if _static_member_fenced(err):
+                        raise InboxConsumerLost(err.str())
                     raise NodeStopped(_fatal_reason(err))
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("inbox consumer error: %s", err)
@@ -333,6 +374,42 @@ class Processor:
             self.metrics.count_workflows(p.store for p in self._partitions.values())
         if self.health is not None:  # health (#8)
             self.health.beat()
+
+    def _answer_queries(self) -> None:
+        """Answer the queries waiting on the queue, from committed state (no batch is open)."""
+        while True:
+            try:
+                request = self.queries.get_nowait()
+            except queue.Empty:
+                return
+            self._answer(request)
+
+    def _answer(self, request: QueryRequest) -> None:
+        wf = request.workflow_id
+        number = partition_for(wf, self.settings.partitions)
+        part = self._partitions.get(number)
+        if part is None:
+            why = "restoring it" if number in self._to_restore else "not its owner"
+            kind = "Unavailable" if number in self._to_restore else "NotOwner"
+            return request.fail(kind, f"workflow {wf} is on partition {number}: this node is {why}")
+        try:
+            cached = part.get(wf)
+            if cached is None:
+                return request.fail(
+                    "UnknownWorkflow", f"no workflow {wf!r} on partition {number} of this node"
+                )
+            try:
+                request.reply(cached.run.query(request.name, request.arg))
+            finally:
+                if cached.run.finished:
+                    part.forget(wf)  # finished ones are not kept cached (see _commit)
+        except UnknownQuery as exc:
+            request.fail("UnknownQuery", str(exc))
+        except QueryFailed as exc:
+            request.fail(exc.error_type, str(exc))
+        except Exception as exc:  # e.g. a history that no longer folds: the caller hears why
+            log.warning("query %s of %s failed: %s", request.name, wf, exc)
+            request.fail("QueryFailed", f"{type(exc).__name__}: {exc}")
 
     def _report_lag(self, metrics: NodeMetrics) -> None:
         """Inbox lag per partition: the high watermark seen by the fetcher minus our position."""

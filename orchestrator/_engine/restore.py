@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -86,8 +88,19 @@ class _Restorer:
             self.skipped_keys.append(key)
             return self.skip(where, f"key {key[:80]!r} is not <workflow id>/<seq>")
         if value is None:
-            # Retention tombstoned this finished workflow: its events go, one key at a time.
             self.tombstones += 1
+            if workflow_id not in self.batch.removed:
+                state = self.state(workflow_id)
+                if state.status is None:
+                    # Nothing held under this id (an earlier run's key, its event compacted).
+                    self.states.pop(workflow_id, None)
+                    return
+                if int(seq) < state.run_start_seq:
+                    # An event of a run before the current one (continue-as-new, id reuse):
+                    # only the old run's events go.
+                    self.batch.truncate(workflow_id, state.run_start_seq)
+                    return
+            # Retention tombstoned this finished workflow: its events go, one key at a time.
             if workflow_id not in self.batch.removed:
                 self.state(workflow_id)  # learn its timer entry, if any
                 self.batch.remove_workflow(workflow_id, 1 << 40, self.old_due.get(workflow_id))
@@ -113,7 +126,7 @@ class _Restorer:
         state = self.state(event.workflow_id)
         if event.event_seq <= state.last_seq:
             return
-        if event.event_seq != state.last_seq + 1:
+        if event.event_seq != state.last_seq + 1 and not state.begins_run(event):
             if not self.from_scratch:
                 raise _Gap(f"{where}: {workflow_id} event {event.event_seq} after {state.last_seq}")
             return self.skip(where, f"{workflow_id} event {event.event_seq} after {state.last_seq}")
@@ -145,6 +158,7 @@ def restore_partitions(
     history_topic: str,
     group: str,
     timeout_s: float = 300.0,
+    client_extra: Mapping[str, Any] | None = None,
 ) -> list[RestoreReport]:
     """Restore every partition in ``parts`` at once, with one consumer.
 
@@ -156,11 +170,14 @@ def restore_partitions(
     began = time.monotonic()
     for part in parts:
         _drop_if_stale(part, history_topic)
-    reports, gaps = _restore(parts, bootstrap, history_topic, group, began + timeout_s)
+    # The node's security settings: without them a secured cluster never answers the reader,
+    # and the restore would wait out its timeout with nothing logged.
+    extra = dict(client_extra or {})
+    reports, gaps = _restore(parts, bootstrap, history_topic, group, began + timeout_s, extra)
     if gaps:
         for part in gaps:
             part.reset_store()
-        again, _ = _restore(gaps, bootstrap, history_topic, group, began + timeout_s)
+        again, _ = _restore(gaps, bootstrap, history_topic, group, began + timeout_s, extra)
         reports = [r for r in reports if r.partition not in {p.number for p in gaps}]
         reports += [dataclasses.replace(r, rebuilt=True) for r in again]
     seconds = time.monotonic() - began
@@ -180,7 +197,12 @@ def restore_partitions(
 
 
 def _restore(
-    parts: list[Partition], bootstrap: str, history_topic: str, group: str, deadline: float
+    parts: list[Partition],
+    bootstrap: str,
+    history_topic: str,
+    group: str,
+    deadline: float,
+    extra: dict[str, Any],
 ) -> tuple[list[RestoreReport], list[Partition]]:
     """One pass over ``parts``; returns the reports of those restored and the partitions whose
     local state disagreed with the topic (to be rebuilt from the beginning)."""
@@ -190,7 +212,9 @@ def _restore(
     next_offsets: dict[int, int | None] = {p.number: p.store.checkpoint() for p in parts}
     pending = dict.fromkeys(by_number, 0)
     done: set[int] = set()
-    reader = Consumer(consumer_config(bootstrap, group, extra={"enable.partition.eof": True}))
+    reader = Consumer(
+        consumer_config(bootstrap, group, extra={**extra, "enable.partition.eof": True})
+    )
     try:
         reader.assign(
             [
@@ -243,7 +267,16 @@ def _restore(
 def _drop_if_stale(part: Partition, history_topic: str) -> None:
     """A checkpoint older than the history's ``delete.retention.ms`` may have missed tombstones
     that compaction has since removed: catching up from it would keep expired workflows forever.
-    Such a partition is rebuilt from the beginning instead."""
+    Such a partition is rebuilt from the beginning instead; so is a store of an older layout
+    (``store.LAYOUT``)."""
+    if not part.store.layout_current():
+        # Written by an older release: its summaries lack what the visibility index needs.
+        log.warning(
+            "%s[%d]: local state of an older layout; rebuilding it from the topic",
+            history_topic, part.number,
+        )  # fmt: skip
+        part.reset_store()
+        return
     written = part.store.checkpoint_written_ms()
     if written is None and part.store.checkpoint() is None:
         return

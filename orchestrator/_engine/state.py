@@ -21,16 +21,22 @@ from contracts.envelopes import (
     ActivityAttemptStarted,
     ActivityCompleted,
     ActivityFailed,
+    ActivityHeartbeat,
     ActivityParked,
     ActivityReply,
     ActivityScheduled,
     CancelRequested,
+    ChildWorkflowCompleted,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
     ErrorInfo,
     EventBody,
     HistoryEvent,
     LateReplyIgnored,
+    LocalActivityRecorded,
     MarkerRecorded,
     OperatorActed,
+    ParentRef,
     Payload,
     ReplyOutcome,
     RetryPolicy,
@@ -40,9 +46,12 @@ from contracts.envelopes import (
     TraceContext,
     WorkflowBlocked,
     WorkflowCompleted,
+    WorkflowContinuedAsNew,
     WorkflowFailed,
     WorkflowStarted,
+    WorkflowStartSent,
     WorkflowStatus,
+    WorkflowTimedOut,
 )
 
 TIMEOUT_ERROR = "ActivityTimeout"
@@ -59,6 +68,9 @@ class OperatorActionKind(StrEnum):
 
 class OperatorRefused(ValueError):
     """An operator action that does not apply to the workflow as it is (the reason says why)."""
+
+
+HEARTBEAT_TIMEOUT_ERROR = "HeartbeatTimeout"
 
 
 @dataclass
@@ -88,6 +100,19 @@ class ActivityState:
         """An operator's retry applies: parked, or between attempts."""
         return not self.done and (self.parked is not None or self.retry_at_ms is not None)
 
+    heartbeat_timeout_ms: int | None = None
+    # Heartbeats are kept here, not in the history (see docs/services.md "Heartbeats"): when
+    # the current attempt was last heard of, and the last details any attempt sent (given to
+    # the next attempt). A node that rebuilds the workflow gives the attempt a full
+    # heartbeat_timeout from then (heartbeat_grace) and has no details.
+    last_beat_ms: int = field(default=0, compare=False)
+    heartbeat_details: Payload | None = field(default=None, compare=False)
+
+    def heartbeat_due_ms(self) -> int | None:
+        if self.done or not self.attempt_open or self.heartbeat_timeout_ms is None:
+            return None
+        return max(self.attempt_started_ms, self.last_beat_ms) + self.heartbeat_timeout_ms
+
     def next_due_ms(self) -> int | None:
         if self.done or self.parked is not None:
             return None
@@ -96,9 +121,22 @@ class ActivityState:
             dues.append(self.scheduled_at_ms + self.overall_timeout_ms)
         if self.attempt_open and self.attempt_timeout_ms is not None:
             dues.append(self.attempt_started_ms + self.attempt_timeout_ms)
+        if (beat_due := self.heartbeat_due_ms()) is not None:
+            dues.append(beat_due)
         if self.retry_at_ms is not None:
             dues.append(self.retry_at_ms)
         return min(dues) if dues else None
+
+
+@dataclass
+class ChildState:
+    """A child workflow this one started, until it ends."""
+
+    seq: int
+    workflow_id: str
+    workflow_type: str
+    parent_close_policy: str
+    done: bool = False
 
 
 @dataclass
@@ -112,6 +150,7 @@ class WorkflowState:
     random_seed: int = 0
     last_seq: int = 0
     started_at_ms: int = 0
+    updated_at_ms: int = 0  # the recorded time of the last event (the visibility index)
     finished_at_ms: int | None = None
     result: Payload | None = None
     error: ErrorInfo | None = None
@@ -122,6 +161,18 @@ class WorkflowState:
     steps_done: int = 0
     blocked: ErrorInfo | None = None  # the code cannot go on with this history (WorkflowBlocked)
     operator_request_ids: set[str] = field(default_factory=set)
+    parent: ParentRef | None = None  # a child workflow reports its end there
+    children: dict[int, ChildState] = field(default_factory=dict)  # seq -> child
+    # The seq of this run's WorkflowStarted: a workflow id may have several runs in a row
+    # (continue-as-new, id reuse); each begins with a WorkflowStarted that follows the previous
+    # run's last event, and the state holds the current run only.
+    run_start_seq: int = 0
+    execution_timeout_ms: int | None = None
+    timed_out: bool = False
+    continued_as_new: Payload | None = None  # the next run's input, once this run has ended so
+
+    def running_children(self) -> list[ChildState]:
+        return [child for child in self.children.values() if not child.done]
 
     @property
     def parked(self) -> list[ActivityState]:
@@ -130,13 +181,23 @@ class WorkflowState:
 
     @property
     def finished(self) -> bool:
+        if self.continued_as_new is not None:
+            return True
         return self.status is not None and self.status is not WorkflowStatus.RUNNING
+
+    @property
+    def execution_deadline_ms(self) -> int | None:
+        if self.execution_timeout_ms is None:
+            return None
+        return self.started_at_ms + self.execution_timeout_ms
 
     @property
     def current_step(self) -> str:
         """What the workflow waits for, in words, for ``describe``."""
         if self.status is None:
             return "not started"
+        if self.continued_as_new is not None:
+            return "continued as new"
         if self.finished:
             return self.status.value.lower()
         if self.blocked is not None:
@@ -156,24 +217,41 @@ class WorkflowState:
             if not a.done and a.parked is None
         ]
         waiting += [f"timer #{seq}" for seq in self.timers]
+        waiting += [f"child {c.workflow_id} #{c.seq}" for c in self.running_children()]
         return ", ".join(waiting) if waiting else "waiting for a signal"
 
     def apply(self, event: HistoryEvent) -> None:
         """Fold one event in. Events at or below ``last_seq`` were applied already: ignored."""
         if event.event_seq <= self.last_seq:
             return
-        if event.event_seq != self.last_seq + 1:
+        if self.begins_run(event):
+            # A new run: the first (after the old runs' events were tombstoned and compacted
+            # away, its seq is > 1), or the next one after the previous run closed.
+            self.__dict__.update(vars(WorkflowState(self.workflow_id)))
+            self.run_start_seq = event.event_seq
+        elif event.event_seq != self.last_seq + 1:
             raise ValueError(
                 f"workflow {self.workflow_id}: event {event.event_seq} follows {self.last_seq}"
             )
         self.last_seq = event.event_seq
+        self.updated_at_ms = event.recorded_at_ms
         _FOLD[type(event.event)](self, event.event, event.recorded_at_ms)
+
+    def begins_run(self, event: HistoryEvent) -> bool:
+        """Whether ``event`` starts a run: a WorkflowStarted on nothing (at any seq: the
+        earlier runs' events may be gone), or right after a closed run."""
+        if not isinstance(event.event, WorkflowStarted) or event.event_seq <= self.last_seq:
+            return False
+        return self.status is None or (self.finished and event.event_seq == self.last_seq + 1)
 
     def next_due_ms(self) -> int | None:
         if self.finished:
             return None
         dues = [d for d in (a.next_due_ms() for a in self.activities.values()) if d is not None]
         dues.extend(self.timers.values())
+        deadline = self.execution_deadline_ms
+        if deadline is not None and not self.timed_out:
+            dues.append(deadline)
         return min(dues) if dues else None
 
 
@@ -188,6 +266,8 @@ def _started(s: WorkflowState, e: WorkflowStarted, at: int) -> None:
     s.trace = e.trace
     s.random_seed = e.random_seed
     s.started_at_ms = at
+    s.parent = e.parent
+    s.execution_timeout_ms = e.execution_timeout_ms
 
 
 def _scheduled(s: WorkflowState, e: ActivityScheduled, at: int) -> None:
@@ -203,6 +283,7 @@ def _scheduled(s: WorkflowState, e: ActivityScheduled, at: int) -> None:
         overall_timeout_ms=e.overall_timeout_ms,
         scheduled_at_ms=at,
         attempt_started_ms=at,
+        heartbeat_timeout_ms=e.heartbeat_timeout_ms,
     )
 
 
@@ -305,8 +386,32 @@ def _operator(s: WorkflowState, e: OperatorActed, at: int) -> None:
         act.input = e.input
 
 
+def _child_started(s: WorkflowState, e: ChildWorkflowStarted, at: int) -> None:
+    s.children[e.seq] = ChildState(
+        e.seq, e.child_workflow_id, e.workflow_type, e.parent_close_policy
+    )
+
+
+def _child_ended(
+    s: WorkflowState, e: ChildWorkflowCompleted | ChildWorkflowFailed, at: int
+) -> None:
+    child = s.children.get(e.seq)
+    if child is not None:
+        child.done = True
+
+
 def _nothing(s: WorkflowState, e: LateReplyIgnored, at: int) -> None:
     return None
+
+
+def _timed_out(s: WorkflowState, e: WorkflowTimedOut, at: int) -> None:
+    s.timed_out = True
+
+
+def _continued(s: WorkflowState, e: WorkflowContinuedAsNew, at: int) -> None:
+    # Not an end state: the next run's WorkflowStarted follows in the same transaction.
+    s.continued_as_new = e.input
+    s.timers.clear()
 
 
 _FOLD: dict[type, Callable[[WorkflowState, Any, int], None]] = {
@@ -327,6 +432,13 @@ _FOLD: dict[type, Callable[[WorkflowState, Any, int], None]] = {
     MarkerRecorded: _nothing,  # only the code reads markers (ctx.patched), on replay
     ActivityParked: _parked,
     OperatorActed: _operator,
+    ChildWorkflowStarted: _child_started,
+    ChildWorkflowCompleted: _child_ended,
+    ChildWorkflowFailed: _child_ended,
+    WorkflowTimedOut: _timed_out,
+    WorkflowContinuedAsNew: _continued,
+    WorkflowStartSent: _nothing,  # the start went to the inbox with the event
+    LocalActivityRecorded: _nothing,  # only the code reads it (ctx.run_local), on replay
 }
 
 
@@ -400,6 +512,15 @@ def decide_reply(
 ) -> list[EventBody]:
     """The events a service's reply leads to. Raises UnknownActivity for a stranger's reply."""
     act = state.activities.get(reply.seq)
+    if (
+        act is None
+        and 0 < reply.seq < state.run_start_seq
+        and f"{reply.idempotency_key}/".startswith(f"{state.workflow_id}/{reply.seq}/")
+    ):
+        # An activity of an earlier run (its commands have seqs below this run's start; an
+        # operator's retry adds /retry<N> to the key): that run is over, its reply changes
+        # nothing.
+        return [LateReplyIgnored(seq=reply.seq, attempt=reply.attempt, outcome=reply.outcome)]
     if act is None or act.idempotency_key != reply.idempotency_key:
         raise UnknownActivity(
             f"workflow {state.workflow_id} has no activity #{reply.seq} "
@@ -431,6 +552,9 @@ def decide_timers(state: WorkflowState, now_ms: int, rng: random.Random) -> list
     """
     if state.finished:
         return []
+    deadline = state.execution_deadline_ms
+    if deadline is not None and not state.timed_out and deadline <= now_ms:
+        return [WorkflowTimedOut(timeout_ms=state.execution_timeout_ms or 0)]
     for act in state.activities.values():
         if act.done or act.parked is not None:
             continue
@@ -455,6 +579,14 @@ def decide_timers(state: WorkflowState, now_ms: int, rng: random.Random) -> list
             error = ErrorInfo(
                 type=TIMEOUT_ERROR,
                 message=f"attempt {act.attempt} got no reply within {act.attempt_timeout_ms} ms",
+            )
+            return _after_failure(act, error, now_ms, rng)
+        beat_due = act.heartbeat_due_ms()
+        if beat_due is not None and beat_due <= now_ms:
+            error = ErrorInfo(
+                type=HEARTBEAT_TIMEOUT_ERROR,
+                message=f"attempt {act.attempt} sent no heartbeat for "
+                f"{act.heartbeat_timeout_ms} ms",
             )
             return _after_failure(act, error, now_ms, rng)
         if act.retry_at_ms is not None and act.retry_at_ms <= now_ms:
@@ -514,3 +646,31 @@ def decide_operator(
         f"workflow {state.workflow_id} has nothing to retry: no step is parked or between "
         "attempts, and it is not blocked"
     )
+
+
+def note_heartbeat(state: WorkflowState, beat: ActivityHeartbeat, now_ms: int) -> bool:
+    """Take a heartbeat of the current attempt: it is alive now, and its details are the ones
+    the next attempt gets. Records nothing; False for a heartbeat of an attempt that ended
+    (or of a stranger), which changes nothing."""
+    act = state.activities.get(beat.seq)
+    if (
+        act is None
+        or state.finished
+        or act.done
+        or not act.attempt_open
+        or act.idempotency_key != beat.idempotency_key
+        or act.attempt != beat.attempt
+    ):
+        return False
+    act.last_beat_ms = max(act.last_beat_ms, now_ms)
+    if beat.details is not None:
+        act.heartbeat_details = beat.details
+    return True
+
+
+def heartbeat_grace(state: WorkflowState, now_ms: int) -> None:
+    """A workflow rebuilt from its history (a restart, another node, the cache) does not know
+    when its attempts last sent a heartbeat: each gets a full heartbeat_timeout from now."""
+    for act in state.activities.values():
+        if act.heartbeat_timeout_ms is not None and act.attempt_open and not act.done:
+            act.last_beat_ms = max(act.last_beat_ms, now_ms)

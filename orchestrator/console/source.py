@@ -26,6 +26,9 @@ from contracts.envelopes import (
     ActivityFailed,
     ActivityParked,
     ActivityScheduled,
+    ChildWorkflowCompleted,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
     HistoryEvent,
     OperatorActed,
     SignalReceived,
@@ -40,6 +43,7 @@ from orchestrator.client import (
     _preview,
     _summaries,
 )
+from orchestrator.visibility import QueryError
 
 __all__ = ["Detail", "Filters", "Overview", "Row", "Source", "StepRow"]
 
@@ -89,7 +93,8 @@ class Overview:
 
 @dataclass
 class StepRow:
-    """One activity of the workflow (a step or a compensation), from its events."""
+    """One activity of the workflow (a step or a compensation), or a child workflow, from its
+    events."""
 
     seq: int
     name: str
@@ -174,7 +179,8 @@ class Source:
                 cursor=filters.cursor or None,
             )
             counts = client.counts()
-        except ClientError as exc:  # no node answers (none running?): the history still does
+        except (ClientError, QueryError) as exc:
+            # No node answers (none running?), or a cursor of the scan below: the history does.
             found = _list_from_histories(self.client.histories(timeout=self.timeout), filters)
             found.warnings.append(f"the nodes' query API did not answer: {exc}")
             return found
@@ -318,6 +324,14 @@ def detail_of(workflow_id: str, events: list[HistoryEvent]) -> Detail:
             case OperatorActed() if step and body.action == "skip":
                 step.outcome = "skipped"
                 step.detail = f"by {body.operator}: {body.reason or '(no reason)'}"
+            case ChildWorkflowStarted():
+                name = f"child {body.workflow_type} {body.child_workflow_id}"
+                steps[body.seq] = StepRow(body.seq, name, False, at)
+            case ChildWorkflowCompleted() if step:
+                step.outcome, step.detail = "completed", _preview(body.result)
+            case ChildWorkflowFailed() if step:
+                step.outcome = body.status.value.lower()
+                step.detail = f"{body.error.type}: {body.error.message}"
             case SignalReceived():
                 signals.append(Signal(body.signal_name, at, _preview(body.payload)))
     trace_id = None

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import signal
-import threading
 from pathlib import Path
-from types import FrameType
 
 import click
+from opentelemetry.sdk.trace import TracerProvider
 
-from orchestrator import tracing
-from orchestrator.client import Client
+from orchestrator import AsyncClient, tracing
+from orchestrator.settings import Settings
 from services_example.orders.api import OrdersApi, serve
 from services_example.runtime import ServiceStore, load_settings, read_snapshot, service_dir
 
@@ -37,23 +37,26 @@ def main(host: str, port: int, dump: bool) -> None:
         click.echo(json.dumps(snap, indent=2, sort_keys=True))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s orders %(levelname)s %(message)s")
-    stop = threading.Event()
-
-    def _stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     store = ServiceStore(service_dir(settings, "orders"), "orders", {"orders": {}})
     provider = tracing.setup("orders", span_file=settings.traces_file)
-    with Client(settings, tracer_provider=provider) as client:
-        try:
-            serve(OrdersApi(client, store), host, port, stop)
-        except OSError as exc:
-            raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
-        finally:
-            store.close()
-            provider.shutdown()
+    try:
+        asyncio.run(_serve(settings, provider, store, host, port))
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
+    finally:
+        store.close()
+        provider.shutdown()
+
+
+async def _serve(
+    settings: Settings, provider: TracerProvider, store: ServiceStore, host: str, port: int
+) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with AsyncClient(settings, tracer_provider=provider) as client:
+        await serve(OrdersApi(client, store), host, port, stop)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The orders service: a small HTTP API in front of the ``place-order`` saga.
+"""The orders service: a small asyncio HTTP API (aiohttp) in front of the ``place-order`` saga.
 
     python -m services_example.orders [--port 8080]
 
@@ -13,30 +13,36 @@
 
 The workflow id of order ``X`` is ``order-X``. Placing the same order twice (same id and body)
 is harmless: the orchestrator ignores a duplicate start.
+
+The handlers are coroutines on one event loop and talk to the orchestrator through
+:class:`~orchestrator.AsyncClient`: a start, signal or cancel awaits the broker's acknowledgement
+without holding a thread, and ``describe`` runs in a worker thread. The local order book (a
+``ServiceStore`` that writes a file) is written in a worker thread too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import re
-import threading
 import uuid
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from contracts.orders import Order
-from orchestrator.client import Client, ClientError
+from orchestrator import AsyncClient
+from orchestrator.client import ClientError
 from orchestrator.errors import UnknownWorkflow
+from services_example.contracts import Order
 from services_example.runtime import ServiceStore, State
 
 log = logging.getLogger(__name__)
 
 WORKFLOW_TYPE = "place-order"
-_ORDER_PATH = re.compile(r"^/orders/([A-Za-z0-9._-]+)(/confirm-delivery|/cancel)?$")
+_ORDER_ID = "{order_id:[A-Za-z0-9._-]+}"
 
 
 def workflow_id_of(order_id: str) -> str:
@@ -51,11 +57,11 @@ class Placed(BaseModel):
 class OrdersApi:
     """The request handling, apart from HTTP: easy to call from tests."""
 
-    def __init__(self, client: Client, store: ServiceStore) -> None:
+    def __init__(self, client: AsyncClient, store: ServiceStore) -> None:
         self.client = client
         self.store = store
 
-    def place(self, body: dict[str, Any]) -> Placed:
+    async def place(self, body: dict[str, Any]) -> Placed:
         body = {"order_id": uuid.uuid4().hex[:12], **body}
         order = Order.model_validate(body)
         workflow_id = workflow_id_of(order.order_id)
@@ -64,95 +70,110 @@ class OrdersApi:
             state["orders"][order.order_id] = order.model_dump(mode="json")
             return Placed(order_id=order.order_id, workflow_id=workflow_id)
 
-        placed = self.store.once_by_key(f"place/{order.order_id}", "place", Placed, apply)
-        self.client.start(WORKFLOW_TYPE, order, workflow_id=workflow_id)
+        placed = await asyncio.to_thread(
+            self.store.once_by_key, f"place/{order.order_id}", "place", Placed, apply
+        )
+        await self.client.start(WORKFLOW_TYPE, order, workflow_id=workflow_id)
         return placed
 
-    def status(self, order_id: str) -> dict[str, Any]:
-        described = self.client.describe(workflow_id_of(order_id)).to_dict()
+    async def status(self, order_id: str) -> dict[str, Any]:
+        described = (await self.client.describe(workflow_id_of(order_id))).to_dict()
         described["order_id"] = order_id
         return described
 
-
-class _Handler(BaseHTTPRequestHandler):
-    api: OrdersApi  # set on the subclass made by serve()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.info("%s %s", self.address_string(), format % args)
-
-    def _send(self, status: HTTPStatus, body: Any) -> None:
-        data = json.dumps(body, indent=2, default=str).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _body(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b"{}"
-        body = json.loads(raw or b"{}")
-        if not isinstance(body, dict):
-            raise ValueError("the body must be a JSON object")
-        return body
-
-    def do_GET(self) -> None:
-        try:
-            if self.path == "/health":
-                self._send(HTTPStatus.OK, {"ok": True})
-            elif self.path == "/orders":
-                self._send(HTTPStatus.OK, self.api.store.read()["orders"])
-            elif (m := _ORDER_PATH.match(self.path)) and not m.group(2):
-                self._send(HTTPStatus.OK, self.api.status(m.group(1)))
-            else:
-                self._send(HTTPStatus.NOT_FOUND, {"error": f"no route GET {self.path}"})
-        except UnknownWorkflow as exc:
-            self._send(HTTPStatus.NOT_FOUND, {"error": str(exc)})
-        except (ClientError, TimeoutError) as exc:
-            self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
-
-    def do_POST(self) -> None:
-        try:
-            body = self._body()
-            if self.path == "/orders":
-                placed = self.api.place(body)
-                self._send(
-                    HTTPStatus.ACCEPTED,
-                    {**placed.model_dump(), "status_url": f"/orders/{placed.order_id}"},
-                )
-            elif (m := _ORDER_PATH.match(self.path)) and m.group(2):
-                workflow_id = workflow_id_of(m.group(1))
-                if m.group(2) == "/cancel":
-                    reason = str(body.get("reason", "cancelled through the orders API"))
-                    request_id = self.api.client.cancel(workflow_id, reason)
-                else:
-                    request_id = self.api.client.signal(
-                        workflow_id, "confirm-delivery", {"by": str(body.get("by", "customer"))}
-                    )
-                self._send(HTTPStatus.ACCEPTED, {"workflow_id": workflow_id, "request": request_id})
-            else:
-                self._send(HTTPStatus.NOT_FOUND, {"error": f"no route POST {self.path}"})
-        except ValidationError as exc:
-            errors = [
-                {"field": ".".join(map(str, e["loc"])), "error": e["msg"]} for e in exc.errors()
-            ]
-            self._send(HTTPStatus.BAD_REQUEST, {"error": "invalid order", "details": errors})
-        except ValueError as exc:
-            self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
-        except (ClientError, TimeoutError) as exc:
-            self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
+    async def orders(self) -> Any:
+        return (await asyncio.to_thread(self.store.read))["orders"]
 
 
-def serve(api: OrdersApi, host: str, port: int, stop: threading.Event) -> None:
-    """Serve HTTP on ``host:port`` until ``stop`` is set."""
-    handler = type("OrdersHandler", (_Handler,), {"api": api})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="orders-http", daemon=True)
-    thread.start()
-    log.info("orders API on http://%s:%d", host, server.server_address[1])
+def _json(status: HTTPStatus, body: Any) -> web.Response:
+    return web.Response(
+        status=status,
+        text=json.dumps(body, indent=2, default=str),
+        content_type="application/json",
+    )
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    body = json.loads(raw or b"{}")  # a JSONDecodeError is a ValueError: 400
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    return body
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer is JSON, errors included, as a client of this API expects."""
     try:
-        stop.wait()
+        return await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed):
+        return _json(HTTPStatus.NOT_FOUND, {"error": f"no route {request.method} {request.path}"})
+    except UnknownWorkflow as exc:
+        return _json(HTTPStatus.NOT_FOUND, {"error": str(exc)})
+    except ValidationError as exc:
+        errors = [{"field": ".".join(map(str, e["loc"])), "error": e["msg"]} for e in exc.errors()]
+        return _json(HTTPStatus.BAD_REQUEST, {"error": "invalid order", "details": errors})
+    except ValueError as exc:
+        return _json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+    except (ClientError, TimeoutError) as exc:
+        return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
+
+
+def make_app(api: OrdersApi) -> web.Application:
+    """The aiohttp application of the API (the table in the module docstring)."""
+
+    async def health(request: web.Request) -> web.Response:
+        return _json(HTTPStatus.OK, {"ok": True})
+
+    async def list_orders(request: web.Request) -> web.Response:
+        return _json(HTTPStatus.OK, await api.orders())
+
+    async def status(request: web.Request) -> web.Response:
+        return _json(HTTPStatus.OK, await api.status(request.match_info["order_id"]))
+
+    async def place(request: web.Request) -> web.Response:
+        placed = await api.place(await _body(request))
+        return _json(
+            HTTPStatus.ACCEPTED,
+            {**placed.model_dump(), "status_url": f"/orders/{placed.order_id}"},
+        )
+
+    async def confirm(request: web.Request) -> web.Response:
+        body = await _body(request)
+        workflow_id = workflow_id_of(request.match_info["order_id"])
+        request_id = await api.client.signal(
+            workflow_id, "confirm-delivery", {"by": str(body.get("by", "customer"))}
+        )
+        return _json(HTTPStatus.ACCEPTED, {"workflow_id": workflow_id, "request": request_id})
+
+    async def cancel(request: web.Request) -> web.Response:
+        body = await _body(request)
+        workflow_id = workflow_id_of(request.match_info["order_id"])
+        reason = str(body.get("reason", "cancelled through the orders API"))
+        request_id = await api.client.cancel(workflow_id, reason)
+        return _json(HTTPStatus.ACCEPTED, {"workflow_id": workflow_id, "request": request_id})
+
+    app = web.Application(middlewares=[_errors])
+    app.router.add_get("/health", health)
+    app.router.add_get("/orders", list_orders)
+    app.router.add_post("/orders", place)
+    app.router.add_get(f"/orders/{_ORDER_ID}", status)
+    app.router.add_post(f"/orders/{_ORDER_ID}/confirm-delivery", confirm)
+    app.router.add_post(f"/orders/{_ORDER_ID}/cancel", cancel)
+    return app
+
+
+async def serve(api: OrdersApi, host: str, port: int, stop: asyncio.Event) -> None:
+    """Serve HTTP on ``host:port`` until ``stop`` is set."""
+    runner = web.AppRunner(make_app(api), access_log=log)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        log.info("orders API on http://%s:%d", host, port)
+        await stop.wait()
     finally:
-        server.shutdown()
-        server.server_close()
+        await runner.cleanup()

@@ -14,7 +14,9 @@ from __future__ import annotations
 from datetime import timedelta
 
 from contracts.envelopes import RetryPolicy
-from contracts.orders import (
+from orchestrator import workflow
+from orchestrator.workflow import WorkflowContext
+from services_example.contracts import (
     CancelShipment,
     ChargePayment,
     DeliveryConfirmation,
@@ -31,8 +33,6 @@ from contracts.orders import (
     reserve_stock,
     schedule_shipment,
 )
-from orchestrator import workflow
-from orchestrator.workflow import WorkflowContext
 
 #: Transient failures (a service down, a lost reply) are retried for up to two minutes; a
 #: business failure is never retried.

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from contracts.orders import Receipt
 from orchestrator.client import Client
 from orchestrator.errors import WorkflowFailedError
 from orchestrator.settings import Settings
+from services_example.contracts import Receipt
 from services_example.processes import Processes
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(150)]

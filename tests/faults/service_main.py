@@ -4,15 +4,18 @@ python -m tests.faults.service_main BOOTSTRAP NAMESPACE SERVICE STATE_DIR EFFECT
 
 The handler applies its effect once per idempotency key in a SQLite file the test reads: a row
 per key, and a total that only grows when a row was new (what a real service's database does).
-A negative ``n`` makes the handler sleep that many seconds first.
+A negative ``n`` makes the handler sleep that many seconds first; ``SERVICE_SLEEP_MS`` makes
+every handler sleep that long, and ``SERVICE_MAX_CONCURRENCY`` sets how many run at once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,7 +42,7 @@ def contract(service: str) -> ActivityContract[Work, Done]:
 
 
 def _effects(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("CREATE TABLE IF NOT EXISTS effects (key TEXT PRIMARY KEY, n INTEGER)")
     db.execute("CREATE TABLE IF NOT EXISTS runs (key TEXT)")
     db.execute("CREATE TABLE IF NOT EXISTS total (id INTEGER PRIMARY KEY, value INTEGER)")
@@ -58,19 +61,24 @@ def main() -> None:
         node_id="node-1",
         kafka=kafka,
     )
+    sleep_s = int(os.environ.get("SERVICE_SLEEP_MS", "0")) / 1000
+    concurrency = int(os.environ.get("SERVICE_MAX_CONCURRENCY", "1"))
+    lock = threading.Lock()  # one connection, handlers on several threads
     db = _effects(Path(effects_db))
-    service = Service(name, settings)
+    service = Service(name, settings, max_concurrency=concurrency)
 
     @service.handler(contract(name))
     def work(arg: Work, info: CommandInfo) -> Done:
         key = info.idempotency_key
         if arg.n < 0:  # a slow handler: the test stops the broker meanwhile
             time.sleep(-arg.n)
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("INSERT INTO runs VALUES (?)", (key,))
-        new = db.execute("INSERT OR IGNORE INTO effects VALUES (?, ?)", (key, arg.n)).rowcount
-        db.execute("UPDATE total SET value = value + ? WHERE id = 1", (new,))
-        db.execute("COMMIT")
+        time.sleep(sleep_s)
+        with lock:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO runs VALUES (?)", (key,))
+            new = db.execute("INSERT OR IGNORE INTO effects VALUES (?, ?)", (key, arg.n)).rowcount
+            db.execute("UPDATE total SET value = value + ? WHERE id = 1", (new,))
+            db.execute("COMMIT")
         return Done(n=arg.n, key=key)
 
     try:

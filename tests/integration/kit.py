@@ -24,7 +24,7 @@ from orchestrator.node import OrchestratorNode
 from orchestrator.service import CommandInfo, Service
 from orchestrator.settings import Settings
 from orchestrator.topics import ensure_service_topic, ensure_topics
-from orchestrator.workflow import WorkflowContext, WorkflowRegistry
+from orchestrator.workflow import Compensation, WorkflowContext, WorkflowRegistry
 
 
 class Step(BaseModel):
@@ -96,24 +96,23 @@ def build(prefix: str) -> Kit:
             refs: list[str] = []
             approved_by = ""
             retry = RetryPolicy(max_attempts=4, initial_interval_ms=50, max_interval_ms=200)
-            async with ctx.saga() as saga:
+            undo_retry = RetryPolicy(max_attempts=10, initial_interval_ms=50)
+            async with ctx.saga():
                 for n in (1, 2, 3):
                     if n == 3 and trip.sleep_ms:
                         await ctx.sleep(timedelta(milliseconds=trip.sleep_ms))
                     if n == 3 and trip.wait_signal:
                         approved_by = (await ctx.wait_signal("approve", Approval)).by
+                    # compensate= (not saga.on_failure after the call): a cancel that comes
+                    # while the step is in flight waits for it and undoes it if it succeeded.
                     done = await ctx.call(
                         do[n - 1],
                         step(trip, n),
                         retry=retry,
                         timeout=timedelta(milliseconds=trip.timeout_ms),
+                        compensate=Compensation(undo[n - 1], Step(n=n), undo_retry),
                     )
                     refs.append(done.ref)
-                    saga.on_failure(
-                        undo[n - 1],
-                        Step(n=n),
-                        retry=RetryPolicy(max_attempts=10, initial_interval_ms=50),
-                    )
             return TripResult(refs=refs, approved_by=approved_by)
 
     return Kit(prefix, svc, WorkflowRegistry([TripSaga]))
@@ -146,9 +145,23 @@ def settings_for(
 
 
 def create_topics(kit: Kit, settings: Settings) -> None:
-    ensure_topics(settings.bootstrap_servers, settings.namespace, settings.partitions)
+    ensure_topics(
+        settings.bootstrap_servers,
+        settings.namespace,
+        settings.partitions,
+        settings.replication_factor,
+        min_insync_replicas=settings.min_insync_replicas,
+        client_config=settings.client_extra(),
+    )
     for name in kit.services:
-        ensure_service_topic(settings.bootstrap_servers, f"{name}.commands", 3)
+        ensure_service_topic(
+            settings.bootstrap_servers,
+            f"{name}.commands",
+            3,
+            settings.replication_factor,
+            min_insync_replicas=settings.min_insync_replicas,
+            client_config=settings.client_extra(),
+        )
 
 
 def make_service(kit: Kit, name: str, settings: Settings, **options: Any) -> Service:

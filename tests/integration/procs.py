@@ -104,7 +104,11 @@ class ResultWatcher(threading.Thread):
 
     def run(self) -> None:
         reader = Consumer(
-            consumer_config(self.settings.bootstrap_servers, f"check.{time.time_ns()}")
+            consumer_config(
+                self.settings.bootstrap_servers,
+                f"check.{time.time_ns()}",
+                extra=self.settings.client_extra(),  # credentials, on a secured cluster
+            )
         )
         reader.subscribe([self.settings.results])
         while not self._halt.is_set():
@@ -133,7 +137,7 @@ def history_values(settings: Settings) -> dict[str, list[bytes]]:
         consumer_config(
             settings.bootstrap_servers,
             f"hist.{time.time_ns()}",
-            extra={"enable.partition.eof": True},
+            extra={"enable.partition.eof": True, **settings.client_extra()},
         )
     )
     reader.subscribe([settings.history])

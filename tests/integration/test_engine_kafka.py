@@ -87,12 +87,11 @@ def test_activity_timeout_retries_then_compensates(stack: Stack) -> None:
 def test_cancel_compensates_and_a_signal_resumes(stack: Stack) -> None:
     cancelled = stack.client.start("trip", Trip(wait_signal=True), workflow_id="cancel-me")
     waiting = stack.client.start("trip", Trip(wait_signal=True), workflow_id="sign-me")
-    _wait_for(lambda: len(stack.kit.steps_of("cancel-me")) == 2)
-    _wait_for(lambda: len(stack.kit.steps_of("sign-me")) == 2)
-    # The kit registers each undo with saga.on_failure once its step returned, so a step still in
-    # flight at the cancel is not undone (docs/workflows.md, "Cancel"). The service applying
-    # step 2 is not enough: wait until the node has recorded it, or the cancel may overtake it.
-    _wait_for(lambda: _completed(stack, "cancel-me") == 2)
+    # Both steps recorded as completed, not only applied by the service: a cancel that comes
+    # before step 2's reply finds it in flight (it is registered with on_failure only once it
+    # returned), and only step 1 is undone.
+    for wf in ("cancel-me", "sign-me"):
+        _wait_for(lambda wf=wf: _completed(stack, wf) == 2)
     stack.client.cancel("cancel-me", reason="customer changed their mind")
     stack.client.signal("sign-me", "approve", Approval(by="ops"))
     with pytest.raises(WorkflowFailedError) as info:
@@ -170,6 +169,10 @@ def _store_dump(stack: Stack, state_dir: Path) -> dict[int, list[object]]:
         out[p].append(list(store.timers()))
         store.close()
     return out
+
+
+def _completed(stack: Stack, workflow_id: str) -> int:
+    return sum(e.event.kind == "ActivityCompleted" for e in stack.history(workflow_id))
 
 
 def _wait_for(condition: object, timeout: float = 20.0) -> None:
@@ -356,8 +359,3 @@ def test_a_start_over_the_inbox_limit_is_refused_by_the_client(stack: Stack) -> 
         stack.client.start("trip", {"pad": "x" * 600_000}, workflow_id="too-large")
     with pytest.raises(UnknownWorkflow):
         stack.client.describe("too-large", timeout=3)
-
-
-def _completed(stack: Stack, workflow_id: str) -> int:
-    """ActivityCompleted events in the workflow's history so far."""
-    return sum(1 for e in stack.history(workflow_id) if e.event.kind == "ActivityCompleted")

@@ -336,7 +336,8 @@ def test_an_aborted_transaction_is_redone(env: Env, monkeypatch: pytest.MonkeyPa
         assert env.read(env.settings.inbox, 1, timeout=0.5) == [], "the aborted reply is unseen"
 
     assert replies["wf-redo"].outcome is ReplyOutcome.SUCCESS
-    assert len(env.calls) == 2, "the batch was read again and redone (at-least-once)"
+    # The answer is kept across the abort and committed again: the handler does not run twice.
+    assert len(env.calls) == 1, "the aborted answer was committed again, not recomputed"
 
 
 def test_a_fatal_commit_error_stops_the_service(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -445,3 +446,38 @@ def test_a_consumer_fenced_by_its_static_twin_stops_the_service(env: Env) -> Non
         while service._idle.is_set() is False and time.monotonic() < deadline:
             twin.poll(0.1)
         twin.close()
+
+
+def test_an_abort_that_fails_for_good_replaces_the_producer(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that must be aborted, then an abort refused with a fatal INVALID_TXN_STATE (what a
+    killed broker's coordinator move gave, tests/cluster): the service used to stop; now a new
+    producer settles the open transaction and the batch is redone, its reply sent once."""
+    state = {"commit": 1, "abort": 1}
+
+    class FailingThenAbortFails(Producer):
+        def commit_transaction(self, timeout: float = -1) -> None:
+            if state["commit"]:
+                state["commit"] -= 1
+                raise KafkaException(
+                    KafkaError(KafkaError._STATE, "injected", txn_requires_abort=True)
+                )
+            super().commit_transaction(timeout)
+
+        def abort_transaction(self, timeout: float = -1) -> None:
+            if state["abort"]:
+                state["abort"] -= 1
+                raise KafkaException(
+                    KafkaError(KafkaError.INVALID_TXN_STATE, "injected", fatal=True)
+                )
+            super().abort_transaction(timeout)
+
+    monkeypatch.setattr(service_module, "Producer", FailingThenAbortFails)
+    env.send(env.command("wf-abort-fails", Reserve(sku="abc", qty=1)))
+    with serving(env.service()):
+        replies = env.replies(1)
+        assert env.read(env.settings.inbox, 1, timeout=0.5) == [], "one reply, not two"
+
+    assert replies["wf-abort-fails"].outcome is ReplyOutcome.SUCCESS
+    assert state == {"commit": 0, "abort": 0}, "the injected failures happened"

@@ -88,6 +88,7 @@ def test_ensure_creates_the_namespace_topics_with_compacted_history(
         names.history: N,
         names.results: N,
         names.dlq: 1,
+        names.nodes: 1,
     }
     metadata = raw_admin.list_topics(timeout=30).topics
     for name in names.all:
@@ -99,6 +100,7 @@ def test_ensure_creates_the_namespace_topics_with_compacted_history(
         assert history[key] == value, key
     for name in (names.inbox, names.results, names.dlq):
         assert _configs(raw_admin, name)["cleanup.policy"] == "delete", name
+    assert _configs(raw_admin, names.nodes)["cleanup.policy"] == "compact"
 
 
 @pytest.mark.broker
@@ -212,7 +214,7 @@ def test_other_tuning_is_a_warning_not_an_error(
 
     report = ensure_topics(kafka_bootstrap, ns, N)
 
-    assert report.created == (names.inbox, names.results, names.dlq)
+    assert report.created == (names.inbox, names.results, names.dlq, names.nodes)
     assert f"{names.history}: segment.ms is '600000', expected '3600000'" in report.warnings
 
 

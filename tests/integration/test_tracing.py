@@ -94,7 +94,19 @@ class ObservedStack(ThreadStack):
         self.handles[workflow_id] = client.start("trip", trip, workflow_id=workflow_id)
 
     def result(self, workflow_id: str, timeout: float = 30.0) -> TripResult:
-        return self.handles[workflow_id].result(TripResult, timeout=timeout)
+        try:
+            return self.handles[workflow_id].result(TripResult, timeout=timeout)
+        finally:
+            # The node ends a batch's spans once its commit call has returned; a client sees the
+            # result as soon as the broker has written the commit markers, which can be earlier.
+            _wait_for(lambda: self._finished(workflow_id))
+
+    def _finished(self, workflow_id: str) -> bool:
+        return any(
+            (s.attributes or {}).get(tracing.WORKFLOW_ID) == workflow_id
+            and tracing.STATUS in (s.attributes or {})
+            for s in self.exporter.get_finished_spans()
+        )
 
     def tree(self, workflow_id: str) -> list[str]:
         return tracing.format_trace_tree(

@@ -42,20 +42,28 @@ from contracts.envelopes import (
     ActivityCommand,
     ActivityCompleted,
     ActivityFailed,
+    ActivityHeartbeat,
     ActivityParked,
     ActivityReply,
     ActivityScheduled,
     CancelRequested,
     CancelWorkflow,
+    ChildWorkflowCompleted,
+    ChildWorkflowEnded,
+    ChildWorkflowFailed,
+    ChildWorkflowStarted,
     DeadLetter,
     Envelope,
     ErrorInfo,
     EventBody,
     HistoryEvent,
+    IdReusePolicy,
     LateReplyIgnored,
+    LocalActivityRecorded,
     MarkerRecorded,
     OperatorActed,
     OperatorAction,
+    ParentRef,
     Payload,
     ReplyOutcome,
     RetryPolicy,
@@ -67,10 +75,13 @@ from contracts.envelopes import (
     TraceContext,
     WorkflowBlocked,
     WorkflowCompleted,
+    WorkflowContinuedAsNew,
     WorkflowFailed,
     WorkflowResult,
     WorkflowStarted,
+    WorkflowStartSent,
     WorkflowStatus,
+    WorkflowTimedOut,
 )
 
 SCHEMA_DIR = Path(codec.__file__).parent / "schemas"
@@ -89,6 +100,7 @@ def opt(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 payloads = st.builds(Payload, encoding=texts, data=st.binary(max_size=64))
 traces = st.builds(TraceContext, traceparent=texts, tracestate=opt(texts))
 errors = st.builds(ErrorInfo, type=texts, message=texts, details=opt(texts))
+parents = st.builds(ParentRef, workflow_id=texts, seq=longs)
 retries = st.builds(
     RetryPolicy,
     max_attempts=longs,
@@ -109,6 +121,8 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         input=payloads,
         random_seed=longs,
         trace=opt(traces),
+        parent=opt(parents),
+        execution_timeout_ms=opt(longs),
     ),
     ActivityScheduled: st.builds(
         ActivityScheduled,
@@ -121,6 +135,7 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         retry=retries,
         attempt_timeout_ms=opt(longs),
         overall_timeout_ms=opt(longs),
+        heartbeat_timeout_ms=opt(longs),
     ),
     ActivityAttemptStarted: st.builds(ActivityAttemptStarted, seq=longs, attempt=longs),
     ActivityAttemptFailed: st.builds(
@@ -153,6 +168,24 @@ EVENT_BODIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         step_seq=opt(longs),
         input=opt(payloads),
     ),
+    ChildWorkflowStarted: st.builds(
+        ChildWorkflowStarted,
+        seq=longs,
+        child_workflow_id=texts,
+        workflow_type=texts,
+        input=payloads,
+        parent_close_policy=texts,
+    ),
+    ChildWorkflowCompleted: st.builds(ChildWorkflowCompleted, seq=longs, result=payloads),
+    ChildWorkflowFailed: st.builds(ChildWorkflowFailed, seq=longs, status=statuses, error=errors),
+    WorkflowTimedOut: st.builds(WorkflowTimedOut, timeout_ms=longs),
+    WorkflowContinuedAsNew: st.builds(WorkflowContinuedAsNew, input=payloads),
+    WorkflowStartSent: st.builds(
+        WorkflowStartSent, target_id=texts, workflow_type=texts, input=payloads, request_id=texts
+    ),
+    LocalActivityRecorded: st.builds(
+        LocalActivityRecorded, seq=longs, name=texts, result=opt(payloads), error=opt(errors)
+    ),
 }
 
 
@@ -176,6 +209,9 @@ ENVELOPES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         input=payloads,
         sent_at_ms=longs,
         trace=opt(traces),
+        parent=opt(parents),
+        execution_timeout_ms=opt(longs),
+        id_reuse=st.sampled_from(IdReusePolicy),
     ),
     SignalWorkflow: st.builds(
         SignalWorkflow,
@@ -219,6 +255,18 @@ ENVELOPES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         sent_at_ms=longs,
         deadline_ms=opt(longs),
         trace=opt(traces),
+        heartbeat_timeout_ms=opt(longs),
+        heartbeat_details=opt(payloads),
+    ),
+    ActivityHeartbeat: st.builds(
+        ActivityHeartbeat,
+        workflow_id=texts,
+        seq=longs,
+        attempt=longs,
+        idempotency_key=texts,
+        sent_at_ms=longs,
+        details=opt(payloads),
+        service=texts,
     ),
     ActivityReply: st.builds(
         ActivityReply,
@@ -254,6 +302,17 @@ ENVELOPES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
         value=opt(st.binary(max_size=64)),
     ),
     HistoryEvent: history_events(st.one_of(*EVENT_BODIES.values())),
+    ChildWorkflowEnded: st.builds(
+        ChildWorkflowEnded,
+        workflow_id=texts,
+        seq=longs,
+        child_workflow_id=texts,
+        status=statuses,
+        sent_at_ms=longs,
+        result=opt(payloads),
+        error=opt(errors),
+        trace=opt(traces),
+    ),
 }
 
 any_envelope = st.one_of(*ENVELOPES.values())
@@ -271,7 +330,7 @@ def _event_body_types() -> tuple[type[BaseModel], ...]:
 def test_strategies_cover_every_envelope_and_event_kind() -> None:
     assert set(ENVELOPES) == set(_union_members(Envelope))
     assert set(EVENT_BODIES) == set(_event_body_types())
-    assert len(EVENT_BODIES) == 17
+    assert len(EVENT_BODIES) == 24
 
 
 # --------------------------------------------------------------------------- round trips

@@ -12,7 +12,6 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -42,6 +41,7 @@ from orchestrator.errors import UnknownWorkflow
 from orchestrator.payloads import to_payload
 from orchestrator.settings import Settings
 from orchestrator.tracing import WORKFLOW_ID, JsonLinesSpanExporter, trace_context_of
+from orchestrator.visibility import WorkflowCounts, WorkflowPage, WorkflowRow
 
 T0 = 1_800_000_000_000
 
@@ -113,19 +113,20 @@ class QueryClient(StubClient):
     """A client that has the nodes' query API (the shapes of ``Client.list``/``counts``): the
     console must use it, not the scan."""
 
-    def list(self, **filters: Any) -> SimpleNamespace:
+    def list(self, **filters: Any) -> WorkflowPage:
         self.sent.append(("list", filters))
-        row = {
-            "workflow_id": "from-api", "workflow_type": "trip", "status": "PARKED",
-            "started_at_ms": T0, "updated_at_ms": T0 + 5, "waiting_for": "",
-            "reason": "Refused: the undo gave up",
-        }  # fmt: skip
-        return SimpleNamespace(
+        row = WorkflowRow(
+            workflow_id="from-api", workflow_type="trip", status="PARKED",
+            started_at_ms=T0, updated_at_ms=T0 + 5, finished_at_ms=None, waiting_for="",
+            steps_done=1, attempts=3, retries=2, reason="Refused: the undo gave up",
+            cancel_requested=False, next_due_ms=None, last_seq=7, partition=0,
+        )  # fmt: skip
+        return WorkflowPage(
             items=[row], next_cursor="c2", missing_partitions=[2], errors=["node n2: refused"]
         )
 
-    def counts(self) -> SimpleNamespace:
-        return SimpleNamespace(total=10, by_status={"PARKED": 7, "COMPLETED": 3})
+    def counts(self, *, timeout: float = 10.0) -> WorkflowCounts:
+        return WorkflowCounts.of({("PARKED", "trip"): 7, ("COMPLETED", "trip"): 3}, [0, 1])
 
     def histories(self, *, timeout: float = 60.0) -> dict[str, builtins.list[HistoryEvent]]:
         raise AssertionError("the console scanned the history though the client has list()")
@@ -134,10 +135,10 @@ class QueryClient(StubClient):
 class NoNodeClient(StubClient):
     """A client with the query API but no node to answer it: the console scans the history."""
 
-    def list(self, **filters: Any) -> SimpleNamespace:
+    def list(self, **filters: Any) -> WorkflowPage:
         raise ClientError("no orchestrator node of namespace 'console-unit' answered")
 
-    def counts(self) -> SimpleNamespace:
+    def counts(self, *, timeout: float = 10.0) -> WorkflowCounts:
         raise AssertionError("counts() after list() failed")
 
 
@@ -417,3 +418,27 @@ def test_a_skipped_compensation_is_shown_skipped_with_who_and_why() -> None:
     assert row is not None
     assert ">skipped<" in row.group(1) and "by ops: undone by hand" in row.group(1)
     assert "skip #1 by ops: undone by hand" in page  # the timeline
+
+
+def test_child_workflows_are_rows_of_the_steps_with_how_they_ended() -> None:
+    from contracts.envelopes import (
+        ChildWorkflowCompleted,
+        ChildWorkflowFailed,
+        ChildWorkflowStarted,
+    )
+    from orchestrator.console.source import detail_of
+
+    events = _events(
+        "p",
+        ChildWorkflowStarted(seq=1, child_workflow_id="p-a", workflow_type="ship", input=Payload()),
+        ChildWorkflowStarted(seq=2, child_workflow_id="p-b", workflow_type="ship", input=Payload()),
+        ChildWorkflowCompleted(seq=1, result=to_payload({"ref": "x"})),
+        ChildWorkflowFailed(
+            seq=2, status=WorkflowStatus.COMPENSATED, error=ErrorInfo(type="Refused", message="no")
+        ),
+    )
+    rows = [(s.seq, s.name, s.outcome, s.detail) for s in detail_of("p", events).steps]
+    assert rows == [
+        (1, "child ship p-a", "completed", '{"ref":"x"}'),
+        (2, "child ship p-b", "compensated", "Refused: no"),
+    ]

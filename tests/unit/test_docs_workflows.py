@@ -15,6 +15,8 @@ import pytest
 from contracts.envelopes import (
     ActivityReply,
     ActivityScheduled,
+    ChildWorkflowEnded,
+    ChildWorkflowStarted,
     HistoryEvent,
     ReplyOutcome,
     StartWorkflow,
@@ -140,3 +142,66 @@ def test_replay_testing_example_passes_and_catches_v3(
 
     with pytest.raises(NonDeterminismError, match=r"docs/workflows\.md:"):
         Replayer([doc.ShipOrderV3]).replay_file("tests/histories/ship-order.json")
+
+
+def _child_of(parent: WorkflowRun, events: list[HistoryEvent], doc: Any, fail: str) -> list[Any]:
+    """Run each child the parent started (as its node would) and hand its end to the parent."""
+    more: list[HistoryEvent] = []
+    for body in [e.event for e in events if isinstance(e.event, ChildWorkflowStarted)]:
+        child, _ = _drive(
+            doc.ShipParcel, body.child_workflow_id, from_payload(body.input, doc.Parcel), fail
+        )
+        state = child.state
+        assert state.status is not None
+        ended = ChildWorkflowEnded(
+            workflow_id=parent.state.workflow_id,
+            seq=body.seq,
+            child_workflow_id=body.child_workflow_id,
+            status=state.status,
+            sent_at_ms=0,
+            result=state.result,
+            error=state.error,
+        )
+        more += parent.on_child_ended(ended, 3_000)
+    return more
+
+
+@pytest.mark.parametrize("fail", ["", "shipping.ship"])
+def test_child_workflow_example_ships_parcels_or_refunds(doc: Any, fail: str) -> None:
+    registry = WorkflowRegistry([doc.FulfilOrder, doc.ShipParcel])
+    run, events = _drive(doc.FulfilOrder, "o7", doc.Order(id="o7"))  # charged; children started
+    children = [e.event for e in events if isinstance(e.event, ChildWorkflowStarted)]
+    assert [c.child_workflow_id for c in children] == ["o7-parcel-1", "o7-parcel-2"]
+    ended = _child_of(run, events, doc, fail)
+    # a failed child: the saga refunds (the refund's reply, as the services would send it)
+    for body in [e.event for e in ended if isinstance(e.event, ActivityScheduled)]:
+        ended += run.on_reply(
+            ActivityReply(
+                workflow_id="o7", seq=body.seq, attempt=1, idempotency_key=body.idempotency_key,
+                outcome=ReplyOutcome.SUCCESS, sent_at_ms=0, result=to_payload({"ref": "r"}),
+            ),
+            4_000,
+        )  # fmt: skip
+    history = events + ended
+    if fail:
+        assert run.state.status is WorkflowStatus.COMPENSATED
+        assert run.state.error is not None and "o7-parcel-1" in run.state.error.message
+        assert _calls(history) == ["payments.charge", "payments.refund"]
+    else:
+        assert run.state.status is WorkflowStatus.COMPLETED
+        assert run.state.result is not None
+        assert from_payload(run.state.result, list[str]) == ["shipping.ship", "shipping.ship"]
+    assert WorkflowRun.replay("o7", history, registry).state == run.state
+
+
+def test_query_example_answers_from_the_state(doc: Any) -> None:
+    registry = WorkflowRegistry([doc.ApproveOrder])
+    run, events = _drive(doc.ApproveOrder, "o8", doc.Order(id="o8"))
+    assert from_payload(run.query("progress", None), str) == "waiting for approval"
+    assert from_payload(run.query("eta", to_payload(3)), str) == "after the approval"
+    run.on_signal("approve", to_payload({"ref": "ann"}), "s1", 2_000)
+    assert from_payload(run.query("progress", None), str) == "approved by ann, shipping"
+    assert from_payload(run.query("eta", to_payload(3)), str) == "3 days"
+    assert WorkflowRun.replay("o8", events, registry).query("progress", None) == to_payload(
+        "waiting for approval"
+    )

@@ -8,10 +8,10 @@ from typing import Any, cast
 
 import pytest
 
-from contracts.orders import ChargePayment, PaymentReceipt, PaymentRefunded, RefundPayment
 from orchestrator.errors import BusinessError
 from orchestrator.service import CommandInfo, Service
 from services_example import payments
+from services_example.contracts import ChargePayment, PaymentReceipt, PaymentRefunded, RefundPayment
 from services_example.runtime import ServiceStore
 
 

@@ -235,11 +235,14 @@ def test_a_status_no_longer_counted_reads_zero() -> None:
     assert gauge_values(metrics, "saga_workflows") == {"RUNNING": 0, "COMPLETED": 7}
 
 
-def test_status_counts_falls_back_to_decoding_other_json(tmp_path: Path) -> None:
-    store = _store_with(tmp_path / "p0", ["RUNNING"])
+def test_status_counts_follow_status_changes_and_removals(tmp_path: Path) -> None:
+    # The counts are kept with every write (the visibility index), not read from each summary.
+    store = _store_with(tmp_path / "p0", ["RUNNING", "RUNNING"])
     try:
-        # A summary written with other separators than json.dumps' defaults is still counted.
-        store._db.put(b"wother", b'{"workflow_id":"other","status":"FAILED"}')
-        assert store.status_counts() == {"RUNNING": 1, "FAILED": 1}
+        batch = StoreBatch()
+        batch.set_summary(WorkflowSummary("wf-0", "trip", "PARKED", 9, None, 456), None)
+        batch.remove_workflow("wf-1", 3, None)
+        store.write(batch)
+        assert store.status_counts() == {"PARKED": 1}
     finally:
         store.close()

@@ -107,6 +107,7 @@ def test_after_a_restore_the_inbox_is_read_before_overdue_timers_fire() -> None:
         proc._partitions = {0: OverduePartition()}  # type: ignore[dict-item]
 
     proc._restore_assigned = restore  # type: ignore[method-assign]
+    proc._answer_queries = lambda: None  # type: ignore[method-assign]
 
     proc.step()  # the turn that restores: no timers yet
     assert decider.fired == 0
