@@ -7,9 +7,9 @@ The shape of issue #13's comparison: the example's ``place-order`` saga
 so its stock hold is released by a compensation), its three services through the Services SDK,
 each in its own process (``bench._sdk_services``), and an orchestrator node in its own process
 (``python -m orchestrator.cli run``: the product as it ships, its Settings from the environment).
-The bench process is only the client: ``Client.start`` for every saga, and one subscription to
-``<ns>.results`` that notes when each result arrives (the client's own ``result()`` is measured
-alone at C = 1; see docs/performance.md, "Closed loop").
+The bench process is only the client: ``Client.start`` and ``Client.result`` for every saga
+(``--own-subscription``: one subscription of the bench's own to ``<ns>.results`` instead, which
+notes when each result arrives; see docs/performance.md, "Closed loop").
 
 For each C: C threads, each starting a saga and waiting for its result, again and again, for
 ``seconds`` (the first second is warm-up and not counted). Figures: sagas/s and steps/s (three
@@ -397,8 +397,7 @@ class Options:
     seconds: float = 6.0
     partitions: int = 6
     extra_env: dict[str, str] = field(default_factory=dict)
-    client_result_probe: int = 20  # sagas at C = 1 waited for with Client.result (0: skip)
-    via_client: bool = False  # every level waits with Client.result, not the bench's reader
+    via_client: bool = True  # every level waits with Client.result, else the bench's reader
 
 
 def run_phase(opts: Options) -> dict[str, Any]:
@@ -468,13 +467,6 @@ def run_phase(opts: Options) -> dict[str, Any]:
                 f"to service {p50('to_service')} + back to node {p50('back_to_node')}, "
                 f"result visible {p50('result_visible')}; history span {p50('history_span')} ms"
             )
-        if opts.client_result_probe > 0:
-            figures["client_result_c1"] = client_result_probe(client, opts.client_result_probe)
-            say(
-                f"[5] Client.start + Client.result at C=1 ({opts.client_result_probe} sagas): "
-                f"p50 {figures['client_result_c1']['p50_ms']} ms, "
-                f"p99 {figures['client_result_c1']['p99_ms']} ms"
-            )
         figures["targets"] = verdicts(figures["levels"])
         return figures
     finally:
@@ -488,18 +480,6 @@ def run_phase(opts: Options) -> dict[str, Any]:
         except Exception as exc:
             say(f"could not delete the closed loop's topics: {exc}")
         shutil.rmtree(root, ignore_errors=True)
-
-
-def client_result_probe(client: Client, count: int) -> dict[str, float | None]:
-    """Sagas one at a time through the client's own ``start`` and ``result``."""
-    lat: list[float] = []
-    for n in range(count):
-        wf = f"probe-{n}"
-        t0 = now_ms()
-        handle = client.start("place-order", order(wf, 0), workflow_id=wf)
-        handle.result(timeout=60)
-        lat.append(now_ms() - t0)
-    return split(lat)
 
 
 def verdicts(levels: dict[str, Any]) -> dict[str, str]:
@@ -534,12 +514,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=6.0, help="measured seconds per level")
     p.add_argument("--quick", action="store_true", help="C = 1,4,128 for 3 s each")
     p.add_argument(
-        "--client-probe",
-        type=int,
-        default=20,
-        help="sagas at C = 1 through Client.start + Client.result (0: skip)",
-    )
-    p.add_argument(
         "--env",
         action="append",
         default=[],
@@ -547,10 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         help="environment of the node and services, e.g. SAGA_COMMIT_INTERVAL_MS=0",
     )
     p.add_argument(
-        "--via-client",
+        "--own-subscription",
         action="store_true",
-        help="wait for each result with Client.result (on main: a consumer per call, so keep "
-        "C small) instead of the bench's one subscription",
+        help="wait for results with one subscription of the bench's own, not Client.result",
     )
     args = p.parse_args(argv)
     opts = Options(
@@ -558,8 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         levels=(1, 4, 128) if args.quick else args.levels,
         seconds=3.0 if args.quick else args.seconds,
         extra_env=dict(kv.split("=", 1) for kv in args.env),
-        client_result_probe=args.client_probe,
-        via_client=args.via_client,
+        via_client=not args.own_subscription,
     )
     figures = run_phase(opts)
     for name, verdict in figures["targets"].items():

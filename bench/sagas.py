@@ -853,7 +853,6 @@ class Bench:
                 seconds=seconds,
                 partitions=self.args.partitions,
                 extra_env=env,
-                client_result_probe=0 if self.args.quick else 20,
             )
         )
 
