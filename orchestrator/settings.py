@@ -90,8 +90,9 @@ class Settings(BaseSettings):
     )
     commit_interval_ms: int = Field(
         # 0: a transaction takes what has arrived and waits for nothing more. Under load, input
-        # piles up while the previous transaction commits, so batches stay large anyway; at low
-        # load any wait here is added to every step (docs/performance.md, "Closed loop").
+        # piles up while the previous transaction commits, so batches still form; at low load
+        # any wait here is added to every step. 5 drains an all-at-once burst ~15 % faster
+        # (docs/performance.md, "Closed loop").
         default=0,
         ge=0,
         le=60_000,
