@@ -135,6 +135,8 @@ class Processor:
         # writes for, so even a batch that consumed nothing (timers, retention) is fenced by the
         # group generation (KIP-447) once the partition has moved to another node.
         self._positions: dict[int, int] = {}
+        # Just restored: the next poll waits for the inbox's first fetch even if timers are due.
+        self._restored = False
         self._stop = threading.Event()
         # Queries from the HTTP threads (orchestrator/_queries.py): answered by this thread, which
         # owns the WorkflowRuns, at the start of each turn.
@@ -334,8 +336,10 @@ class Processor:
     def step(self) -> None:
         self._answer_queries()
         msgs = self._next_records()
-        if self._to_restore:
+        restored = bool(self._to_restore)
+        if restored:
             self._restore_assigned()
+            self._restored = True
         batch = Batch()
         now = now_ms()
         for msg in msgs:
@@ -353,7 +357,12 @@ class Processor:
             part = self._partitions.get(msg.partition() or 0)
             if part is not None:  # else revoked during the poll: the new owner handles it
                 self._decider.handle(part, msg, batch, now)
-        self._decider.fire_timers(self._partitions.values(), batch, now)
+        # Not in the turn that restored: timers that fell due while no node ran (attempt
+        # timeouts above all) would fire before the replies waiting on the inbox were read,
+        # retrying attempts that were answered in time (and, after max_attempts, compensating a
+        # saga that succeeded). The next turn reads the inbox first (_poll_timeout), then fires.
+        if not restored:
+            self._decider.fire_timers(self._partitions.values(), batch, now)
         self._decider.expire_finished(self._partitions.values(), batch, now)
         self._decider.repair_history(self._partitions, batch)
         self._decider.wake_blocked(self._partitions, batch, now)
@@ -443,8 +452,11 @@ class Processor:
         return records
 
     def _poll_timeout(self) -> float:
-        dues = [d for d in (p.next_due_ms() for p in self._partitions.values()) if d is not None]
         wait_ms = _IDLE_POLL_MS
+        if self._restored:  # the first fetch of the restored partitions, then the timers
+            self._restored = False
+            return wait_ms / 1000
+        dues = [d for d in (p.next_due_ms() for p in self._partitions.values()) if d is not None]
         if dues:
             wait_ms = min(wait_ms, max(0, min(dues) - now_ms()))
         return wait_ms / 1000
