@@ -65,9 +65,9 @@ from contracts.envelopes import (
     WorkflowResult,
     WorkflowStarted,
 )
+from orchestrator._kafka_config import consumer_config
 from orchestrator.client import Client
 from orchestrator.errors import WorkflowFailedError
-from orchestrator.kafka_config import consumer_config
 from orchestrator.settings import Settings
 from orchestrator.topics import TopicAdmin, ensure_service_topic, ensure_topics, topic_names
 from services_example.contracts import Order
