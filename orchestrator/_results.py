@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from contracts.codec import CodecError, decode_as
-from contracts.envelopes import WorkflowResult
+from contracts.envelopes import IdReusePolicy, WorkflowResult
 from orchestrator._partitioner import partition_for
 from orchestrator.errors import Rejection
 
@@ -85,6 +85,21 @@ class Sent:
     sent_at_ms: int
     partition: int
     offset: int
+    reuse: IdReusePolicy = IdReusePolicy.REJECT_DUPLICATE
+
+    def may_take(self, other: WorkflowResult) -> bool:
+        """Whether a result of another request (another run of the id) can answer this start.
+
+        REJECT_DUPLICATE: yes, a duplicate start is answered by the workflow it duplicates,
+        finished or not. TERMINATE_IF_RUNNING: never, the start always begins its own run (or
+        is rejected, with its own result). ALLOW_DUPLICATE: only by a run that ended after the
+        start was sent (the one it duplicated while it ran); a run that had ended before is an
+        earlier run, and the start began a new one."""
+        if self.reuse is IdReusePolicy.TERMINATE_IF_RUNNING:
+            return False
+        if self.reuse is IdReusePolicy.ALLOW_DUPLICATE:
+            return other.finished_at_ms >= self.sent_at_ms
+        return True
 
 
 def is_rejection(result: WorkflowResult) -> bool:
@@ -297,6 +312,9 @@ class ResultSubscription:
             found = self._decoded(entry) if entry.value else None
             if found is not None and found.workflow_id == waiter.workflow_id:
                 results.append(found)
+        sent = waiter.sent
+        if sent is not None and sent.reuse is not IdReusePolicy.REJECT_DUPLICATE:
+            results = [r for r in results if r.request_id == waiter.request_id or sent.may_take(r)]
         for found in results:
             if is_rejection(found) and found.request_id != waiter.request_id:
                 waiter.rejection = found

@@ -443,6 +443,9 @@ def detail_of(store: PartitionStore, number: int, node_id: str, wf: str) -> Work
 # --------------------------------------------------------------------------- a node's side
 
 
+_SETTLE_WAIT_S = 2.0  # a commit takes milliseconds; past this, answer from what is written
+
+
 class OwnedStores:
     """The stores of the partitions a node owns, as its HTTP threads may read them.
 
@@ -456,6 +459,21 @@ class OwnedStores:
         self._lock = threading.Lock()
         self._stores: dict[int, PartitionStore] = {}
         self._listeners: list[Callable[[list[int]], None]] = []
+        # Clear while a transaction is committed and not yet written to the stores: a client
+        # that saw its result (committed) must not then read the state from before it.
+        self._settled = threading.Event()
+        self._settled.set()
+
+    def committing(self) -> None:
+        self._settled.clear()
+
+    def settled(self) -> None:
+        self._settled.set()
+
+    def wait_settled(self, timeout: float = _SETTLE_WAIT_S) -> None:
+        """Until the transaction in flight (if any) is in the stores too; bounded, as a node
+        stuck in a commit must still answer."""
+        self._settled.wait(timeout)
 
     def listen(self, listener: Callable[[list[int]], None]) -> None:
         self._listeners.append(listener)
@@ -523,6 +541,7 @@ class VisibilityApi:
             return _error(500, f"{type(exc).__name__}: {exc}")
 
     def _answer(self, path: str, query: str) -> tuple[int, bytes, str]:
+        self.owned.wait_settled()
         try:
             if path in ("/workflows", "/workflows/"):
                 params = parse_qs(query, keep_blank_values=False)

@@ -619,7 +619,8 @@ class Client:
     def _remember(self, start: StartWorkflow, partition: int, offset: int) -> None:
         """Where this client's start went, for ``result()`` (``_results.py``)."""
         with self._lock:
-            self._sent_at[start.request_id] = Sent(start.sent_at_ms, partition, offset)
+            reuse = IdReusePolicy(start.id_reuse)
+            self._sent_at[start.request_id] = Sent(start.sent_at_ms, partition, offset, reuse)
             while len(self._sent_at) > _SENT_AT_MAX:
                 self._sent_at.popitem(last=False)
 

@@ -500,6 +500,15 @@ class Processor:
             if part is not None:
                 part.summarize(cached, batch.store(number))
         self._history_offsets.clear()
+        if self.owned is not None:
+            self.owned.committing()
+        try:
+            self._commit_and_write(batch)
+        finally:
+            if self.owned is not None:
+                self.owned.settled()
+
+    def _commit_and_write(self, batch: Batch) -> None:
         if self._brokers_lost:
             self._replace_producer("the brokers were unreachable since its last transaction")
         try:

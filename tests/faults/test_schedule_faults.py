@@ -12,54 +12,25 @@ from __future__ import annotations
 
 import calendar
 import time
-from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer
 
-from contracts import codec
-from contracts.envelopes import StartWorkflow, WorkflowStatus
-from orchestrator._kafka_config import consumer_config
+from contracts.envelopes import WorkflowStatus
 from orchestrator.client import Client
 from orchestrator.schedule import create_schedule, delete_schedule, list_schedules, target_id
 from orchestrator.settings import Settings
 from tests.integration.kit import Trip, build, create_topics, settings_for
-from tests.integration.procs import NodeProcess, ResultWatcher, service_threads
+from tests.integration.procs import NodeProcess, ResultWatcher, inbox_starts, service_threads
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
-def _starts(settings: Settings, prefix: str) -> Counter[str]:
-    """StartWorkflow records on the inbox per workflow id (committed ones: read_committed)."""
-    reader = Consumer(
-        consumer_config(
-            settings.bootstrap_servers,
-            f"starts.{time.monotonic_ns()}",
-            extra={"enable.partition.eof": True},
-        )
-    )
-    reader.subscribe([settings.inbox])
-    found: Counter[str] = Counter()
-    eofs: set[int] = set()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(eofs) < settings.partitions:
-        for msg in reader.consume(1000, 0.2):
-            if msg.error() is not None:
-                eofs.add(msg.partition() or 0)
-            elif (msg.key() or b"").decode().startswith(prefix) and msg.value():
-                envelope = codec.decode(msg.value() or b"")
-                if isinstance(envelope, StartWorkflow):
-                    found[envelope.workflow_id] += 1
-    reader.close()
-    return found
-
-
 def _wait_for_more(settings: Settings, prefix: str, more: int, timeout: float) -> int:
-    before = len(_starts(settings, prefix))
+    before = len(inbox_starts(settings, prefix))
     deadline = time.monotonic() + timeout
-    while (now := len(_starts(settings, prefix))) < before + more:
+    while (now := len(inbox_starts(settings, prefix))) < before + more:
         assert time.monotonic() < deadline, f"{now - before} of {more} new ticks in {timeout}s"
         time.sleep(0.5)
     return now
@@ -95,7 +66,7 @@ def test_a_schedule_starts_once_per_tick_across_kills_and_a_move(
             while list_schedules(client):
                 assert time.monotonic() < deadline, "the schedule was not deleted"
                 time.sleep(0.5)
-            starts = _starts(settings, "beat-")
+            starts = inbox_starts(settings, "beat-")
             watcher.wait_for(len(starts), timeout=120)
         finally:
             a.stop()

@@ -9,14 +9,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 from confluent_kafka import Consumer
 
 from contracts import codec
-from contracts.envelopes import HistoryEvent, WorkflowResult
+from contracts.envelopes import HistoryEvent, StartWorkflow, WorkflowResult
 from orchestrator._kafka_config import consumer_config
 from orchestrator.settings import Settings
 
@@ -166,3 +166,29 @@ def assert_history_sound(settings: Settings, workflow_ids: list[str]) -> None:
     for wf in workflow_ids:
         seqs = sorted(int(k.rsplit("/", 1)[1]) for k in values if k.rsplit("/", 1)[0] == wf)
         assert seqs == list(range(1, len(seqs) + 1)), (wf, seqs)
+
+
+def inbox_starts(settings: Settings, prefix: str) -> Counter[str]:
+    """How many StartWorkflow records the inbox holds per workflow id starting with ``prefix``
+    (committed ones: read_committed)."""
+    reader = Consumer(
+        consumer_config(
+            settings.bootstrap_servers,
+            f"starts.{time.monotonic_ns()}",
+            extra={"enable.partition.eof": True},
+        )
+    )
+    reader.subscribe([settings.inbox])
+    found: Counter[str] = Counter()
+    eofs: set[int] = set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(eofs) < settings.partitions:
+        for msg in reader.consume(1000, 0.2):
+            if msg.error() is not None:
+                eofs.add(msg.partition() or 0)
+            elif (msg.key() or b"").decode().startswith(prefix) and msg.value():
+                envelope = codec.decode(msg.value() or b"")
+                if isinstance(envelope, StartWorkflow):
+                    found[envelope.workflow_id] += 1
+    reader.close()
+    return found

@@ -5,7 +5,6 @@ from __future__ import annotations
 import calendar
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -15,9 +14,8 @@ from click.testing import CliRunner
 from confluent_kafka import Consumer
 from pydantic import BaseModel
 
-from contracts import codec
 from contracts.activity import ActivityContract
-from contracts.envelopes import IdReusePolicy, StartWorkflow, WorkflowStatus
+from contracts.envelopes import IdReusePolicy, WorkflowStatus
 from orchestrator import workflow
 from orchestrator._kafka_config import consumer_config
 from orchestrator.cli import main
@@ -33,6 +31,7 @@ from orchestrator.settings import Settings
 from orchestrator.workflow import Compensation, WorkflowContext
 
 from .kit import Done, Kit, Step, build, settings_for
+from .procs import inbox_starts
 from .stack import Stack, running_stack
 
 pytestmark = pytest.mark.broker
@@ -108,31 +107,6 @@ def _live_keys(settings: Settings, prefix: str) -> set[str]:
     return {key for key, live in last.items() if live}
 
 
-def _starts_on_inbox(settings: Settings, prefix: str) -> Counter[str]:
-    """How many StartWorkflow records the inbox holds per workflow id starting with ``prefix``."""
-    reader = Consumer(
-        consumer_config(
-            settings.bootstrap_servers,
-            f"starts.{time.monotonic_ns()}",
-            extra={"enable.partition.eof": True},
-        )
-    )
-    reader.subscribe([settings.inbox])
-    found: Counter[str] = Counter()
-    eofs: set[int] = set()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(eofs) < settings.partitions:
-        for msg in reader.consume(1000, 0.2):
-            if msg.error() is not None:
-                eofs.add(msg.partition() or 0)
-            elif (msg.key() or b"").decode().startswith(prefix) and msg.value():
-                envelope = codec.decode(msg.value() or b"")
-                if isinstance(envelope, StartWorkflow):
-                    found[envelope.workflow_id] += 1
-    reader.close()
-    return found
-
-
 def _wait(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -206,7 +180,7 @@ def test_id_reuse_policies(life: Stack) -> None:
 def test_a_schedule_starts_once_per_tick_across_a_restart(life: Stack) -> None:
     settings, client = life.settings, life.client
     create_schedule(client, "tick", "looper", {"n": 0, "limit": 1}, every=timedelta(seconds=1))
-    _wait("three ticks", lambda: len(_starts_on_inbox(settings, "tick-")) >= 3)
+    _wait("three ticks", lambda: len(inbox_starts(settings, "tick-")) >= 3)
     assert [s.name for s in list_schedules(client)] == ["tick"]
     runner = CliRunner()
     base = ["--bootstrap", settings.bootstrap_servers, "--namespace", settings.namespace]
@@ -217,12 +191,12 @@ def test_a_schedule_starts_once_per_tick_across_a_restart(life: Stack) -> None:
     life.stop_node()
     time.sleep(3)
     life.start_node()
-    before = len(_starts_on_inbox(settings, "tick-"))
-    _wait("three more ticks", lambda: len(_starts_on_inbox(settings, "tick-")) >= before + 3)
+    before = len(inbox_starts(settings, "tick-"))
+    _wait("three more ticks", lambda: len(inbox_starts(settings, "tick-")) >= before + 3)
     deleted = runner.invoke(main, [*base, "--partitions", "3", "schedule", "delete", "tick"])
     assert deleted.exit_code == 0, deleted.output
     _wait("the delete", lambda: list_schedules(client) == [])
-    starts = _starts_on_inbox(settings, "tick-")
+    starts = inbox_starts(settings, "tick-")
     assert set(starts.values()) == {1}, starts  # one start per tick
     ticks = sorted(starts)
     first = calendar.timegm(time.strptime(ticks[0], "tick-%Y-%m-%dT%H:%M:%SZ"))

@@ -3,9 +3,9 @@ latest that is not a rejected start; another start's rejection never answers."""
 
 from __future__ import annotations
 
-from contracts.envelopes import ErrorInfo, WorkflowResult, WorkflowStatus
+from contracts.envelopes import ErrorInfo, IdReusePolicy, WorkflowResult, WorkflowStatus
 from orchestrator._payloads import to_payload
-from orchestrator._results import pick
+from orchestrator._results import Sent, pick
 
 
 def _done(request_id: str | None, value: int) -> WorkflowResult:
@@ -48,3 +48,26 @@ def test_without_an_own_result_the_latest_answers() -> None:
     assert pick([_done("a", 1), _done("b", 2)], None) == _done("b", 2)
     assert pick([_done("a", 1), _done("b", 2)], "c") == _done("b", 2)
     assert pick([], "c") is None
+
+
+def _ended(request_id: str, finished_at_ms: int) -> WorkflowResult:
+    return WorkflowResult(
+        workflow_id="wf",
+        status=WorkflowStatus.COMPLETED,
+        finished_at_ms=finished_at_ms,
+        request_id=request_id,
+    )
+
+
+def test_which_other_run_may_answer_a_start_by_its_id_reuse_policy() -> None:
+    """The result of an earlier run never answers a start that began a new run of the id."""
+    sent_at = 1_000
+
+    def sent(reuse: IdReusePolicy) -> Sent:
+        return Sent(sent_at, 0, 5, reuse)
+
+    earlier, later = _ended("old", sent_at - 1), _ended("old", sent_at + 1)
+    assert sent(IdReusePolicy.REJECT_DUPLICATE).may_take(earlier)  # a duplicate of a finished one
+    assert not sent(IdReusePolicy.ALLOW_DUPLICATE).may_take(earlier)  # it started a new run
+    assert sent(IdReusePolicy.ALLOW_DUPLICATE).may_take(later)  # it duplicated the running one
+    assert not sent(IdReusePolicy.TERMINATE_IF_RUNNING).may_take(later)  # always its own run
