@@ -44,6 +44,8 @@ import urllib.request
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, overload
@@ -545,6 +547,7 @@ class Client:
         self._results_lookback = results_lookback
         self._results: ResultSubscription | None = None
         self._results_lock = threading.Lock()
+        self._opening: Future[ResultSubscription] | None = None
         # When this client sent each recent start (by request id): a waiter on a start sent
         # after the results cache's coverage began needs no backfill (_results.py).
         self._sent_at: OrderedDict[str, Sent] = OrderedDict()
@@ -1210,36 +1213,65 @@ class Client:
                     ) from exc
             time.sleep(0.1)
 
-    def _results_subscription(self) -> ResultSubscription:
+    def _results_subscription(self, deadline: float | None = None) -> ResultSubscription:
         """The client's one subscription to ``<ns>.results``, opened at the first call (and
-        again after one failed for good)."""
+        again after one failed for good). Opening reads metadata and offsets, which a loaded
+        broker may answer slowly: it runs in a thread of its own, and a caller with a
+        ``deadline`` gets ``TimeoutError`` past it (the opening goes on for the next call)."""
         with self._results_lock:
             if self._closed:
                 raise ClientError("the client is closed")
             sub = self._results
-            if sub is None or sub.failure is not None:
-                deadline = time.monotonic() + self._send_timeout
-                topic = self.settings.results
-                probe = self._consumer()
-                try:
-                    count = self._partition_count(topic, deadline, probe)
-                finally:
-                    probe.close()
-                try:
-                    sub = ResultSubscription(
-                        topic,
-                        self._results_consumer,
-                        partitions=count,
-                        lookback=self._results_lookback,
-                        metadata_timeout=self._send_timeout,
-                    )
-                except KafkaException as exc:
-                    raise ClientError(
-                        f"cannot read {topic} from {self.settings.bootstrap_servers}: "
-                        f"{_kafka_exception(exc)}"
-                    ) from exc
+            if sub is not None and sub.failure is None:
+                return sub
+            opening = self._opening
+            if opening is None or opening.done():
+                opening = self._opening = Future()
+                threading.Thread(
+                    target=self._open_results, args=(opening,), name="results-open", daemon=True
+                ).start()
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        try:
+            return opening.result(timeout=remaining)
+        except FutureTimeout:
+            raise TimeoutError(
+                f"could not open the reader of {self.settings.results} in time"
+            ) from None
+
+    def _open_results(self, opening: Future[ResultSubscription]) -> None:
+        try:
+            deadline = time.monotonic() + self._send_timeout
+            topic = self.settings.results
+            probe = self._consumer()
+            try:
+                count = self._partition_count(topic, deadline, probe)
+            finally:
+                probe.close()
+            try:
+                sub = ResultSubscription(
+                    topic,
+                    self._results_consumer,
+                    partitions=count,
+                    lookback=self._results_lookback,
+                    metadata_timeout=self._send_timeout,
+                )
+            except KafkaException as exc:
+                raise ClientError(
+                    f"cannot read {topic} from {self.settings.bootstrap_servers}: "
+                    f"{_kafka_exception(exc)}"
+                ) from exc
+        except BaseException as exc:  # handed to the caller waiting on it
+            opening.set_exception(exc)
+            return
+        with self._results_lock:
+            closed = self._closed
+            if not closed:
                 self._results = sub
-            return sub
+        if closed:
+            sub.close()
+            opening.set_exception(ClientError("the client is closed"))
+            return
+        opening.set_result(sub)
 
     def _results_consumer(self, error_cb: Callable[[KafkaError], None] | None = None) -> Consumer:
         conf = consumer_config(
@@ -1255,9 +1287,13 @@ class Client:
         return Consumer(conf)
 
     def _register_waiter(
-        self, workflow_id: str, request_id: str | None, deliver: Callable[[Any], None]
+        self,
+        workflow_id: str,
+        request_id: str | None,
+        deliver: Callable[[Any], None],
+        deadline: float | None = None,
     ) -> tuple[ResultSubscription, Waiter]:
-        sub = self._results_subscription()
+        sub = self._results_subscription(deadline)
         with self._lock:
             sent = self._sent_at.get(request_id) if request_id is not None else None
         return sub, sub.register(workflow_id, request_id, sent, deliver)
@@ -1345,7 +1381,12 @@ class Client:
     ) -> WorkflowResult:
         deadline = time.monotonic() + timeout
         outcomes: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        sub, waiter = self._register_waiter(workflow_id, request_id, outcomes.put)
+        try:
+            sub, waiter = self._register_waiter(workflow_id, request_id, outcomes.put, deadline)
+        except TimeoutError as exc:
+            raise TimeoutError(
+                f"no result for workflow {workflow_id} within {timeout}s: {exc}"
+            ) from None
         try:
             self._backfill(sub, waiter, deadline)
             while True:

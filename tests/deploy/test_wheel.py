@@ -200,8 +200,18 @@ def test_a_node_a_service_and_the_client_run_from_the_wheel(
         processes.append(proc)
         _wait_ready(port, proc, log)
 
-    printed = _run([installed / "python", "order.py"], timeout=240, **run).stdout
-    assert _comparable(printed) == _comparable(_blocks("text")[0])
+    ordered = subprocess.run(
+        [str(installed / "python"), "order.py"], capture_output=True, text=True, check=False,
+        timeout=240, cwd=app, env=env,
+    )  # fmt: skip
+    logs = "".join(
+        f"\n--- {name}.log (last 4000 chars)\n{(tmp_path / f'{name}.log').read_text()[-4000:]}"
+        for name in ("node", "service")
+    )
+    assert ordered.returncode == 0, (
+        f"order.py exited {ordered.returncode}:\n{ordered.stdout}\n{ordered.stderr}{logs}"
+    )
+    assert _comparable(ordered.stdout) == _comparable(_blocks("text")[0])
 
 
 def _comparable(output: str) -> str:
