@@ -32,15 +32,18 @@ a function of the inputs and results so that replay takes the same path.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import random
+import sys
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Generic, NoReturn, TypeVar, get_type_hints, overload
 
@@ -216,10 +219,13 @@ class WorkflowRegistry:
         digest = hashlib.sha256()
         for name in sorted(self._by_name):
             cls = self._by_name[name].cls
-            try:
-                digest.update(inspect.getsource(cls).encode())
-            except (OSError, TypeError):  # no source at hand (e.g. defined in a REPL)
-                digest.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+            digest.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+            # The text of the module that defines it, not inspect.getsource(cls): that parses
+            # the module with ast, which CPython 3.11 does not allow from two threads at once
+            # ("AST constructor recursion depth mismatch"), and nodes start in threads.
+            source = getattr(sys.modules.get(cls.__module__), "__file__", None)
+            with contextlib.suppress(OSError):  # no source at hand (e.g. defined in a REPL)
+                digest.update(Path(source).read_bytes() if source else b"")
         return digest.hexdigest()[:12]
 
     def add(self, cls: type) -> None:
