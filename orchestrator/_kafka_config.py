@@ -113,8 +113,11 @@ def producer_config(
         conf["transactional.id"] = transactional_id
         # Right after a commit the broker answers AddOffsetsToTxn with CONCURRENT_TRANSACTIONS
         # until the commit markers are written; librdkafka's default 100 ms before retrying
-        # became every step's latency (docs/performance.md).
-        conf["retry.backoff.ms"] = 5
+        # became every step's latency (docs/performance.md). The markers take about a
+        # millisecond: 5 ms made a node that commits back to back (C = 4) wait 4 ms too long
+        # (closed loop C = 4 p50 58-61 ms with 5, 51-54 with 1); retry.backoff.max.ms still
+        # grows the wait when the broker is away.
+        conf["retry.backoff.ms"] = 1
         # A killed producer's open transaction blocks read_committed readers until it times out
         # or a producer with the same id starts again; keep the ceiling short.
         conf["transaction.timeout.ms"] = 10_000
