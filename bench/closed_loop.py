@@ -119,6 +119,7 @@ class Stack:
     partitions: int
     root: Path
     extra_env: dict[str, str] = field(default_factory=dict)
+    nodes: int = 1
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, IO[bytes]] = field(default_factory=dict)
 
@@ -128,7 +129,7 @@ class Stack:
             KAFKA_BOOTSTRAP_SERVERS=self.bootstrap,
             SAGA_NAMESPACE=self.namespace,
             SAGA_PARTITIONS=str(self.partitions),
-            SAGA_STATE_DIR=str(self.root / "state"),
+            SAGA_STATE_DIR=str(self.root / f"state-{node_id}"),
             SAGA_NODE_ID=node_id,
             PYTHONUNBUFFERED="1",
         )
@@ -144,7 +145,9 @@ class Stack:
             ensure_service_topic(self.bootstrap, topic, self.partitions)
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         node = [sys.executable, "-m", "orchestrator.cli", "run"]
-        self._spawn("node", [*node, "--workflows", "services_example.orders.saga"], "node-1")
+        for n in range(1, self.nodes + 1):
+            name = "node" if n == 1 else f"node{n}"
+            self._spawn(name, [*node, "--workflows", "services_example.orders.saga"], f"node-{n}")
         for s in SERVICES:
             self._spawn(s, [sys.executable, "-m", "bench._sdk_services", s], f"{s}-1")
 
@@ -398,6 +401,7 @@ class Options:
     partitions: int = 6
     extra_env: dict[str, str] = field(default_factory=dict)
     via_client: bool = True  # every level waits with Client.result, else the bench's reader
+    nodes: int = 1  # orchestrator node processes, sharing the partitions
 
 
 def run_phase(opts: Options) -> dict[str, Any]:
@@ -405,12 +409,13 @@ def run_phase(opts: Options) -> dict[str, Any]:
     run = uuid.uuid4().hex[:8]
     ns = f"lat{run}"
     root = Path(tempfile.mkdtemp(prefix=f"bench-lat-{run}-"))
-    stack = Stack(opts.bootstrap, ns, opts.partitions, root, dict(opts.extra_env))
+    stack = Stack(opts.bootstrap, ns, opts.partitions, root, dict(opts.extra_env), nodes=opts.nodes)
     settings = Settings(bootstrap_servers=opts.bootstrap, namespace=ns, partitions=opts.partitions)
     client = Client(settings)
     figures: dict[str, Any] = {
         "levels": {},
         "env": dict(opts.extra_env),
+        "nodes": opts.nodes,
         "results_via": "Client.result" if opts.via_client else "one subscription",
     }
     results: Results | None = None
@@ -525,6 +530,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="wait for results with one subscription of the bench's own, not Client.result",
     )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="orchestrator node processes (the partitions are shared among them)",
+    )
     args = p.parse_args(argv)
     opts = Options(
         bootstrap=args.bootstrap,
@@ -532,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds=3.0 if args.quick else args.seconds,
         extra_env=dict(kv.split("=", 1) for kv in args.env),
         via_client=not args.own_subscription,
+        nodes=args.nodes,
     )
     figures = run_phase(opts)
     for name, verdict in figures["targets"].items():

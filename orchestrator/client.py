@@ -103,7 +103,12 @@ from contracts.envelopes import (
 from contracts.limits import MAX_INBOX_RECORD_BYTES
 from orchestrator._engine.state import OperatorActionKind, fold
 from orchestrator._fanout import NodeAnswerError, merged_counts, merged_list, node_detail
-from orchestrator._kafka_config import consumer_config, producer_config, unreachable
+from orchestrator._kafka_config import (
+    SERVING_FETCH_WAIT_MS,
+    consumer_config,
+    producer_config,
+    unreachable,
+)
 from orchestrator._nodes import node_url_for
 from orchestrator._partitioner import partition_for
 from orchestrator._payloads import JSON, NULL, from_payload, to_payload
@@ -1153,7 +1158,7 @@ class Client:
             self.settings.bootstrap_servers,
             # Required by librdkafka; never joined (assign) and never committed to.
             f"{self.settings.namespace}.client-{uuid.uuid4().hex}",
-            fetch_wait_max_ms=100,
+            fetch_wait_max_ms=SERVING_FETCH_WAIT_MS,
             extra={**self.settings.client_extra(), "enable.partition.eof": True},
         )
         return Consumer(conf)
@@ -1283,7 +1288,7 @@ class Client:
             # Required by librdkafka; never joined (assign) and never committed to.
             f"{self.settings.namespace}.client-{uuid.uuid4().hex}",
             # Only an idle fetch waits this long; a new record answers the fetch at once.
-            fetch_wait_max_ms=100,
+            fetch_wait_max_ms=SERVING_FETCH_WAIT_MS,
             extra={**self.settings.client_extra(), "enable.partition.eof": True},
         )
         if error_cb is not None:

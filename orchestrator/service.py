@@ -58,7 +58,7 @@ from orchestrator._health import Health, HealthServer, serve_http
 from orchestrator._heartbeats import Heartbeats as _Heartbeats
 from orchestrator._heartbeats import details_of as _details_of
 from orchestrator._inflight import Entry, State, Tracker
-from orchestrator._kafka_config import consumer_config, producer_config
+from orchestrator._kafka_config import SERVING_FETCH_WAIT_MS, consumer_config, producer_config
 from orchestrator._metrics import ServiceMetrics
 from orchestrator._payloads import PayloadError, from_payload, to_payload
 from orchestrator._workers import Workers
@@ -261,7 +261,12 @@ class _Kafka:
         self.reply_limit = min(self.max_record_bytes, MAX_INBOX_RECORD_BYTES)
         self._txn_timeout_s = int(self._producer_conf.get("transaction.timeout.ms", 60_000)) / 1e3
         self.producer = self._new_producer()
-        conf = consumer_config(settings.bootstrap_servers, group, extra=extra)
+        conf = consumer_config(
+            settings.bootstrap_servers,
+            group,
+            fetch_wait_max_ms=SERVING_FETCH_WAIT_MS,
+            extra=extra,
+        )
         self.consumer = Consumer({**conf, "error_cb": self._on_consumer_error})
 
     def _new_producer(self) -> Producer:

@@ -23,7 +23,12 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from orchestrator._dead_letters import DEAD_LETTER_MAX_BYTES
 from orchestrator._deadline import DeadlineCaller, Stopping, Wedged, drop_in_background
 from orchestrator._health import Health
-from orchestrator._kafka_config import admin_config, consumer_config, producer_config
+from orchestrator._kafka_config import (
+    SERVING_FETCH_WAIT_MS,
+    admin_config,
+    consumer_config,
+    producer_config,
+)
 from orchestrator._metrics import NodeMetrics
 from orchestrator._partitioner import partition_for
 from orchestrator._queries import QueryRequest
@@ -163,6 +168,7 @@ class Processor:
         consumer_conf = consumer_config(
             settings.bootstrap_servers,
             self._group,
+            fetch_wait_max_ms=SERVING_FETCH_WAIT_MS,
             extra={"group.instance.id": instance_id, **settings.client_extra()},
         )
         self._claim = NodeClaim(self._state_root, self._group, instance_id)
