@@ -253,8 +253,11 @@ class _Kafka:
         self._txn_began = 0.0
         self._rebuilds = 0
         self._consumer_fatal: KafkaError | None = None
+        # No linger: a turn's answers are produced together and flushed (or committed) at
+        # once, so waiting for more records in librdkafka only delays the reply: 2 ms of
+        # linger were 2 ms of every at-least-once hop (docs/performance.md, session 4).
         self._producer_conf = producer_config(
-            settings.bootstrap_servers, transactional_id=transactional_id, extra=extra
+            settings.bootstrap_servers, transactional_id=transactional_id, linger_ms=0, extra=extra
         )
         self.max_record_bytes = int(self._producer_conf.get("message.max.bytes", 1_000_000))
         # A reply goes to a node's inbox, which takes no record over its limit.
@@ -398,7 +401,7 @@ class _Kafka:
         # transaction open: partitions are only ever revoked between two batches.
         producer = self.producer
         # 1. Open the transaction (only now: handler time does not count against its timeout).
-        self._call("begin_transaction", producer.begin_transaction)
+        self._call("begin_transaction", producer.begin_transaction, inline=True)
         self._in_txn, self._txn_began = True, time.monotonic()
         # 2. The replies and dead letters; a record the broker refuses fails the commit.
         for record in batch.records:
@@ -1079,7 +1082,7 @@ class Service:
             if entry.final is not None and entry.key is not None:
                 self._finals.pop(entry.key, None)
                 try:
-                    self._store.put(entry.key, entry.final)
+                    self._store.put(entry.key, entry.final, entry.record.value)
                 except Exception:  # losing an entry only means the handler may run again
                     log.exception("service %s: cannot store the reply for %s", self.name, entry.key)
             # A sent entry may stay tracked for long (above a slow command): keep it small.

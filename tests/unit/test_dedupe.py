@@ -95,3 +95,15 @@ def test_an_unreadable_entry_reads_as_unknown(tmp_path: Path) -> None:
     store = DedupeStore(path)
     assert store.get("wf-1/3") is None
     store.close()
+
+
+def test_a_reply_framed_already_is_stored_as_framed(tmp_path: Path) -> None:
+    """The service hands over the bytes of the reply record it committed: stored as they are,
+    read back as the reply (no second encoding per command)."""
+    from contracts import codec
+
+    store = DedupeStore(tmp_path / "dedupe")
+    reply = _reply()
+    store.put("wf-1/3", reply, codec.encode(reply))
+    assert store.get("wf-1/3") == reply
+    store.close()
