@@ -115,11 +115,15 @@ class Partition:
         while self._timers and self._timers[0][0] <= now_ms:
             due, workflow_id = heapq.heappop(self._timers)
             cached = self._cache.get(workflow_id)
-            current = cached.stored_due_ms if cached else self._stored_due(workflow_id)
-            if current == due:
+            if cached.stored_due_ms == due if cached else self._stored_due_is(workflow_id, due):
                 return workflow_id
         return None
 
-    def _stored_due(self, workflow_id: str) -> int | None:
+    def _stored_due_is(self, workflow_id: str, due: int) -> bool:
+        # The store writes a timer key with every summary that has a due time, in the same
+        # batch: without that key the entry is stale (mostly a finished workflow's attempt
+        # timeout), known without decoding the summary (4 % of the node's CPU at C = 128).
+        if not self.store.has_timer(due, workflow_id):
+            return False
         summary = self.store.summary(workflow_id)
-        return summary.next_due_ms if summary else None
+        return summary is not None and summary.next_due_ms == due

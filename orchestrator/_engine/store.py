@@ -324,6 +324,10 @@ class PartitionStore:
         assert value is None or isinstance(value, bytes)
         return value
 
+    def has_timer(self, due_ms: int, workflow_id: str) -> bool:
+        """Whether the timer index holds ``workflow_id`` at ``due_ms``."""
+        return self._db.get(_timer_key(due_ms, workflow_id)) is not None
+
     def summary(self, workflow_id: str) -> WorkflowSummary | None:
         raw = self._db.get(b"w" + workflow_id.encode())
         return WorkflowSummary.from_json(raw) if isinstance(raw, bytes) else None

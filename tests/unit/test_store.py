@@ -66,6 +66,27 @@ def test_a_moved_timer_replaces_its_index_entry_and_removal_clears_everything(
     assert (store.events("wf"), list(store.summaries()), list(store.timers())) == ([], [], [])
 
 
+def test_a_stale_timer_of_an_uncached_workflow_is_skipped_and_a_current_one_fires(
+    tmp_path: Path,
+) -> None:
+    """pop_due reads the store for a workflow not in the cache: its timer key tells a stale
+    heap entry (a due time since moved, or a workflow since removed) from a current one."""
+    part = Partition(0, tmp_path / "p0", WorkflowRegistry())
+    _write(part.store, "wf-moved", fire_at=500)
+    _write(part.store, "wf-current", fire_at=600)
+    _write(part.store, "wf-removed", fire_at=550)
+    part.reload_timers()  # the heap: 500 wf-moved, 550 wf-removed, 600 wf-current
+    moved = StoreBatch()
+    moved.set_summary(WorkflowSummary.of(fold("wf-moved", _events("wf-moved", 900))), 500)
+    moved.remove_workflow("wf-removed", last_seq=2, due_ms=550)
+    part.store.write(moved)
+
+    assert part.pop_due(1_000) == "wf-current"  # 500 and 550 are stale: skipped
+    assert part.pop_due(1_000) is None  # 900 was never pushed to this heap
+    assert part.store.has_timer(900, "wf-moved") and not part.store.has_timer(500, "wf-moved")
+    part.close()
+
+
 def test_a_checkpoint_older_than_the_tombstone_retention_rebuilds_the_partition(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
