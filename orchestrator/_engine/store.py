@@ -13,6 +13,7 @@ Keys (raw bytes):
     i<kind><group>\\0<pos: 8 bytes BE><workflow id> -> b"" (the visibility index, below)
     ip<workflow id>                    -> <pos><status>\\0<type> (the index by id prefix)
     n<status>\\0<type>                  -> how many summaries have that status and type (8 bytes BE)
+    f<finished ms: 8 bytes BE><workflow id> -> b"" (the retention index: finished, by when)
     v                                  -> the layout version of these keys (``LAYOUT``)
 
 The visibility index lets an operator's filtered list read only the keys of the rows it returns:
@@ -51,7 +52,7 @@ _CHECKPOINT = b"c"
 _LAYOUT_KEY = b"v"
 #: The layout of the keys above. A store of another layout (written by an older release) is
 #: rebuilt from the history topic on restore, which writes every key of this one.
-LAYOUT = b"2"
+LAYOUT = b"3"
 _TEXT_MAX = 300  # of ``waiting_for`` and ``reason``: a list row, not the whole story
 _NEWEST = (1 << 64) - 1
 # A prefix that matches more workflows than this is filtered on the time-ordered keys instead.
@@ -188,6 +189,10 @@ def _timer_key(due_ms: int, workflow_id: str) -> bytes:
     return b"t" + max(due_ms, 0).to_bytes(8, "big") + workflow_id.encode()
 
 
+def _finished_key(finished_at_ms: int, workflow_id: str) -> bytes:
+    return b"f" + max(finished_at_ms, 0).to_bytes(8, "big") + workflow_id.encode()
+
+
 def _pos(started_at_ms: int) -> bytes:
     return (_NEWEST - min(max(started_at_ms, 0), _NEWEST)).to_bytes(8, "big")
 
@@ -232,6 +237,7 @@ class StoreBatch:
         self.summaries: dict[str, tuple[WorkflowSummary, int | None]] = {}  # new, old due
         self.removed: dict[str, tuple[int, int | None]] = {}  # workflow -> (last seq, due)
         self.truncated: dict[str, int] = {}  # workflow -> its events below this seq go
+        self.unfinished: list[tuple[int, str]] = []  # retention index keys to drop
         self.checkpoint: int | None = None
 
     def add_event(self, event: HistoryEvent, encoded: bytes) -> None:
@@ -241,6 +247,11 @@ class StoreBatch:
         earlier = self.summaries.get(summary.workflow_id)
         old_due = earlier[1] if earlier is not None else previous_due_ms
         self.summaries[summary.workflow_id] = (summary, old_due)
+
+    def drop_finished(self, finished_at_ms: int, workflow_id: str) -> None:
+        """Drop a retention index key: its workflow is removed, or the key is stale (a later
+        run of the same id, a removal that could not say when it had finished)."""
+        self.unfinished.append((finished_at_ms, workflow_id))
 
     def remove_workflow(self, workflow_id: str, last_seq: int, due_ms: int | None) -> None:
         self.removed[workflow_id] = (last_seq, due_ms)
@@ -344,6 +355,16 @@ class PartitionStore:
         found = self._db.get(wanted)
         assert isinstance(found, list)  # a list asked: a list answered
         return [raw if isinstance(raw, bytes) else None for raw in found]
+
+    def finished_by(self, cutoff_ms: int) -> Iterator[tuple[int, str]]:
+        """(finished at, workflow id) from the retention index, oldest first, up to
+        ``cutoff_ms``: what retention reads, however many younger workflows the store holds.
+        A key may be stale (see :meth:`StoreBatch.drop_finished`): check the summary."""
+        for key, _ in self._scan(b"f"):
+            finished_at = int.from_bytes(key[1:9], "big")
+            if finished_at > cutoff_ms:
+                return
+            yield finished_at, key[9:].decode()
 
     def summaries(self) -> Iterator[WorkflowSummary]:
         for _, value in self._scan(b"w"):
@@ -465,6 +486,8 @@ class PartitionStore:
             if summary.next_due_ms is not None:
                 wb.put(_timer_key(summary.next_due_ms, wf), b"")
             wb.put(b"w" + wf.encode(), summary.to_json())
+            if summary.finished_at_ms is not None:
+                wb.put(_finished_key(summary.finished_at_ms, wf), b"")
             identity = _identity(summary)
             if identity != current[wf]:
                 _reindex(wb, wf, current[wf], identity, counts)
@@ -479,6 +502,8 @@ class PartitionStore:
             if current[wf] is not None:
                 _reindex(wb, wf, current[wf], None, counts)
                 current[wf] = None
+        for finished_at_ms, wf in batch.unfinished:
+            wb.delete(_finished_key(finished_at_ms, wf))
         self._add_counts(wb, counts)
         if batch.checkpoint is not None:
             written = int(time.time() * 1000)

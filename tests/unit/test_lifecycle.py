@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +27,7 @@ from orchestrator._engine.decide import Batch
 from orchestrator._engine.partition import Partition
 from orchestrator._engine.restore import _Restorer
 from orchestrator._engine.state import fold
+from orchestrator._engine.store import StoreBatch
 from orchestrator._partitioner import partition_for
 from orchestrator._payloads import from_payload, to_payload
 from orchestrator.errors import ContinueAsNew
@@ -558,3 +560,55 @@ def test_both_clients_put_the_timeout_and_the_policy_in_the_start(tmp_path: Path
             client._start_envelope("t", {}, "wf", None, 0, IdReusePolicy.REJECT_DUPLICATE)
     finally:
         client.close()
+
+
+def test_retention_reads_its_index_expiring_only_what_finished_before_the_cutoff(
+    engine: Engine,
+) -> None:
+    """Retention walks the index of finished workflows up to the cutoff (not every summary):
+    one that finished before it goes, a younger one stays until its own time has come."""
+    retention = engine.settings.retention_ms
+    for wf, at in (("early", NOW), ("late", NOW + 600_000)):
+        batch = engine.send(begin(wf, "looper", Count(limit=1)), at=at)
+        for cmd in commands(batch):
+            engine.send(answer(cmd), at=at)
+        summary = part_of(engine, wf).store.summary(wf)
+        assert summary is not None and summary.finished_at_ms == at
+
+    def expire(at: int) -> set[str]:
+        batch = Batch()
+        engine.decider._last_retention = 0  # retention runs at most every 5 s
+        engine.decider.expire_finished(engine.parts.values(), batch, at)
+        engine._commit(batch)
+        return {wf for _, wf in batch.removed}
+
+    assert expire(NOW + retention + 1) == {"early"}
+    assert part_of(engine, "early").store.summary("early") is None
+    assert part_of(engine, "late").store.summary("late") is not None
+    assert expire(NOW + retention + 2) == set()  # its index key went with it
+    assert expire(NOW + 600_000 + retention + 1) == {"late"}
+    assert list(part_of(engine, "late").store.finished_by(1 << 60)) == []
+
+
+def test_retention_drops_a_stale_index_key_and_keeps_its_workflow(engine: Engine) -> None:
+    """A workflow that finished and runs again (a new run of the same id) leaves its first
+    index key behind: retention drops the key and leaves the running workflow alone."""
+    batch = engine.send(begin("again", "looper", Count(limit=1)))
+    for cmd in commands(batch):
+        engine.send(answer(cmd))
+    store = part_of(engine, "again").store
+    finished = store.summary("again")
+    assert finished is not None and finished.finished_at_ms == NOW
+    running = StoreBatch()
+    running.set_summary(dataclasses.replace(finished, status="RUNNING", finished_at_ms=None), None)
+    store.write(running)
+    assert list(store.finished_by(1 << 60)) == [(NOW, "again")]
+
+    expired = Batch()
+    engine.decider.expire_finished(
+        engine.parts.values(), expired, NOW + engine.settings.retention_ms + 1
+    )
+    engine._commit(expired)
+    assert expired.removed == []
+    assert list(store.finished_by(1 << 60)) == []
+    assert store.summary("again") is not None
