@@ -1071,6 +1071,12 @@ class Service:
         commit = self._tracker.pending_commit()
         if commit is None:
             return
+        if not commit.entries and (self._jobs or self._backlog):
+            # Only offsets moved: over the commit marker that follows every command the node
+            # sends in a transaction, or over records answered before. They go with the next
+            # answers. Committing them now was an empty transaction right after each command's
+            # handler started, which its reply then waited for (1.5 ms a step at C = 1).
+            return
         batch = _Batch([e.record for e in commit.entries], dict(commit.offsets))
         if not kafka.commit(batch):
             self._count_failures(batch, commit.entries)

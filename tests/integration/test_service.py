@@ -343,12 +343,52 @@ def test_an_aborted_transaction_is_redone(env: Env, monkeypatch: pytest.MonkeyPa
 def test_a_fatal_commit_error_stops_the_service(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     _fail_commits(monkeypatch, KafkaError(KafkaError._FENCED, "injected", fatal=True))
     env.send(env.command("wf-fenced", Reserve(sku="abc", qty=1)))
-    with pytest.raises(ServiceError, match="producer fenced"), serving(env.service()):
+    svc = env.service()
+    with pytest.raises(ServiceError, match="producer fenced"), serving(svc):
+        # Until the handler ran and the commit of its answer stopped the service (leaving the
+        # block earlier would stop it first, before it tried to commit).
         deadline = time.monotonic() + 15
-        while not env.calls and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (
+            env.calls and svc.health.readiness() == (False, "stopped")
+        ):
             time.sleep(0.05)
     assert len(env.calls) == 1
     assert env.read(env.settings.inbox, 1, timeout=0.5) == [], "nothing was committed"
+
+
+def test_each_answer_is_one_transaction_though_a_commit_marker_follows_each_command(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node sends commands in transactions, so a commit marker follows each on the command
+    topic and the next command's offset is one past the committed one. Moving the committed
+    offset over the marker is no reason for a transaction of its own: that empty transaction,
+    right after the handler started, was what the reply waited for (docs/performance.md)."""
+    commits: list[int] = []
+
+    class CountingCommits(Producer):
+        def commit_transaction(self, timeout: float = -1) -> None:
+            super().commit_transaction(timeout)
+            commits.append(1)
+
+    monkeypatch.setattr(service_module, "Producer", CountingCommits)
+    node = Producer(
+        producer_config(
+            env.settings.bootstrap_servers,
+            transactional_id=f"{env.settings.namespace}.test-node",
+        )
+    )
+    node.init_transactions(30)
+    with serving(env.service()):
+        for n in range(3):
+            cmd = env.command(f"wf-marker-{n}", Reserve(sku="abc", qty=1))
+            node.begin_transaction()
+            # One key for all three: one partition, each command after the previous marker.
+            node.produce(env.reserve.topic, key=b"one-partition", value=codec.encode(cmd))
+            node.commit_transaction(30)
+            assert f"wf-marker-{n}" in env.replies(1)
+
+    assert len(env.calls) == 3
+    assert len(commits) == 3, f"{len(commits)} transactions for 3 answers"
 
 
 def test_a_command_may_not_reply_to_the_history_topic(env: Env) -> None:
