@@ -42,6 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -49,6 +50,8 @@ from contracts.codec import CodecError, decode_as
 from contracts.envelopes import IdReusePolicy, WorkflowResult
 from orchestrator._partitioner import partition_for
 from orchestrator.errors import Rejection
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +188,10 @@ class ResultSubscription:
         self._consumer = make_consumer(self._on_error)
         try:
             wanted = [TopicPartition(topic, p, start_ms) for p in range(partitions)]
-            found = self._consumer.offsets_for_times(wanted, timeout=metadata_timeout)
+            found = _retrying_while_retriable(
+                lambda: self._consumer.offsets_for_times(wanted, timeout=metadata_timeout),
+                time.monotonic() + metadata_timeout,
+            )
             self._floor: dict[int, int] = {}
             self._end: dict[int, int] = {}
             assignment: list[TopicPartition] = []
@@ -513,3 +519,27 @@ def read_older(
                     return out
     finally:
         consumer.close()
+
+
+# Answers of a partition whose leader is being elected (librdkafka does not flag them retriable
+# on offsets_for_times).
+_ELECTING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE})
+
+
+def _retrying_while_retriable(call: Callable[[], T], deadline: float) -> T:
+    """``call()`` again while it fails with a retriable error (NOT_LEADER_FOR_PARTITION while a
+    new topic's leaders are elected: seen on a single broker right after the topics were
+    created), until ``deadline``; then, or on any other error, that error goes up."""
+    delay = 0.05
+    while True:
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            retriable = isinstance(error, KafkaError) and (
+                error.retriable() or error.code() in _ELECTING
+            )
+            if not retriable or time.monotonic() + delay >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
