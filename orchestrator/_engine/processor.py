@@ -635,6 +635,7 @@ class Processor:
             # Another process took this node's transactional id: a second node with the same
             # SAGA_NODE_ID. A new producer would fence that one in turn, and so on for ever.
             raise NodeStopped(_fatal_reason(error))
+        settled_elsewhere = True
         if error is None or error.fatal():
             self._replace_producer(str(exc))
         else:
@@ -646,6 +647,7 @@ class Processor:
                     _CALL_DEADLINE_S,
                     self._stop.is_set,
                 )
+                settled_elsewhere = False
             except (KafkaException, Wedged) as abort_exc:
                 self._replace_producer(f"abort failed ({abort_exc})")
         for part in self._partitions.values():
@@ -662,3 +664,23 @@ class Processor:
                 self._positions[tp.partition] = position
                 with contextlib.suppress(KafkaException):  # revoked meanwhile: nothing to read
                     self._consumer.seek(TopicPartition(tp.topic, tp.partition, position))
+        if settled_elsewhere:
+            self._restore_again()
+
+    def _restore_again(self) -> None:
+        """The transaction was settled by the new producer's init_transactions, not aborted by
+        us: a commit that timed out ("retry call to resume") may have gone through, so the
+        history and the inbox offsets may hold a batch the stores do not. Restore the owned
+        partitions from the history topic again (from each store's checkpoint), as after an
+        assignment; the next turn does it before it handles what it polls. Seen in
+        tests/cluster: a broker kill timed out a commit that had succeeded, and the sagas of
+        that batch, replayed from stores without it, ignored their next replies for ever."""
+        for number, part in self._partitions.items():
+            if self.owned is not None:
+                self.owned.remove(number)
+            part.close()
+            self._to_restore.add(number)
+        log.warning("restoring partitions %s again from the history", sorted(self._to_restore))
+        self._partitions.clear()
+        if self.health is not None:
+            self.health.set_ready(False, "restoring partitions after an unsettled transaction")
