@@ -44,7 +44,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from orchestrator._kafka_config import check_client_settings, is_secret_key, librdkafka_key
-from orchestrator.topics import NamespaceTopics
+from orchestrator.topics import NamespaceTopics, namespace_topics
 from orchestrator.workflow import DEFAULT_ACTIVITY_TIMEOUT
 
 _NAME = re.compile(r"^[a-zA-Z0-9._-]+$")
@@ -219,7 +219,7 @@ class Settings(BaseSettings):
 
     @property
     def topics(self) -> NamespaceTopics:
-        return NamespaceTopics(self.namespace)
+        return namespace_topics(self.namespace)
 
     @property
     def inbox(self) -> str:

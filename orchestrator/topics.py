@@ -24,12 +24,14 @@ librdkafka settings such as security options) or a ``TopicAdmin`` they want to r
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
 import logging
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, NoReturn
 
 from confluent_kafka import KafkaError, KafkaException
@@ -175,27 +177,28 @@ class BrokerUnreachable(TopicAdminError, KafkaUnavailable):
 
 @dataclass(frozen=True)
 class NamespaceTopics:
-    """The topic names of a namespace."""
+    """The topic names of a namespace (each formatted once: the node reads them for every
+    record it produces)."""
 
     namespace: str
 
-    @property
+    @cached_property
     def inbox(self) -> str:
         return f"{self.namespace}.inbox"
 
-    @property
+    @cached_property
     def history(self) -> str:
         return f"{self.namespace}.history"
 
-    @property
+    @cached_property
     def results(self) -> str:
         return f"{self.namespace}.results"
 
-    @property
+    @cached_property
     def dlq(self) -> str:
         return f"{self.namespace}.dlq"
 
-    @property
+    @cached_property
     def nodes(self) -> str:
         return f"{self.namespace}.nodes"
 
@@ -207,6 +210,12 @@ class NamespaceTopics:
     def co_partitioned(self) -> tuple[str, str]:
         """Topics that must have the same partition count (a workflow lives in one partition)."""
         return (self.inbox, self.history)
+
+
+@functools.lru_cache(maxsize=256)
+def namespace_topics(namespace: str) -> NamespaceTopics:
+    """The one :class:`NamespaceTopics` of ``namespace`` (no check of the names)."""
+    return NamespaceTopics(namespace)
 
 
 def topic_names(namespace: str) -> NamespaceTopics:

@@ -163,12 +163,6 @@ class Decider:
         self.tracer = tracer  # spans for new events only: replay never reaches _record
         self.metrics = metrics
         self._topic_exists = topic_exists
-        # The topic names, formatted once: Settings formats them on every read, which was 3 %
-        # of the node's CPU (py-spy, closed loop C = 128).
-        self._history_topic = settings.history
-        self._inbox_topic = settings.inbox
-        self._results_topic = settings.results
-        self._dlq_topic = settings.dlq
         self._letter_max = letter_max
         self._last_retention = 0
         # Inbox records (partition, offset) whose outputs the producer refused, with why: when
@@ -419,7 +413,7 @@ class Decider:
             request_id=start.request_id,
         )
         batch.outputs.append(
-            Out(self._results_topic, start.workflow_id.encode(), codec.encode(result))
+            Out(self.settings.results, start.workflow_id.encode(), codec.encode(result))
         )
         if start.parent is not None:  # the parent waits for this child: it hears of the refusal
             self._report_to_parent(
@@ -462,7 +456,7 @@ class Decider:
             error=error,
         )
         batch.outputs.append(
-            Out(self._inbox_topic, parent.workflow_id.encode(), codec.encode(ended))
+            Out(self.settings.inbox, parent.workflow_id.encode(), codec.encode(ended))
         )
 
     def _start_child(self, cached: Cached, body: ChildWorkflowStarted, batch: Batch) -> None:
@@ -477,7 +471,7 @@ class Decider:
             parent=ParentRef(workflow_id=state.workflow_id, seq=body.seq),
         )
         batch.outputs.append(
-            Out(self._inbox_topic, body.child_workflow_id.encode(), codec.encode(start))
+            Out(self.settings.inbox, body.child_workflow_id.encode(), codec.encode(start))
         )
 
     def _cancel_children(self, cached: Cached, batch: Batch, *, closing: bool) -> None:
@@ -513,7 +507,7 @@ class Decider:
                     sent_at_ms=now_ms(),
                 )
             batch.outputs.append(
-                Out(self._inbox_topic, child.workflow_id.encode(), codec.encode(envelope))
+                Out(self.settings.inbox, child.workflow_id.encode(), codec.encode(envelope))
             )
 
     def _on_heartbeat(self, part: Partition, beat: ActivityHeartbeat, now: int) -> None:
@@ -639,7 +633,7 @@ class Decider:
                     value = part.store.event_bytes(workflow_id, int(seq))
                 log.warning("history record %r on partition %d %s", key[:80], number,
                             "re-written from the store" if value else "tombstoned")  # fmt: skip
-                batch.outputs.append(Out(self._history_topic, key, value, number))
+                batch.outputs.append(Out(self.settings.history, key, value, number))
             batch.store(number)  # the transaction carries this partition's fencing offset
 
     def expire_finished(self, partitions: Iterable[Partition], batch: Batch, now: int) -> None:
@@ -660,7 +654,7 @@ class Decider:
                 # Earlier runs' events were tombstoned when the next run began.
                 for seq in range(summary.run_start_seq, summary.last_seq + 1):
                     batch.outputs.append(
-                        Out(self._history_topic, f"{wf}/{seq}".encode(), None, part.number)
+                        Out(self.settings.history, f"{wf}/{seq}".encode(), None, part.number)
                     )
                 batch.store(part.number).remove_workflow(wf, summary.last_seq, summary.next_due_ms)
                 batch.removed.append((part.number, wf))
@@ -684,7 +678,7 @@ class Decider:
         for event in events:
             encoded = codec.encode(event)
             key = f"{event.workflow_id}/{event.event_seq}".encode()
-            batch.outputs.append(Out(self._history_topic, key, encoded, part.number))
+            batch.outputs.append(Out(self.settings.history, key, encoded, part.number))
             store.add_event(event, encoded)
             body = event.event
             if isinstance(body, ActivityScheduled | ActivityAttemptStarted):
@@ -721,7 +715,7 @@ class Decider:
             wf = run.state.workflow_id
             for seq in range(first, next_start):
                 key = f"{wf}/{seq}".encode()
-                batch.outputs.append(Out(self._history_topic, key, None, part.number))
+                batch.outputs.append(Out(self.settings.history, key, None, part.number))
             store.truncate(wf, next_start)
         batch.touched[(part.number, run.state.workflow_id)] = cached
         if run.broken is not None and run.state.blocked is None and not run.finished:
@@ -763,7 +757,7 @@ class Decider:
             idempotency_key=act.idempotency_key,
             is_compensation=act.is_compensation,
             input=act.input,
-            reply_topic=self._inbox_topic,
+            reply_topic=self.settings.inbox,
             sent_at_ms=now,
             deadline_ms=deadline,
             trace=run.state.trace,
@@ -794,7 +788,7 @@ class Decider:
             request_id=state.request_id,
         )
         batch.outputs.append(
-            Out(self._results_topic, state.workflow_id.encode(), codec.encode(result))
+            Out(self.settings.results, state.workflow_id.encode(), codec.encode(result))
         )
 
     def _send_start(self, event: HistoryEvent, body: WorkflowStartSent, batch: Batch) -> None:
@@ -809,7 +803,7 @@ class Decider:
         )
         home = partition_for(body.target_id, self.settings.partitions)
         batch.outputs.append(
-            Out(self._inbox_topic, body.target_id.encode(), codec.encode(start), home)
+            Out(self.settings.inbox, body.target_id.encode(), codec.encode(start), home)
         )
 
     def _forward(self, batch: Batch, msg: InboxRecord, value: bytes, wf: str, home: int) -> None:
@@ -829,7 +823,7 @@ class Decider:
         # Where it came from, so a dead letter of the moved copy names the original record.
         origin = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
         headers.append((FORWARDED_FROM, origin))
-        batch.outputs.append(Out(self._inbox_topic, wf.encode(), value, home, headers or None))
+        batch.outputs.append(Out(self.settings.inbox, wf.encode(), value, home, headers or None))
 
     def _dead_letter(self, batch: Batch, msg: InboxRecord, reason: str, error_type: str) -> None:
         origin = _header(msg, FORWARDED_FROM)
@@ -842,4 +836,4 @@ class Decider:
             "dead letter from %s[%s]@%s: %s", msg.topic(), msg.partition(), msg.offset(), reason
         )
         record = dead_letter_of(msg, reason, error_type, max_bytes=self._letter_max)
-        batch.outputs.append(Out(self._dlq_topic, record.key or b"", codec.encode(record)))
+        batch.outputs.append(Out(self.settings.dlq, record.key or b"", codec.encode(record)))

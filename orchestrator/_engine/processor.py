@@ -129,7 +129,6 @@ class Processor:
         self.owned = owned
         self._last_lag = 0.0
         self._group = f"{settings.namespace}.orchestrator"
-        self._history_topic = settings.history
         self._txn_id = f"{settings.namespace}.orchestrator.{settings.node_id}"
         self._state_root = Path(settings.state_dir) / settings.namespace
         self._partitions: dict[int, Partition] = {}
@@ -586,7 +585,7 @@ class Processor:
         ]
 
     def _produce(self, out: Out) -> None:
-        on_delivery = self._on_history_delivery if out.topic == self._history_topic else None
+        on_delivery = self._on_history_delivery if out.topic == self.settings.history else None
         while True:
             try:
                 self._producer.produce(
