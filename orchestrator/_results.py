@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from contracts.codec import CodecError, decode_as
 from contracts.envelopes import IdReusePolicy, WorkflowResult
@@ -190,7 +191,7 @@ class ResultSubscription:
             wanted = [TopicPartition(topic, p, start_ms) for p in range(partitions)]
             found = _retrying_while_retriable(
                 lambda: self._consumer.offsets_for_times(wanted, timeout=metadata_timeout),
-                time.monotonic() + metadata_timeout,
+                metadata_timeout,
             )
             self._floor: dict[int, int] = {}
             self._end: dict[int, int] = {}
@@ -526,20 +527,19 @@ def read_older(
 _ELECTING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE})
 
 
-def _retrying_while_retriable(call: Callable[[], T], deadline: float) -> T:
+def _retriable(exc: BaseException) -> bool:
+    error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return isinstance(error, KafkaError) and (error.retriable() or error.code() in _ELECTING)
+
+
+def _retrying_while_retriable(call: Callable[[], T], timeout: float) -> T:
     """``call()`` again while it fails with a retriable error (NOT_LEADER_FOR_PARTITION while a
     new topic's leaders are elected: seen on a single broker right after the topics were
-    created), until ``deadline``; then, or on any other error, that error goes up."""
-    delay = 0.05
-    while True:
-        try:
-            return call()
-        except KafkaException as exc:
-            error = exc.args[0] if exc.args else None
-            retriable = isinstance(error, KafkaError) and (
-                error.retriable() or error.code() in _ELECTING
-            )
-            if not retriable or time.monotonic() + delay >= deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 1.0)
+    created), for up to ``timeout`` seconds; then, or on any other error, that error goes up."""
+    retrying = Retrying(
+        retry=retry_if_exception(_retriable),
+        stop=stop_after_delay(timeout),
+        wait=wait_exponential(multiplier=0.05, max=1.0),
+        reraise=True,
+    )
+    return retrying(call)
