@@ -270,7 +270,9 @@ class _Kafka:
             fetch_wait_max_ms=SERVING_FETCH_WAIT_MS,
             extra=extra,
         )
-        self.consumer = Consumer({**conf, "error_cb": self._on_consumer_error})
+        self.consumer = Consumer(
+            {**conf, "error_cb": self._on_consumer_error, "on_commit": _log_commit_failures}
+        )
 
     def _new_producer(self) -> Producer:
         self._brokers_lost = False
@@ -462,13 +464,15 @@ class _Kafka:
             raise _Abortable(f"flush: {exc}") from exc
         if left or batch.failed:
             raise _Abortable(f"{left} record(s) undelivered ({list(batch.failed.values())[:3]})")
+        # The replies are acknowledged, so the offsets may go without waiting for the group
+        # coordinator: a synchronous commit held the next command back by a round trip (1 ms
+        # of every at-least-once hop at C = 4, docs/performance.md, session 5). librdkafka
+        # sends a consumer's commits in order, and closing the consumer waits for them; a
+        # failure is logged by _log_commit_failures from the next poll.
         try:
-            result = self.consumer.commit(offsets=batch.offsets(), asynchronous=False)
-            failures = [f"{tp.topic}[{tp.partition}]" for tp in result or [] if tp.error]
-        except KafkaException as exc:
-            failures = [str(exc)]
-        if failures:  # the replies are out: a redelivery is answered from the dedupe store
-            log.warning("offsets not committed for %s; the commands will come again", failures)
+            self.consumer.commit(offsets=batch.offsets(), asynchronous=True)
+        except KafkaException as exc:  # refused before it was sent (e.g. no longer assigned)
+            _log_commit_failures(exc.args[0], batch.offsets())
 
     def _produce(self, record: _Record, batch: _Batch) -> None:
         headers: list[tuple[str, str | bytes | None]] = list(record.headers)
@@ -630,6 +634,18 @@ def _is_fatal(err: KafkaError) -> bool:
     # A consumer reports its fatal error (e.g. a fenced static member) as an event with code
     # _FATAL whose fatal() is False.
     return bool(err.fatal()) or err.code() == KafkaError._FATAL
+
+
+def _log_commit_failures(err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+    """An at-least-once service's offsets that did not commit. Its replies are out already:
+    the commands come again, and the dedupe store answers them without a handler."""
+    failed = [f"{tp.topic}[{tp.partition}]" for tp in partitions if tp.error is not None]
+    if err is not None or failed:
+        log.warning(
+            "offsets not committed for %s (%s); the commands will come again",
+            failed or [f"{tp.topic}[{tp.partition}]" for tp in partitions],
+            err.str() if err is not None else "per partition",
+        )
 
 
 def _consumer_failure(err: KafkaError) -> str:

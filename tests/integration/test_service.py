@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import (
@@ -326,6 +327,35 @@ def _fail_commits(monkeypatch: pytest.MonkeyPatch, *failures: KafkaError) -> Non
             super().commit_transaction(timeout)
 
     monkeypatch.setattr(service_module, "Producer", FailingCommits)
+
+
+def test_an_at_least_once_offset_commit_that_fails_is_logged_and_answered_again_from_the_store(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    refused = [KafkaError(KafkaError._STATE, "injected: not assigned")]
+
+    class RefusingCommits(Consumer):
+        def commit(self, *args: Any, **kwargs: Any) -> Any:
+            if refused:
+                raise KafkaException(refused.pop(0))
+            return super().commit(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "Consumer", RefusingCommits)
+    ok = Reserve(sku="abc", qty=1)
+    env.send(env.command("wf-lost-offset", ok))
+    with (
+        caplog.at_level("WARNING", logger="orchestrator.service"),
+        serving(env.service(transactional=False)),
+    ):
+        first = env.replies(1)["wf-lost-offset"]
+    assert "offsets not committed" in caplog.text and "injected: not assigned" in caplog.text
+
+    # The offset was lost, not the reply: the next incarnation reads the command again and
+    # answers it from the dedupe store, without the handler.
+    with serving(env.service(transactional=False)):
+        again = env.replies(1)["wf-lost-offset"]
+    assert again.result == first.result and again.outcome is ReplyOutcome.SUCCESS
+    assert len(env.calls) == 1, "the handler ran once"
 
 
 def test_an_aborted_transaction_is_redone(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
