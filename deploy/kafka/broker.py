@@ -8,7 +8,8 @@ or automatically on the first ``start``). The broker's data, config and log live
 instead and nothing is started.
 
 Settings (environment): ``SAGA_KAFKA_PORT`` (default 39092; the controller listens on the next
-port), ``SAGA_KAFKA_HEAP`` (default ``512m``), ``SAGA_RUN_DIR`` (default ``<repo>/.run``).
+port), ``SAGA_KAFKA_HEAP`` (default ``512m``), ``SAGA_RUN_DIR`` (default ``<repo>/.run``),
+``SAGA_KAFKA_PROPERTIES`` (broker properties added to the generated ones, ``;``-separated).
 
 When the port is taken (say, another clone's broker), ``start`` uses a Kafka broker that answers
 there, or else starts this one on the next free port pair; either way it records the bootstrap it
@@ -39,11 +40,17 @@ _LIB = _HERE / "lib"
 
 _LOG4J2 = """\
 status = warn
-appender.file.type = File
+appender.file.type = RollingFile
 appender.file.name = FILE
 appender.file.fileName = {log}
+appender.file.filePattern = {log}.%i
 appender.file.layout.type = PatternLayout
 appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 20MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 3
 rootLogger.level = INFO
 rootLogger.appenderRef.file.ref = FILE
 logger.kafka.name = kafka
@@ -114,7 +121,9 @@ class BrokerLayout:
     def from_env(cls) -> BrokerLayout:
         port = int(os.environ.get("SAGA_KAFKA_PORT", "39092"))
         run_dir = Path(os.environ.get("SAGA_RUN_DIR", str(_REPO / ".run"))) / "kafka"
-        return cls(port, port + 1, os.environ.get("SAGA_KAFKA_HEAP", "512m"), run_dir)
+        heap = os.environ.get("SAGA_KAFKA_HEAP", "512m")
+        extra = extra_properties(os.environ.get("SAGA_KAFKA_PROPERTIES", ""))
+        return cls(port, port + 1, heap, run_dir, extra_properties=extra)
 
     @property
     def bootstrap(self) -> str:
@@ -154,6 +163,22 @@ class BrokerLayout:
             data=self.data_dir,
         )
         return text + self.extra_properties
+
+
+def extra_properties(text: str) -> str:
+    """``SAGA_KAFKA_PROPERTIES``: broker properties separated by ``;`` or newlines, appended to
+    the generated ones (a later key wins), e.g. to measure a broker setting with ``make bench``.
+    A part without ``key=value`` is refused here rather than by a broker that will not start."""
+    lines = []
+    for part in text.replace(";", "\n").splitlines():
+        part = part.strip()
+        if not part:
+            continue
+        key, eq, _value = part.partition("=")
+        if not eq or not key.strip():
+            raise BrokerError(f"SAGA_KAFKA_PROPERTIES: {part!r} is not key=value")
+        lines.append(part)
+    return "".join(f"{line}\n" for line in lines)
 
 
 def external_bootstrap() -> str | None:
@@ -754,7 +779,17 @@ def _terminate(layout: BrokerLayout, timeout: float) -> str:
     return f"pid {pid} stopped"
 
 
-@click.group()
+class _Commands(click.Group):
+    """Every command's BrokerError (a bad setting, a port, Maven) is one line, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except BrokerError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=_Commands)
 def cli() -> None:
     """A single-node Kafka broker for development, tests and the demo (and a cluster)."""
 

@@ -129,3 +129,35 @@ def test_a_kafka_broker_answering_on_the_port_is_reused(
     out = CliRunner().invoke(broker.cli, ["bootstrap"])
     assert out.exit_code == 0, out.output
     assert out.output.strip() == layout.bootstrap
+
+
+def test_saga_kafka_properties_are_appended_and_override_the_generated_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(
+        "SAGA_KAFKA_PROPERTIES",
+        "transaction.partition.verification.enable=false; num.partitions=3\nlog.cleaner.threads=2",
+    )
+    text = broker.BrokerLayout.from_env().server_properties()
+    lines = text.splitlines()
+    assert "transaction.partition.verification.enable=false" in lines
+    assert "log.cleaner.threads=2" in lines
+    # java.util.Properties keeps the last of a repeated key: the appended one.
+    assert lines.index("num.partitions=3") > lines.index("num.partitions=1")
+
+
+def test_a_saga_kafka_property_without_a_value_is_refused_before_the_broker_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SAGA_KAFKA_PROPERTIES", "num.partitions=3;verification-off")
+    with pytest.raises(broker.BrokerError, match="'verification-off' is not key=value"):
+        broker.BrokerLayout.from_env()
+
+
+def test_the_command_line_reports_a_bad_setting_in_one_line() -> None:
+    result = CliRunner().invoke(
+        broker.cli, ["status"], env={"SAGA_KAFKA_PROPERTIES": "verification-off"}
+    )
+    assert result.exit_code == 1
+    assert "Error: SAGA_KAFKA_PROPERTIES: 'verification-off' is not key=value" in result.output
+    assert not isinstance(result.exception, broker.BrokerError), "no traceback"
