@@ -5,7 +5,8 @@ python -m tests.faults.service_main BOOTSTRAP NAMESPACE SERVICE STATE_DIR EFFECT
 The handler applies its effect once per idempotency key in a SQLite file the test reads: a row
 per key, and a total that only grows when a row was new (what a real service's database does).
 A negative ``n`` makes the handler sleep that many seconds first; ``SERVICE_SLEEP_MS`` makes
-every handler sleep that long, and ``SERVICE_MAX_CONCURRENCY`` sets how many run at once.
+every handler sleep that long, ``SERVICE_MAX_CONCURRENCY`` sets how many run at once, and
+``SERVICE_TRANSACTIONAL=0`` runs the service in the SDK's at-least-once mode.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def main() -> None:
     concurrency = int(os.environ.get("SERVICE_MAX_CONCURRENCY", "1"))
     lock = threading.Lock()  # one connection, handlers on several threads
     db = _effects(Path(effects_db))
-    service = Service(name, settings, max_concurrency=concurrency)
+    transactional = os.environ.get("SERVICE_TRANSACTIONAL", "1") != "0"
+    service = Service(name, settings, max_concurrency=concurrency, transactional=transactional)
 
     @service.handler(contract(name))
     def work(arg: Work, info: CommandInfo) -> Done:

@@ -266,15 +266,24 @@ def test_sigterm_stops_a_service_while_the_broker_is_away(
 @pytest.mark.slow
 @pytest.mark.broker
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("transactional", [True, False], ids=["transactional", "at-least-once"])
 def test_sigkill_with_concurrent_handlers_loses_nothing_and_applies_nothing_twice(
-    private_broker: PrivateBroker, service_process: tuple[ServiceProcess, str, Path]
+    private_broker: PrivateBroker,
+    service_process: tuple[ServiceProcess, str, Path],
+    transactional: bool,
 ) -> None:
     """Eight 300-ms handlers at once under a steady load; SIGKILL the service mid-way and start
     it again: every command is answered, every effect applied once, and only the commands that
-    were not answered at the kill run again."""
+    were not answered at the kill run again. In the at-least-once mode too: there the replies
+    flushed before the kill whose offsets were not yet committed (they go without waiting for
+    the group coordinator) are read again, and answered from the dedupe store or run again."""
     service, namespace, effects_db = service_process
     concurrency = 8
-    service.env = {"SERVICE_SLEEP_MS": "300", "SERVICE_MAX_CONCURRENCY": str(concurrency)}
+    service.env = {
+        "SERVICE_SLEEP_MS": "300",
+        "SERVICE_MAX_CONCURRENCY": str(concurrency),
+        "SERVICE_TRANSACTIONAL": "1" if transactional else "0",
+    }
     service.start()
     replies = Replies(private_broker.bootstrap, f"{namespace}.inbox")
     replies.start()
@@ -308,5 +317,8 @@ def test_sigkill_with_concurrent_handlers_loses_nothing_and_applies_nothing_twic
         # Only what was in flight at the kill may run again: at most the running handlers and
         # the answers not yet committed (the rest is skipped by the offsets' metadata).
         assert again <= 2 * concurrency, f"{again} commands ran again"
+        # And only those replies go twice: an at-least-once service whose offsets never
+        # committed would answer every command before the kill again.
+        assert duplicates <= 2 * concurrency, f"{duplicates} replies sent twice"
     finally:
         replies.stop()
