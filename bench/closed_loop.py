@@ -25,7 +25,12 @@ of a sample of the sagas from the records' own timestamps, read back after the l
   the reply's ``sent_at_ms`` -> ``ActivityCompleted``/``ActivityFailed`` ``recorded_at_ms`` (the
   service's commit, the node's fetch and loop);
 * ``result_visible``: the final event's ``recorded_at_ms`` -> the client saw the result (the node's
-  commit and the client's fetch).
+  commit and the client's fetch);
+* ``commit``: the node's transactions during the level, begin -> commit returned, p50 and p99 of
+  its ``saga_transaction_seconds`` histogram (read from its ``/metrics`` before and after);
+  ``fetch``: ``to_service`` p50 minus ``commit`` p50 (the command becoming visible to
+  ``read_committed`` readers, the service's fetch, and its handler, which takes well under a
+  millisecond here).
 
 All clocks are one machine's wall clock. The last line of stdout is one JSON object.
 """
@@ -39,11 +44,13 @@ import math
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -51,6 +58,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from contracts import codec
 from contracts.envelopes import (
@@ -99,6 +107,52 @@ def rnd(value: float, digits: int = 1) -> float | None:
     return None if math.isnan(value) else round(value, digits)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+TRANSACTION_HISTOGRAM = "saga_transaction_seconds"
+
+
+def scrape_buckets(ports: list[int], name: str = TRANSACTION_HISTOGRAM) -> dict[float, float]:
+    """The cumulative bucket counts (upper bound in s -> count) of a histogram, summed over
+    the nodes' ``/metrics``; empty when no node answers."""
+    buckets: dict[float, float] = defaultdict(float)
+    for port in ports:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            continue
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == f"{name}_bucket":
+                    buckets[float(sample.labels["le"])] += sample.value
+    return dict(buckets)
+
+
+def histogram_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The q-quantile (0..1) in seconds of what a histogram observed between two scrapes, by
+    linear interpolation inside the bucket it falls in (as Prometheus' histogram_quantile);
+    NaN if nothing was observed."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return math.nan
+    rank = q * counts[-1]
+    lower, below = 0.0, 0.0
+    for bound, cumulative in zip(bounds, counts, strict=True):
+        if cumulative >= rank:
+            if math.isinf(bound):
+                return lower
+            inside = cumulative - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, cumulative
+    return lower
+
+
 def say(line: str) -> None:
     print(line, flush=True)
 
@@ -122,6 +176,8 @@ class Stack:
     nodes: int = 1
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, IO[bytes]] = field(default_factory=dict)
+    metrics_ports: list[int] = field(default_factory=list)
+    """The nodes' HTTP ports, where the bench reads their transaction times."""
 
     def env(self, node_id: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -147,16 +203,21 @@ class Stack:
         node = [sys.executable, "-m", "orchestrator.cli", "run"]
         for n in range(1, self.nodes + 1):
             name = "node" if n == 1 else f"node{n}"
-            self._spawn(name, [*node, "--workflows", "services_example.orders.saga"], f"node-{n}")
+            port = free_port()
+            self.metrics_ports.append(port)
+            argv = [*node, "--workflows", "services_example.orders.saga"]
+            self._spawn(name, argv, f"node-{n}", {"SAGA_METRICS_PORT": str(port)})
         for s in SERVICES:
             self._spawn(s, [sys.executable, "-m", "bench._sdk_services", s], f"{s}-1")
 
-    def _spawn(self, name: str, argv: list[str], node_id: str) -> None:
+    def _spawn(
+        self, name: str, argv: list[str], node_id: str, env: dict[str, str] | None = None
+    ) -> None:
         log = (self.root / "logs" / f"{name}.log").open("wb")
         self.logs[name] = log
         self.procs[name] = subprocess.Popen(
             argv,
-            env=self.env(node_id),
+            env={**self.env(node_id), **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent,
@@ -390,6 +451,25 @@ def hops(records: list[Any], sagas: list[Saga]) -> dict[str, dict[str, float | N
     return {name: split(values) for name, values in out.items()}
 
 
+def commit_split(
+    before: dict[float, float], after: dict[float, float], split_figures: dict[str, Any]
+) -> dict[str, dict[str, float | None]]:
+    """``commit``: the node's transactions during the level (its ``saga_transaction_seconds``,
+    begin to commit returned); ``fetch``: the rest of ``to_service`` at p50, i.e. the command
+    becoming visible to ``read_committed`` readers (markers), the service's fetch, and its
+    handler (well under a millisecond in the bench's services): a difference of medians."""
+    commit_p50 = histogram_quantile(before, after, 0.5) * 1000
+    commit = {
+        "p50_ms": rnd(commit_p50, 2),
+        "p99_ms": rnd(histogram_quantile(before, after, 0.99) * 1000, 2),
+    }
+    to_service = split_figures.get("to_service", {}).get("p50_ms")
+    fetch = (
+        None if to_service is None or math.isnan(commit_p50) else rnd(to_service - commit_p50, 2)
+    )
+    return {"commit": commit, "fetch": {"p50_ms": fetch, "p99_ms": None}}
+
+
 # --------------------------------------------------------------------------- the phase
 
 
@@ -429,6 +509,7 @@ def run_phase(opts: Options) -> dict[str, Any]:
         topics = [settings.inbox, settings.history, *command_topics]
         for c in opts.levels:
             load = os.getloadavg()[0]
+            txn_before = scrape_buckets(stack.metrics_ports)
             sagas, w0, w1 = closed_loop(
                 client,
                 results,
@@ -448,6 +529,9 @@ def run_phase(opts: Options) -> dict[str, Any]:
             sample = random.Random(c).sample(counted, min(SAMPLE, len(counted)))
             keys = {s.wf.encode() for s in sample}
             split_figures = hops(read_back(opts.bootstrap, topics, w0 - 1000, keys), sample)
+            split_figures.update(
+                commit_split(txn_before, scrape_buckets(stack.metrics_ports), split_figures)
+            )
             level = {
                 "sagas": len(counted),
                 "sagas_per_s": round(rate, 1),
@@ -469,7 +553,8 @@ def run_phase(opts: Options) -> dict[str, Any]:
                 f"p50 {level['p50_ms']} ms, p99 {level['p99_ms']} ms (load {load:.1f}); "
                 f"p50 split: start ack {p50('start_ack')}, start->decided "
                 f"{p50('start_to_decided')}, per activity {p50('hop')} = decide {p50('decide')} + "
-                f"to service {p50('to_service')} + back to node {p50('back_to_node')}, "
+                f"to service {p50('to_service')} (node commit {p50('commit')} + fetch "
+                f"{p50('fetch')}) + back to node {p50('back_to_node')}, "
                 f"result visible {p50('result_visible')}; history span {p50('history_span')} ms"
             )
         figures["targets"] = verdicts(figures["levels"])

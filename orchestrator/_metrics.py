@@ -26,6 +26,10 @@ __all__ = ["CENSUS_EVERY_S", "NodeMetrics", "ServiceMetrics"]
 CENSUS_EVERY_S = 10.0
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_TRANSACTION_BUCKETS = (
+    0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1,
+    0.25, 1, 5, 15,
+)  # fmt: skip
 
 
 class NodeMetrics:
@@ -83,6 +87,15 @@ class NodeMetrics:
         )
         self.transactions = Counter(
             "saga_transactions", "Kafka transactions, by result", ["result"], registry=r
+        )
+        # Milliseconds matter here: a transaction takes 2-4 ms on a healthy broker, and each
+        # step of a saga waits for one (docs/performance.md); the latency buckets start at 5.
+        self.transaction_seconds = Histogram(
+            "saga_transaction_seconds",
+            "Time of a committed transaction, from its begin to its commit returning: "
+            "producing, sending the inbox offsets, committing",
+            buckets=_TRANSACTION_BUCKETS,
+            registry=r,
         )
         self.workflows = Gauge(
             "saga_workflows",

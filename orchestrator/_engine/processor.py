@@ -517,6 +517,7 @@ class Processor:
     def _commit_and_write(self, batch: Batch) -> None:
         if self._brokers_lost:
             self._replace_producer("the brokers were unreachable since its last transaction")
+        began = time.perf_counter()
         try:
             self._producer.begin_transaction()
             for out in batch.outputs:
@@ -552,6 +553,7 @@ class Processor:
             self.tracer.committed()
         if self.metrics is not None:
             self.metrics.transactions.labels(result="committed").inc()
+            self.metrics.transaction_seconds.observe(time.perf_counter() - began)
         self._producer.poll(0)  # serve delivery reports: they carry the history offsets
         for number, store_batch in batch.stores.items():
             part = self._partitions.get(number)

@@ -116,6 +116,11 @@ def test_scraped_counters_match_what_the_test_did(
     assert total(node, "saga_step_seconds_count", outcome="ActivityFailed") == 1
     assert value(node, "saga_restore_seconds_count") == measured.settings.partitions
     assert value(node, "saga_transactions_total", result="committed") >= 1
+    # Committed transactions are timed (the node may commit another one while it is scraped,
+    # so the two counts are not compared), each within the 10 s the broker allows.
+    timed = value(node, "saga_transaction_seconds_count")
+    assert timed >= 1
+    assert 0 < value(node, "saga_transaction_seconds_sum") < timed * 10
     lags = [v for (n, _), v in node.items() if n == "saga_inbox_consumer_lag"]
     assert len(lags) == measured.settings.partitions and all(v >= 0 for v in lags)
 

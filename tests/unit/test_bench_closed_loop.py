@@ -7,9 +7,12 @@ pinned here.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from bench.closed_loop import Saga, hops
+import pytest
+
+from bench.closed_loop import Saga, commit_split, histogram_quantile, hops
 from contracts.envelopes import (
     ActivityCommand,
     ActivityCompleted,
@@ -102,3 +105,27 @@ def test_a_saga_without_records_gives_only_the_client_side_figure() -> None:
     split = hops([], [saga])
 
     assert split == {"start_ack": {"p50_ms": 2.5, "p99_ms": 2.5}}
+
+
+def test_the_transaction_time_quantile_interpolates_inside_the_bucket_it_falls_in() -> None:
+    inf = float("inf")
+    before = {0.001: 5.0, 0.002: 5.0, 0.004: 10.0, inf: 10.0}
+    # 100 transactions in the level: 20 under 1 ms, 60 in 1-2 ms, 18 in 2-4 ms, 2 above 4 ms.
+    after = {0.001: 25.0, 0.002: 85.0, 0.004: 108.0, inf: 110.0}
+    assert histogram_quantile(before, after, 0.5) == pytest.approx(0.0015)  # rank 50: 30 of 60
+    assert histogram_quantile(before, after, 0.1) == pytest.approx(0.0005)
+    assert histogram_quantile(before, after, 0.99) == 0.004  # in +Inf: its lower bound
+    assert math.isnan(histogram_quantile(after, after, 0.5)), "nothing observed in the level"
+
+
+def test_fetch_is_what_the_commit_leaves_of_the_way_to_the_service() -> None:
+    inf = float("inf")
+    after = {0.002: 50.0, 0.003: 100.0, inf: 100.0}
+    split = commit_split({}, after, {"to_service": {"p50_ms": 4.5, "p99_ms": 9.0}})
+    assert split["commit"]["p50_ms"] == pytest.approx(2.0)
+    assert split["fetch"]["p50_ms"] == pytest.approx(2.5)
+    # No node answered its /metrics: no commit figure, and no fetch made up from nothing.
+    assert commit_split({}, {}, {"to_service": {"p50_ms": 4.5}}) == {
+        "commit": {"p50_ms": None, "p99_ms": None},
+        "fetch": {"p50_ms": None, "p99_ms": None},
+    }
