@@ -36,7 +36,7 @@ from contracts.envelopes import (
     WorkflowStatus,
 )
 from orchestrator._payloads import to_payload
-from orchestrator._visibility import WorkflowCounts, WorkflowPage, WorkflowRow
+from orchestrator._visibility import NodeRecord, WorkflowCounts, WorkflowPage, WorkflowRow
 from orchestrator.client import Client, ClientError
 from orchestrator.console import Console, ConsoleServer, serve
 from orchestrator.errors import UnknownWorkflow
@@ -73,6 +73,11 @@ class StubClient(Client):
         super().__init__(Settings(namespace="console-unit"))
         self.found = histories
         self.sent: list[tuple[str, Any]] = []
+
+    def nodes(self, *, timeout: float = 10.0, refresh: bool = False) -> list[NodeRecord]:
+        # No node registered, known without a broker: the real read waited for one (10 s
+        # without a broker, longer than these tests' HTTP requests wait).
+        return []
 
     def histories(self, *, timeout: float = 60.0) -> dict[str, list[HistoryEvent]]:
         return self.found
