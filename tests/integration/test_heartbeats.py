@@ -14,7 +14,12 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from contracts import codec
-from contracts.envelopes import ActivityAttemptFailed, HistoryEvent, RetryPolicy
+from contracts.envelopes import (
+    ActivityAttemptFailed,
+    ActivityAttemptStarted,
+    HistoryEvent,
+    RetryPolicy,
+)
 from orchestrator._kafka_config import consumer_config
 from orchestrator.client import Client
 from orchestrator.errors import RetryableError
@@ -153,7 +158,15 @@ def test_a_killed_service_is_noticed_by_heartbeat_timeout_and_the_retry_gets_the
         "WorkflowStarted", "ActivityScheduled", "ActivityAttemptFailed",
         "ActivityAttemptStarted", "LateReplyIgnored", "ActivityCompleted", "WorkflowCompleted",
     }, kinds  # fmt: skip
-    assert len(history) <= 4 + 3 * result.attempt, kinds
+    # At most three events an attempt (started, failed, a late answer) besides the four of any
+    # run. Counted from the history, not from the result: when retries time out before the new
+    # instance joins, its dedupe store answers the later attempts with attempt 2's stored
+    # result (seen: attempts 1-4 in the history, Resumed(attempt=2) as the result).
+    attempts = max(
+        [1, *(e.event.attempt for e in history if isinstance(e.event, ActivityAttemptStarted))]
+    )
+    assert attempts >= result.attempt
+    assert len(history) <= 4 + 3 * attempts, kinds
 
     assert result.attempt >= 2
     assert result.details is not None
