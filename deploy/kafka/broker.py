@@ -797,10 +797,7 @@ def cli() -> None:
 @cli.command("start")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for it.")
 def _start_cmd(timeout: float) -> None:
-    try:
-        start(BrokerLayout.from_env(), timeout)
-    except BrokerError as exc:
-        raise click.ClickException(str(exc)) from exc
+    start(BrokerLayout.from_env(), timeout)
 
 
 @cli.command("stop")
@@ -822,10 +819,7 @@ def _bootstrap_cmd() -> None:
 @cli.command("jars")
 def _jars_cmd() -> None:
     """Resolve the broker's jars from Maven Central (once)."""
-    try:
-        ensure_jars()
-    except BrokerError as exc:
-        raise click.ClickException(str(exc)) from exc
+    ensure_jars()
 
 
 @cli.group("cluster")
@@ -837,10 +831,7 @@ def _cluster() -> None:
 @_cluster.command("start")
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for it.")
 def _cluster_start(timeout: float) -> None:
-    try:
-        start_cluster(ClusterLayout.from_env(), timeout)
-    except BrokerError as exc:
-        raise click.ClickException(str(exc)) from exc
+    start_cluster(ClusterLayout.from_env(), timeout)
 
 
 @_cluster.command("stop")
@@ -874,7 +865,7 @@ def _cluster_bootstrap() -> None:
 def _cluster_start_node(node_id: int) -> None:
     try:
         start_node(ClusterLayout.from_env(), node_id)
-    except (BrokerError, ValueError) as exc:
+    except ValueError as exc:  # no such node
         raise click.ClickException(str(exc)) from exc
 
 
